@@ -1,0 +1,1 @@
+"""Named config presets (TOML), shipped with the package."""

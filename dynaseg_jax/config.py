@@ -1,0 +1,211 @@
+"""Run configuration: a flat dataclass, presets as TOML files, ``key=value`` overrides.
+
+TOML (not Python) so that a config file received from someone else cannot run code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import tomllib
+from pathlib import Path
+from typing import Any, Union
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every knob of a DynaSeg run. Field docs are in ``FIELD_DOCS`` and the README."""
+
+    # Algorithm (SPEC section 1).
+    schedule: str = "scf"
+    mu: float = 5.0
+    alpha: float = 50.0
+    k_min: Union[int, str] = 3
+    max_iters: int = 1000
+    n_conv: int = 2
+    channels: int = 100
+    n_clusters: int = 100
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    # Silhouette phase (SPEC section 2), used when k_min = "silhouette".
+    silhouette_features: str = "network"
+    silhouette_k_range: tuple = (2, 12)
+    silhouette_samples: int = 3000
+    silhouette_position_scale: float = 1.0
+    mu_uses_kstar: bool = False
+    # Engine.
+    strategy: str = "auto"
+    conv_impl: str = "auto"
+    batch: int = 4
+    sync_every: int = 1
+    bucket_multiple: int = 16
+    transpose_portrait: bool = True
+    max_pixels: int = 4_000_000
+
+    def replace(self, **changes) -> "Config":
+        return validate(dataclasses.replace(self, **changes))
+
+
+FIELD_DOCS = {
+    "schedule": "mu schedule: 'fixed' (mu constant, Kim et al.), 'fsf' (mu = q'/alpha), 'scf' (mu = alpha/q').",
+    "mu": "the constant mu of the 'fixed' schedule.",
+    "alpha": "alpha of 'fsf' (paper: 15) or 'scf' (paper: 50).",
+    "k_min": "stop once q' <= k_min: an integer, or 'silhouette' to pick k* per image (SPEC section 2).",
+    "max_iters": "stop after this many updates at most.",
+    "n_conv": "number of conv3x3-ReLU-BN blocks (reference BSD script: 2).",
+    "channels": "p, width of the feature extractor.",
+    "n_clusters": "q, channels of the classifier = the most labels an image can get.",
+    "lr": "SGD learning rate.",
+    "momentum": "SGD momentum.",
+    "weight_decay": "L2 weight decay added to the gradient (torch SGD semantics).",
+    "seed": "PRNG seed of the initial network (the same for every image) and the silhouette sample.",
+    "silhouette_features": "features for k*: 'network' (initial p-dim feature map) or 'color_position' (RGB + scaled xy).",
+    "silhouette_k_range": "inclusive [low, high] range of k tried by the silhouette phase.",
+    "silhouette_samples": "pixels sampled (seeded) for k-means and the silhouette score.",
+    "silhouette_position_scale": "weight of the (0..1 normalised) xy position in 'color_position' features.",
+    "mu_uses_kstar": "with silhouette: schedules see max(q', k*) instead of q' (as the reference COCO code).",
+    "strategy": "'per_image' (one jitted step per slot), 'vmap' (one step over all slots), or 'auto' (per_image on CPU, vmap on accelerators).",
+    "conv_impl": "3x3 conv formulation: 'lax', 'im2col', or 'auto' (im2col on CPU, lax elsewhere).",
+    "batch": "number of slots: images optimised at once.",
+    "sync_every": "read the done flags every this many steps (finished slots are frozen in between, so results do not change).",
+    "bucket_multiple": "pad image height/width up to a multiple of this, so jit compiles once per bucket (1 = exact shapes).",
+    "transpose_portrait": "optimise portrait images transposed so that they share landscape buckets.",
+    "max_pixels": "images with more pixels than this are rejected with an error (resize them first).",
+}
+
+CHOICES = {
+    "schedule": ("fixed", "fsf", "scf"),
+    "silhouette_features": ("network", "color_position"),
+    "strategy": ("auto", "per_image", "vmap"),
+    "conv_impl": ("auto", "lax", "im2col"),
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used."""
+
+
+def validate(config: Config) -> Config:
+    """Checks every field; returns the config (with k_min normalised)."""
+    for name, choices in CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise ConfigError(f"{name} = {getattr(config, name)!r}: choose one of {', '.join(choices)}")
+    k_min = config.k_min
+    if isinstance(k_min, str) and k_min != "silhouette":
+        try:
+            k_min = int(k_min)
+        except ValueError:
+            raise ConfigError(f"k_min = {config.k_min!r}: an integer or 'silhouette'") from None
+        config = dataclasses.replace(config, k_min=k_min)
+    if isinstance(k_min, int) and k_min < 1:
+        raise ConfigError(f"k_min = {k_min}: must be >= 1")
+    positive = ("max_iters", "n_conv", "channels", "n_clusters", "batch", "sync_every",
+                "bucket_multiple", "silhouette_samples", "max_pixels")
+    for name in positive:
+        if int(getattr(config, name)) < 1:
+            raise ConfigError(f"{name} = {getattr(config, name)}: must be >= 1")
+    lo, hi = config.silhouette_k_range
+    if not 2 <= lo <= hi:
+        raise ConfigError(f"silhouette_k_range = {config.silhouette_k_range}: need 2 <= low <= high")
+    if config.schedule != "fixed" and config.alpha <= 0:
+        raise ConfigError(f"alpha = {config.alpha}: must be > 0")
+    return config
+
+
+def _coerce(name: str, value: Any) -> Any:
+    field = {f.name: f for f in dataclasses.fields(Config)}[name]
+    default = field.default
+    if name == "k_min":
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} = {value!r}: expected true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} = {value!r}: expected an integer")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} = {value!r}: expected a number")
+        return float(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(default):
+            raise ConfigError(f"{name} = {value!r}: expected a list of {len(default)} items")
+        return tuple(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} = {value!r}: expected a string")
+    return value
+
+
+def from_dict(values: dict, base: Config | None = None, source: str = "config") -> Config:
+    """A Config from ``base`` (default: defaults) with ``values`` applied."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    try:
+        coerced = {k: _coerce(k, v) for k, v in values.items()}
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return validate(dataclasses.replace(base or Config(), **coerced))
+
+
+def preset_dir() -> Path:
+    """Where the named presets live (``configs/`` in the repository, shipped with the package)."""
+    try:
+        return Path(str(importlib.resources.files("dynaseg_jax.configs")))
+    except ModuleNotFoundError:  # running from a source checkout without install
+        return Path(__file__).resolve().parent.parent / "configs"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in preset_dir().glob("*.toml"))
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Loads a preset by name (e.g. ``dynaseg_scf``) or a TOML file, then applies overrides.
+
+    Args:
+      name_or_path: a preset name, a path to a ``.toml`` file, or None for the defaults.
+      overrides: ``["key=value", ...]`` (values parsed as TOML, else as strings) or a dict.
+
+    Returns:
+      The validated Config. Raises ConfigError with the file and field on bad input.
+    """
+    config = Config()
+    if name_or_path:
+        path = Path(name_or_path)
+        if not path.suffix == ".toml" or not path.exists():
+            candidate = preset_dir() / f"{name_or_path}.toml"
+            if not candidate.exists():
+                if path.suffix == ".toml":
+                    raise ConfigError(f"{name_or_path}: no such config file")
+                raise ConfigError(f"unknown config {name_or_path!r}; presets: {', '.join(list_presets())}")
+            path = candidate
+        try:
+            values = tomllib.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read config: {e}") from None
+        config = from_dict(values, config, source=str(path))
+    if overrides:
+        if isinstance(overrides, dict):
+            values = dict(overrides)
+        else:
+            values = {}
+            for item in overrides:
+                key, sep, raw = item.partition("=")
+                if not sep or not key.strip():
+                    raise ConfigError(f"--set {item!r}: expected key=value")
+                values[key.strip()] = parse_value(raw.strip())
+        config = from_dict(values, config, source="--set")
+    return config
+
+
+def parse_value(raw: str) -> Any:
+    """'30' -> 30, '0.5' -> 0.5, 'true' -> True, '[2, 8]' -> [2, 8], other text -> str."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw

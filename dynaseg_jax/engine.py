@@ -1,0 +1,267 @@
+"""The batch engine: many images optimised at once on one device.
+
+A fixed number of *slots* each hold one image's state (parameters, optimiser state,
+stop flag), padded into a *bucket* shape so that jit compiles once per bucket. The
+iteration loop runs on the host (XLA:CPU runs convolutions far slower inside
+``lax.while_loop``; jax-ml/jax#12868): the engine dispatches ``sync_every`` steps,
+reads the done flags, finalises finished slots and refills them with new images,
+so a slow image never holds the others back. A finished slot is frozen by the step
+itself, so steps run past its stop change nothing.
+
+Strategies:
+  ``per_image``: one jitted unbatched step per slot (fastest on XLA:CPU, where a vmap
+      over per-image weights becomes a slower grouped convolution);
+  ``vmap``: one jitted step over all slots, state buffers donated (accelerators).
+``auto`` picks per_image on CPU and vmap elsewhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from typing import Any, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import train
+from .config import Config
+from .model import build_model
+
+
+def resolve_config(config: Config, backend: str | None = None) -> Config:
+    """Replaces 'auto' strategy/conv_impl with the choice for the backend."""
+    backend = backend or jax.default_backend()
+    on_cpu = backend == "cpu"
+    changes = {}
+    if config.strategy == "auto":
+        changes["strategy"] = "per_image" if on_cpu else "vmap"
+    if config.conv_impl == "auto":
+        changes["conv_impl"] = "im2col" if on_cpu else "lax"
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def bucket_shape(height: int, width: int, config: Config) -> tuple[int, int, bool]:
+    """(bucket_h, bucket_w, transposed) for an image: a function of its own shape only,
+    so its result never depends on the other images of a run."""
+    transposed = bool(config.transpose_portrait and height > width)
+    if transposed:
+        height, width = width, height
+    m = config.bucket_multiple
+    return -(-height // m) * m, -(-width // m) * m, transposed
+
+
+@dataclasses.dataclass
+class WorkItem:
+    """One image to optimise: ``image`` is float32 RGB (H, W, 3) in [0, 1]."""
+    key: Any
+    image: np.ndarray
+    k_min: int
+
+
+@dataclasses.dataclass
+class SlotResult:
+    key: Any
+    labels: np.ndarray      # (H, W) int32, raw argmax ids (not renumbered)
+    iterations: int         # updates performed
+    clusters: int           # distinct labels in ``labels``
+    k_min: int
+    seconds: float          # wall time the image held its slot
+
+
+def pad_to_bucket(image: np.ndarray, bucket: tuple[int, int, bool]):
+    """Image and mask padded (bottom/right) into the bucket, transposed if asked."""
+    bh, bw, transposed = bucket
+    if transposed:
+        image = image.transpose(1, 0, 2)
+    h, w, _ = image.shape
+    padded = np.zeros((bh, bw, 3), np.float32)
+    padded[:h, :w] = image
+    mask = np.zeros((bh, bw), np.float32)
+    mask[:h, :w] = 1.0
+    return padded, mask
+
+
+def unpad_labels(labels: np.ndarray, shape: tuple[int, int], transposed: bool) -> np.ndarray:
+    h, w = shape
+    if transposed:
+        return np.ascontiguousarray(labels[:w, :h].T)
+    return labels[:h, :w]
+
+
+class Engine:
+    """Runs DynaSeg on a stream of images with ``config.batch`` slots.
+
+    Args:
+      config: a Config; 'auto' strategy/conv_impl are resolved for the default backend.
+      params: initial network parameters (default: ``train.init_params(config)``).
+
+    ``run(items)`` yields a SlotResult per WorkItem, in completion order.
+    ``trace_counts`` counts how often each (strategy, bucket) step was traced.
+    """
+
+    def __init__(self, config: Config, params=None):
+        self.config = resolve_config(config)
+        self.model = build_model(self.config)
+        self.params = params if params is not None else train.init_params(self.config)
+        self.fresh_state = train.init_state(self.config, self.params)
+        self.trace_counts: Counter = Counter()
+        self._fns: dict = {}
+        self._train_step = train.make_train_step(self.config, model=self.model)
+        self._predict = train.make_predict(self.config, model=self.model)
+
+    # -- compiled functions, cached per bucket ------------------------------------------
+    def _counted(self, fn, tag):
+        def wrapped(*args):
+            self.trace_counts[tag] += 1  # runs at trace time only
+            return fn(*args)
+        return wrapped
+
+    def step_fn(self, bucket, vectorized: bool):
+        tag = ("vmap" if vectorized else "per_image", bucket[:2])
+        if tag not in self._fns:
+            n = self.config.sync_every
+            base = jax.vmap(self._train_step) if vectorized else self._train_step
+
+            def steps(state, image, mask):
+                # Unrolled chunk of steps: one dispatch and no host sync per step.
+                for _ in range(n):
+                    state, _ = base(state, image, mask)
+                return state
+
+            self._fns[tag] = jax.jit(self._counted(steps, tag), donate_argnums=0)
+        return self._fns[tag]
+
+    def predict_fn(self, vectorized: bool):
+        tag = ("predict", vectorized)
+        if tag not in self._fns:
+            if vectorized:
+                def predict(params, images, masks, slot):
+                    p = jax.tree.map(lambda x: x[slot], params)
+                    return self._predict(p, images[slot], masks[slot])
+            else:
+                predict = self._predict
+            self._fns[tag] = jax.jit(predict)
+        return self._fns[tag]
+
+    def set_slot_fn(self):
+        if "set_slot" not in self._fns:
+            def set_slot(states, images, masks, slot, state, image, mask):
+                put = lambda big, one: big.at[slot].set(one)
+                return (jax.tree.map(put, states, state), put(images, image), put(masks, mask))
+            self._fns["set_slot"] = jax.jit(set_slot, donate_argnums=(0, 1, 2))
+        return self._fns["set_slot"]
+
+    def new_state(self, k_min: int):
+        return {**self.fresh_state, "k_min": jnp.asarray(k_min, jnp.int32)}
+
+    # -- the host loop ------------------------------------------------------------------
+    def run(self, items: Iterable[WorkItem]) -> Iterator[SlotResult]:
+        """Optimises every item; yields results as images finish."""
+        groups: dict[tuple, _SlotGroup] = {}
+        source = iter(items)
+        pending: WorkItem | None = None
+        exhausted = False
+        while True:
+            while not exhausted:
+                if pending is None:
+                    pending = next(source, None)
+                    if pending is None:
+                        exhausted = True
+                        break
+                h, w, _ = pending.image.shape
+                bucket = bucket_shape(h, w, self.config)
+                group = groups.get(bucket[:2])
+                if group is None:
+                    # Free the slot memory of drained buckets before opening a new one.
+                    for k in [k for k, g in groups.items() if g.n_active == 0]:
+                        del groups[k]
+                    group = groups[bucket[:2]] = _SlotGroup(self, bucket[:2])
+                if not group.has_free_slot():
+                    break
+                group.load(pending, bucket[2])
+                pending = None
+            active = [g for g in groups.values() if g.n_active]
+            if not active:
+                return
+            for g in active:
+                g.advance()
+            for g in active:
+                yield from g.collect()
+
+
+class _SlotGroup:
+    """``batch`` slots of one bucket shape, per_image (list of states) or vmap (stacked)."""
+
+    def __init__(self, engine: Engine, shape: tuple[int, int]):
+        self.engine = engine
+        self.shape = shape
+        self.vectorized = engine.config.strategy == "vmap"
+        self.n_slots = engine.config.batch
+        self.items: list[tuple | None] = [None] * self.n_slots  # (item, transposed, t0)
+        bh, bw = shape
+        self.step = engine.step_fn(shape + (False,), self.vectorized)
+        self.predict = engine.predict_fn(self.vectorized)
+        if self.vectorized:
+            empty = {**engine.fresh_state, "done": jnp.ones((), jnp.bool_)}
+            stack = lambda x: jnp.broadcast_to(x, (self.n_slots,) + x.shape)
+            self.states = jax.tree.map(lambda x: jnp.array(stack(x)), empty)
+            self.images = jnp.zeros((self.n_slots, bh, bw, 3), jnp.float32)
+            self.masks = jnp.zeros((self.n_slots, bh, bw), jnp.float32)
+        else:
+            self.states = [None] * self.n_slots
+            self.images = [None] * self.n_slots
+            self.masks = [None] * self.n_slots
+
+    @property
+    def n_active(self) -> int:
+        return sum(it is not None for it in self.items)
+
+    def has_free_slot(self) -> bool:
+        return any(it is None for it in self.items)
+
+    def load(self, item: WorkItem, transposed: bool) -> None:
+        slot = self.items.index(None)
+        image, mask = pad_to_bucket(item.image, self.shape + (transposed,))
+        state = self.engine.new_state(item.k_min)
+        if self.vectorized:
+            self.states, self.images, self.masks = self.engine.set_slot_fn()(
+                self.states, self.images, self.masks, slot, state, image, mask)
+        else:
+            # A private copy: the step donates (and so invalidates) its input state.
+            self.states[slot] = jax.tree.map(jnp.array, state)
+            self.images[slot] = jnp.asarray(image)
+            self.masks[slot] = jnp.asarray(mask)
+        self.items[slot] = (item, transposed, time.perf_counter())
+
+    def advance(self) -> None:
+        if self.vectorized:
+            self.states = self.step(self.states, self.images, self.masks)
+        else:
+            for slot, it in enumerate(self.items):
+                if it is not None:
+                    self.states[slot] = self.step(self.states[slot], self.images[slot], self.masks[slot])
+
+    def collect(self) -> Iterator[SlotResult]:
+        if self.vectorized:
+            done = np.asarray(self.states["done"])
+        else:
+            done = [it is not None and bool(self.states[s]["done"]) for s, it in enumerate(self.items)]
+        for slot, it in enumerate(self.items):
+            if it is None or not done[slot]:
+                continue
+            item, transposed, t0 = it
+            if self.vectorized:
+                labels = self.predict(self.states["params"], self.images, self.masks, slot)
+                steps = int(self.states["step"][slot])
+            else:
+                state = self.states[slot]
+                labels = self.predict(state["params"], self.images[slot], self.masks[slot])
+                steps = int(state["step"])
+                self.states[slot] = self.images[slot] = self.masks[slot] = None
+            labels = unpad_labels(np.asarray(labels), item.image.shape[:2], transposed)
+            self.items[slot] = None
+            yield SlotResult(key=item.key, labels=labels, iterations=steps,
+                             clusters=int(len(np.unique(labels))), k_min=int(item.k_min),
+                             seconds=time.perf_counter() - t0)

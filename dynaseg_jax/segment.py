@@ -1,0 +1,309 @@
+"""Segmenting images: the Python API (``segment``) and the file runner behind the CLI.
+
+Loading, validation and the silhouette phase run in background threads, ahead of the
+engine, so host work overlaps with device work on other images.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import images as imio
+from . import silhouette
+from .config import Config, load_config
+from .engine import Engine, SlotResult, WorkItem
+from .model import build_model
+
+
+def _as_config(config) -> Config:
+    if config is None:
+        return Config()
+    if isinstance(config, Config):
+        return config
+    return load_config(config)
+
+
+class KStarEstimator:
+    """k_min for an image: the config's number, or k* from the silhouette phase."""
+
+    def __init__(self, config: Config, params):
+        self.config = config
+        self._features = None
+        if config.k_min == "silhouette" and config.silhouette_features == "network":
+            model = build_model(config)
+            self._features = jax.jit(
+                lambda img: model.apply(params, img, jnp.ones(img.shape[:2], img.dtype),
+                                        return_features=True))
+
+    def __call__(self, image: np.ndarray) -> int:
+        c = self.config
+        if c.k_min != "silhouette":
+            return int(c.k_min)
+        if self._features is not None:
+            feats = np.asarray(self._features(jnp.asarray(image)))
+            feats = feats.reshape(-1, feats.shape[-1])
+        else:
+            feats = silhouette.color_position_features(image, c.silhouette_position_scale)
+        k, _ = silhouette.estimate_k(feats, c.silhouette_k_range, c.silhouette_samples, c.seed)
+        return k
+
+
+def _prefetch(jobs: Sequence, prepare: Callable, workers: int = 2, ahead: int = 8):
+    """Yields (job, prepared or exception) in order, preparing up to ``ahead`` in threads."""
+    with cf.ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = []
+        it = iter(jobs)
+        for job in it:
+            futures.append((job, pool.submit(prepare, job)))
+            if len(futures) >= ahead:
+                break
+        while futures:
+            job, fut = futures.pop(0)
+            nxt = next(it, None)
+            if nxt is not None:
+                futures.append((nxt, pool.submit(prepare, nxt)))
+            try:
+                yield job, fut.result()
+            except Exception as e:  # noqa: BLE001 - reported per image, never fatal
+                yield job, e
+
+
+def segment(images: Iterable, config=None, *, batch: int | None = None,
+            progress: bool = False) -> list[dict]:
+    """Segments images with DynaSeg, each with its own freshly initialised network.
+
+    Args:
+      images: arrays ((H, W, 3) uint8/uint16/float in [0, 1], or (H, W)) or file paths.
+      config: a Config, a preset name (``"dynaseg_scf"``) or a TOML path; default Config().
+      batch: number of slots (images optimised at once); default ``config.batch``.
+      progress: show a progress bar on stderr.
+
+    Returns:
+      One dict per input, in input order: ``labels`` ((H, W) int32, renumbered 0..K-1),
+      ``iterations``, ``clusters``, ``k_min``, ``seconds``. Bad inputs raise ImageError.
+    """
+    config = _as_config(config)
+    if batch is not None:
+        config = config.replace(batch=batch)
+    arrays = []
+    for i, img in enumerate(images):
+        if isinstance(img, (str, os.PathLike)):
+            arrays.append(imio.load_image(img, config.max_pixels))
+        else:
+            arr = imio.as_float_image(img, name=f"images[{i}]")
+            imio.check_size(*arr.shape[:2], config.max_pixels, f"images[{i}]")
+            arrays.append(arr)
+    engine = Engine(config)
+    kstar = KStarEstimator(engine.config, engine.params)
+    order = sorted(range(len(arrays)), key=lambda i: _bucket_order(arrays[i].shape, engine.config))
+
+    def items():
+        for i, k in _prefetch(order, lambda i: kstar(arrays[i])):
+            if isinstance(k, Exception):
+                raise k
+            yield WorkItem(key=i, image=arrays[i], k_min=k)
+
+    out: list[dict | None] = [None] * len(arrays)
+    bar = _progress(len(arrays), progress)
+    for r in engine.run(items()):
+        out[r.key] = {"labels": imio.renumber(r.labels), "iterations": r.iterations,
+                      "clusters": r.clusters, "k_min": r.k_min, "seconds": r.seconds}
+        bar.update(1)
+    bar.close()
+    return out
+
+
+def _bucket_order(shape, config):
+    from .engine import bucket_shape
+    return bucket_shape(shape[0], shape[1], config)[:2]
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, unit="img", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------
+# The file runner (``dynaseg segment``)
+
+
+def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Expands files and folders (recursively, image suffixes only) into image paths.
+
+    Returns (paths, problems): inputs that do not exist are reported as problems.
+    """
+    paths, problems = [], []
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in imio.IMAGE_SUFFIXES)
+            if not found:
+                problems.append((p, f"{p}: folder has no image files ({', '.join(imio.IMAGE_SUFFIXES)})"))
+            paths.extend(found)
+        elif p.exists():
+            paths.append(p)
+        else:
+            problems.append((p, f"{p}: no such file or folder"))
+    return paths, problems
+
+
+@dataclasses.dataclass
+class RunSummary:
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    errors: list = dataclasses.field(default_factory=list)
+
+
+def segment_files(inputs: Sequence, out_dir: str | os.PathLike, config: Config, *,
+                  scale: float = 1.0, progress: bool | None = None,
+                  log: Callable[[str], None] | None = None) -> RunSummary:
+    """Segments image files into ``out_dir`` (label PNG, overlay PNG, results.jsonl).
+
+    Resumable: images with an ``ok`` record and a label PNG are skipped. One bad image
+    gets an ``error`` record and never stops the others.
+
+    Args:
+      inputs: image files and/or folders, or ``(name, loader)`` pairs where
+        ``loader()`` returns an (H, W, 3) array (datasets).
+      out_dir: output folder (created).
+      config: a Config.
+      scale: resize images by this factor before segmenting; label maps are resized
+        back (nearest neighbour) to the input size.
+      progress: progress bar on stderr (default: when stderr is a terminal).
+      log: where one-line error messages go (default: stderr).
+    """
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if progress is None:
+        progress = sys.stderr.isatty()
+    summary = RunSummary()
+
+    def record(entry: dict):
+        imio.append_jsonl(results_path, entry)
+        if entry["status"] == "ok":
+            summary.ok += 1
+        else:
+            summary.failed += 1
+            summary.errors.append(entry["error"])
+            log(f"error: {entry['error']}")
+
+    def error_entry(name, err, stem=None):
+        return {"file": str(name), "stem": stem, "status": "error", "error": str(err),
+                "height": None, "width": None, "iterations": None, "clusters": None,
+                "k_min": None, "seconds": None}
+
+    # Resolve inputs to (name, stem, loader, size_hint) jobs.
+    jobs, stems = [], {}
+    file_inputs = [x for x in inputs if not isinstance(x, tuple)]
+    paths, problems = find_images(file_inputs)
+    for p, msg in problems:
+        record(error_entry(p, msg))
+    for p in paths:
+        jobs.append((str(p), p.stem, p))
+    for name, loader in (x for x in inputs if isinstance(x, tuple)):
+        jobs.append((str(name), Path(str(name)).stem, loader))
+
+    done_files = {r["file"] for r in imio.read_jsonl(results_path)
+                  if r.get("status") == "ok" and (out / f"{r.get('stem')}.png").exists()}
+    todo = []
+    for name, stem, src in jobs:
+        if stem in stems:
+            record(error_entry(name, f"{name}: output name {stem}.png is already used by {stems[stem]}", stem))
+            continue
+        stems[stem] = name
+        if name in done_files:
+            summary.skipped += 1
+            continue
+        todo.append((name, stem, src))
+
+    engine = Engine(config)
+    cfg = engine.config
+    kstar = KStarEstimator(cfg, engine.params)
+
+    def size_of(job):
+        _, _, src = job
+        try:
+            h, w = imio.image_size(src) if isinstance(src, Path) else (0, 0)
+        except imio.ImageError:
+            h, w = 0, 0
+        h, w = max(1, round(h * scale)), max(1, round(w * scale))
+        return _bucket_order((h, w), cfg)
+
+    todo.sort(key=size_of)
+
+    def prepare(job):
+        name, stem, src = job
+        original = imio.load_image(src, cfg.max_pixels) if isinstance(src, Path) else \
+            imio.as_float_image(src(), name)
+        image = original
+        if scale != 1.0:
+            image = _resize(original, scale)
+            imio.check_size(*image.shape[:2], cfg.max_pixels, f"{name} (scaled by {scale})")
+        return original, image, kstar(image)
+
+    meta = {}
+
+    def items():
+        for job, prepared in _prefetch(todo, prepare):
+            name, stem, _ = job
+            if isinstance(prepared, Exception):
+                msg = str(prepared) if isinstance(prepared, imio.ImageError) else \
+                    f"{name}: {type(prepared).__name__}: {prepared}"
+                record(error_entry(name, msg, stem))
+                bar.update(1)
+                continue
+            original, image, k = prepared
+            meta[name] = (stem, original)
+            yield WorkItem(key=name, image=image, k_min=k)
+
+    bar = _progress(len(todo), progress)
+    for r in engine.run(items()):
+        stem, original = meta.pop(r.key)
+        try:
+            labels = r.labels
+            if labels.shape != original.shape[:2]:
+                labels = _resize_labels(labels, original.shape[:2])
+            labels = imio.renumber(labels)
+            imio.save_labels(out / f"{stem}.png", labels)
+            imio.save_overlay(out / f"{stem}_overlay.png", original, labels)
+            record({"file": r.key, "stem": stem, "status": "ok", "error": None,
+                    "height": int(original.shape[0]), "width": int(original.shape[1]),
+                    "iterations": r.iterations, "clusters": int(labels.max()) + 1,
+                    "k_min": r.k_min, "seconds": round(r.seconds, 4)})
+        except OSError as e:
+            record(error_entry(r.key, f"{r.key}: cannot write outputs: {e}", stem))
+        bar.update(1)
+    bar.close()
+    summary.seconds = time.perf_counter() - t_start
+    return summary
+
+
+def _resize(image: np.ndarray, scale: float) -> np.ndarray:
+    from PIL import Image
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    pil = Image.fromarray(np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8))
+    return np.asarray(pil.resize(size, Image.BILINEAR), np.float32) / 255.0
+
+
+def _resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label map to (H, W)."""
+    h, w = shape
+    ys = np.minimum((np.arange(h) + 0.5) * labels.shape[0] / h, labels.shape[0] - 1).astype(int)
+    xs = np.minimum((np.arange(w) + 0.5) * labels.shape[1] / w, labels.shape[1] - 1).astype(int)
+    return labels[ys[:, None], xs[None, :]]

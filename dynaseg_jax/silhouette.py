@@ -1,0 +1,54 @@
+"""The silhouette phase (SPEC section 2): pick k* per image before optimising it.
+
+At iteration 0, take per-pixel features, draw a seeded sample of pixels, run k-means
+for each k in a range and keep the k with the best scikit-learn silhouette score.
+k* then replaces the fixed stopping threshold k_min. Runs on the host (the engine
+calls it from its loader threads, so it overlaps with device work on other images).
+"""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.metrics import silhouette_score
+
+
+def color_position_features(image: np.ndarray, position_scale: float = 1.0) -> np.ndarray:
+    """(H*W, 5) features: RGB in [0, 1] and (y, x) normalised to [0, 1] times a scale."""
+    h, w, _ = image.shape
+    yy, xx = np.meshgrid(np.linspace(0.0, 1.0, h), np.linspace(0.0, 1.0, w), indexing="ij")
+    pos = np.stack([yy, xx], axis=-1) * position_scale
+    return np.concatenate([image, pos], axis=-1).reshape(h * w, -1).astype(np.float32)
+
+
+def estimate_k(features: np.ndarray, k_range=(2, 12), n_samples: int = 3000,
+               seed: int = 0) -> tuple[int, dict]:
+    """k* = argmax over k of the silhouette score of k-means on a pixel sample.
+
+    Args:
+      features: (N, D) per-pixel features.
+      k_range: inclusive (low, high) range of k; values above the number of distinct
+        sampled points are skipped.
+      n_samples: pixels drawn (without replacement, seeded) for k-means and scoring.
+      seed: seeds both the sample and k-means.
+
+    Returns:
+      (k*, {k: silhouette score}). Falls back to the lowest k when no k can be scored
+      (e.g. a flat image).
+    """
+    rng = np.random.default_rng(seed)
+    n = features.shape[0]
+    idx = rng.choice(n, size=min(n_samples, n), replace=False)
+    sample = np.asarray(features[idx], np.float64)
+    lo, hi = k_range
+    n_distinct = len(np.unique(sample, axis=0))
+    scores = {}
+    for k in range(lo, hi + 1):
+        if k >= n_distinct:
+            break
+        labels = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(sample)
+        if len(np.unique(labels)) < 2:
+            continue
+        scores[k] = float(silhouette_score(sample, labels))
+    if not scores:
+        return lo, scores
+    return max(scores, key=scores.get), scores

@@ -1,0 +1,128 @@
+"""One image's optimisation state and its training step, as pure functions.
+
+The state is a plain dict (big_vision style):
+  params, opt_state: the network and SGD-momentum state;
+  step:       updates done so far (int32);
+  n_clusters: q' of the last forward pass (int32);
+  k_min:      this image's stopping threshold (int32; k* under the silhouette phase);
+  done:       True once the stop rule fired; a done state is frozen by ``train_step``.
+
+``make_train_step`` returns an unjitted, unbatched function: jit it, or vmap it over
+images that each carry their own state (``engine.py`` does both).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from . import losses
+from .model import build_model
+from .schedules import make_schedule
+
+INIT_SHAPE = (8, 8)  # parameter shapes do not depend on the image size
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """torch.optim.SGD(lr, momentum, weight_decay): decay is added to the gradient
+    before the momentum trace, and the first trace equals the first gradient."""
+    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                       optax.sgd(config.lr, momentum=config.momentum or None))
+
+
+def init_params(config, key: jax.Array | None = None):
+    """Initial network parameters (PyTorch-default init) from ``key`` (default: config.seed)."""
+    if key is None:
+        key = jax.random.PRNGKey(config.seed)
+    model = build_model(config)
+    dummy = jnp.zeros(INIT_SHAPE + (3,), jnp.float32)
+    return model.init(key, dummy, jnp.ones(INIT_SHAPE, jnp.float32))
+
+
+def init_state(config, params=None, k_min: int | jax.Array | None = None) -> dict:
+    """A fresh per-image state. Every image starts from the same seeded network, so
+    an image's result never depends on which other images share its batch."""
+    if params is None:
+        params = init_params(config)
+    if k_min is None:
+        k_min = config.k_min if isinstance(config.k_min, int) else 1
+    return {
+        "params": params,
+        "opt_state": make_optimizer(config).init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "n_clusters": jnp.zeros((), jnp.int32),
+        "k_min": jnp.asarray(k_min, jnp.int32),
+        "done": jnp.zeros((), jnp.bool_),
+    }
+
+
+def loss_terms(params, image, mask, *, model, schedule, step, k_min=None,
+               mu_uses_kstar: bool = False):
+    """Forward pass and the DynaSeg loss. Returns (loss, aux dict)."""
+    response = model.apply(params, image, mask)
+    labels = jax.lax.stop_gradient(losses.labels_from_response(response))
+    n_clusters = losses.count_clusters(labels, mask, response.shape[-1])
+    l_sim = losses.similarity_loss(response, labels, mask)
+    l_con = losses.continuity_loss(response, mask)
+    seen = jnp.maximum(n_clusters, k_min) if mu_uses_kstar else n_clusters
+    mu = schedule(seen, step)
+    loss = l_sim + mu * l_con
+    return loss, {"loss": loss, "l_sim": l_sim, "l_con": l_con, "mu": mu,
+                  "n_clusters": n_clusters, "labels": labels}
+
+
+def make_train_step(config, schedule: Callable | None = None, model=None):
+    """Builds ``train_step(state, image, mask) -> (state, metrics)`` for one image.
+
+    One step: forward pass, labels c = argmax r', q' = distinct labels, loss
+    L_sim + mu(q', step) * L_con, SGD-momentum update, then the stop rule
+    ``done = q' <= k_min or step + 1 == max_iters`` (SPEC section 1). A state that is
+    already done is returned unchanged, so extra steps on finished slots are no-ops.
+
+    Args:
+      config: a Config.
+      schedule: optional mu schedule ``(q', step) -> mu``; default from the config.
+      model: optional flax module; default ``build_model(config)``.
+    """
+    model = model or build_model(config)
+    schedule = schedule or make_schedule(config)
+    optimizer = make_optimizer(config)
+    max_iters = int(config.max_iters)
+    mu_uses_kstar = bool(config.mu_uses_kstar)
+
+    def train_step(state, image, mask):
+        def loss_fn(params):
+            return loss_terms(params, image, mask, model=model, schedule=schedule,
+                              step=state["step"], k_min=state["k_min"],
+                              mu_uses_kstar=mu_uses_kstar)
+
+        grads, aux = jax.grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        q = aux["n_clusters"]
+        new = {
+            "params": params,
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+            "n_clusters": q,
+            "k_min": state["k_min"],
+            "done": (q <= state["k_min"]) | (state["step"] + 1 >= max_iters),
+        }
+        frozen = state["done"]
+        new = jax.tree.map(lambda old, upd: jnp.where(frozen, old, upd), state, new)
+        metrics = {k: v for k, v in aux.items() if k != "labels"}
+        return new, metrics
+
+    return train_step
+
+
+def make_predict(config, model=None):
+    """``predict(params, image, mask) -> labels (H, W) int32``: the final forward pass."""
+    model = model or build_model(config)
+
+    def predict(params, image, mask):
+        return losses.labels_from_response(model.apply(params, image, mask))
+
+    return predict

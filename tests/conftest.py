@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny config, so each compiled step is cheap and compiled once."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dynaseg_jax.config import Config
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+BSDS = SHARED / "data" / "bsds500"
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Config:
+    """Small network and few iterations: the algorithm unchanged, the cost tiny."""
+    return Config(channels=16, n_clusters=16, n_conv=2, max_iters=12, k_min=3,
+                  schedule="scf", alpha=50.0, batch=3, bucket_multiple=8, conv_impl="lax")
+
+
+def smooth_image(h: int, w: int, seed: int) -> np.ndarray:
+    """A float RGB image with a few smooth regions (tiny, deterministic)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.zeros((h, w, 3), np.float32)
+    for _ in range(4):
+        cy, cx, r = rng.uniform(0, 1, 3)
+        blob = ((yy - cy) ** 2 + (xx - cx) ** 2) < (0.2 + 0.3 * r) ** 2
+        img[blob] = rng.uniform(0, 1, 3)
+    return np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1).astype(np.float32)
+
+
+def bsds_val_images(n: int):
+    """Paths of the first n BSDS500 val images, or skip when ../shared is absent."""
+    folder = BSDS / "images" / "val"
+    if not folder.is_dir():
+        pytest.skip(f"BSDS500 not found at {folder} (the ../shared data folder is absent)")
+    return sorted(folder.glob("*.jpg"))[:n]

@@ -1,0 +1,60 @@
+"""The batch engine: batch independence, slot refill, buckets, compile counts."""
+import numpy as np
+import pytest
+
+from dynaseg_jax.engine import Engine, WorkItem, bucket_shape
+from tests.conftest import smooth_image
+
+IMAGES = [smooth_image(16, 24, s) for s in range(4)]
+
+
+def run(engine, images, keys=None):
+    keys = keys if keys is not None else list(range(len(images)))
+    return {r.key: r for r in engine.run(WorkItem(k, im, 3) for k, im in zip(keys, images))}
+
+
+@pytest.fixture(scope="module", params=["per_image", "vmap"])
+def engine(request, tiny_config):
+    return Engine(tiny_config.replace(strategy=request.param, batch=3))
+
+
+def test_batch_independence(engine):
+    alone = {i: run(engine, [im])[0] for i, im in enumerate(IMAGES)}
+    together = run(engine, IMAGES)  # 4 images, 3 slots: one slot is refilled
+    reversed_ = run(engine, IMAGES[::-1], keys=[3, 2, 1, 0])  # other slots
+    for i in range(len(IMAGES)):
+        for other in (together[i], reversed_[i]):
+            np.testing.assert_array_equal(other.labels, alone[i].labels)
+            assert other.iterations == alone[i].iterations
+    assert {r.iterations for r in alone.values()} <= set(range(1, engine.config.max_iters + 1))
+
+
+def test_compiles_once_per_bucket(engine):
+    run(engine, [smooth_image(16, 24, 9), smooth_image(20, 22, 8), smooth_image(24, 16, 7)])
+    # (16,24), (20,22)->(24,24) and portrait (24,16)->transposed (16,24): two buckets
+    steps = {tag: n for tag, n in engine.trace_counts.items() if tag[0] in ("per_image", "vmap")}
+    assert steps and all(n == 1 for n in steps.values()), steps
+
+
+def test_portrait_image_is_transposed_exactly(engine):
+    img = smooth_image(24, 16, 5)
+    portrait = run(engine, [img])[0]
+    landscape = run(engine, [img.transpose(1, 0, 2)])[0]
+    assert portrait.labels.shape == (24, 16)
+    np.testing.assert_array_equal(portrait.labels, landscape.labels.T)
+
+
+def test_bucket_shape(tiny_config):
+    assert bucket_shape(13, 18, tiny_config) == (16, 24, False)
+    assert bucket_shape(18, 13, tiny_config) == (16, 24, True)
+    assert bucket_shape(321, 481, tiny_config.replace(bucket_multiple=1)) == (321, 481, False)
+    assert bucket_shape(481, 321, tiny_config.replace(bucket_multiple=1)) == (321, 481, True)
+    assert bucket_shape(481, 321, tiny_config.replace(transpose_portrait=False, bucket_multiple=1)) == (481, 321, False)
+
+
+def test_sync_every_does_not_change_results(tiny_config):
+    a = run(Engine(tiny_config.replace(sync_every=1)), IMAGES[:2])
+    b = run(Engine(tiny_config.replace(sync_every=5)), IMAGES[:2])
+    for k in a:
+        np.testing.assert_array_equal(a[k].labels, b[k].labels)
+        assert a[k].iterations == b[k].iterations

@@ -1,0 +1,58 @@
+"""The network: PyTorch init, masked BatchNorm, conv formulations, exact padding."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dynaseg_jax.model import DynaSegCNN, MaskedBatchNorm, conv3x3_im2col
+from tests.conftest import smooth_image
+
+
+def test_torch_default_init_bounds():
+    model = DynaSegCNN(channels=20, n_clusters=10, n_conv=2)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((8, 8, 3)), jnp.ones((8, 8)))["params"]
+    for name, fan_in in [("conv0", 27), ("conv1", 180), ("classifier", 20)]:
+        bound = 1 / np.sqrt(fan_in)
+        for leaf in (params[name]["kernel"], params[name]["bias"]):
+            leaf = np.asarray(leaf)
+            assert np.abs(leaf).max() <= bound
+            # Uniform on [-b, b]: the extremes are reached (lecun_normal would exceed b;
+            # zeros would not reach it).
+            assert np.abs(leaf).max() > 0.8 * bound
+    np.testing.assert_array_equal(params["bn0"]["scale"], 1.0)
+    np.testing.assert_array_equal(params["bn0"]["bias"], 0.0)
+
+
+def test_masked_batch_norm_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, size=(5, 6, 4)).astype(np.float32)
+    mask = (rng.random((5, 6)) < 0.7).astype(np.float32)
+    bn = MaskedBatchNorm()
+    variables = bn.init(jax.random.PRNGKey(0), jnp.asarray(x), jnp.asarray(mask))
+    y = np.asarray(bn.apply(variables, jnp.asarray(x), jnp.asarray(mask)))
+    sel = x[mask > 0]
+    want = (x - sel.mean(0)) / np.sqrt(sel.var(0) + 1e-5)  # biased variance, as torch
+    np.testing.assert_allclose(y[mask > 0], want[mask > 0], atol=1e-4)
+
+
+def test_im2col_conv_matches_lax():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(7, 9, 5)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, 5, 4)), jnp.float32)
+    want = jax.lax.conv_general_dilated(x[None], k, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
+    np.testing.assert_allclose(conv3x3_im2col(x, k), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["lax", "im2col"])
+def test_padding_does_not_change_response(impl):
+    model = DynaSegCNN(channels=8, n_clusters=6, n_conv=2, conv_impl=impl)
+    img = smooth_image(10, 13, 0)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((8, 8, 3)), jnp.ones((8, 8)))
+    want = model.apply(params, jnp.asarray(img), jnp.ones((10, 13)))
+    padded = np.full((16, 16, 3), 0.7, np.float32)  # padding content must not matter
+    padded[:10, :13] = img
+    mask = np.zeros((16, 16), np.float32)
+    mask[:10, :13] = 1
+    got = model.apply(params, jnp.asarray(padded), jnp.asarray(mask))
+    np.testing.assert_allclose(got[:10, :13], want, atol=1e-4)

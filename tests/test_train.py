@@ -1,0 +1,86 @@
+"""The train step: exact padding step for step, compile-once, stop rule, frozen states."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dynaseg_jax import train
+from tests.conftest import smooth_image
+
+
+@pytest.fixture(scope="module")
+def step(tiny_config):
+    return jax.jit(train.make_train_step(tiny_config))
+
+
+def run_steps(step, config, image, mask, n):
+    state = train.init_state(config)
+    history = []
+    for _ in range(n):
+        model = train.build_model(config)
+        labels = train.make_predict(config, model)(state["params"], image, mask)
+        state, metrics = step(state, image, mask)
+        history.append((np.asarray(labels), float(metrics["loss"]), int(metrics["n_clusters"])))
+    return state, history
+
+
+def test_padding_is_exact_step_for_step(tiny_config, step):
+    config = tiny_config.replace(k_min=1)  # never stop early
+    img = smooth_image(13, 18, 3)
+    padded = np.zeros((16, 24, 3), np.float32)
+    padded[:13, :18] = img
+    mask = np.zeros((16, 24), np.float32)
+    mask[:13, :18] = 1
+    _, plain = run_steps(step, config, jnp.asarray(img), jnp.ones((13, 18)), 8)
+    _, padh = run_steps(step, config, jnp.asarray(padded), jnp.asarray(mask), 8)
+    for t, ((l1, loss1, q1), (l2, loss2, q2)) in enumerate(zip(plain, padh)):
+        np.testing.assert_array_equal(l2[:13, :18], l1, err_msg=f"labels differ at step {t}")
+        np.testing.assert_allclose(loss2, loss1, rtol=1e-4, err_msg=f"loss differs at step {t}")
+        assert q1 == q2
+
+
+def test_compiles_once_per_shape(tiny_config):
+    step = jax.jit(chex.assert_max_traces(train.make_train_step(tiny_config), n=2))
+    for shape in [(8, 16), (16, 16)]:  # two buckets -> two traces, never more
+        state = train.init_state(tiny_config)
+        img = jnp.asarray(smooth_image(*shape, 0))
+        for _ in range(3):
+            state, _ = step(state, img, jnp.ones(shape))
+    with pytest.raises(AssertionError):
+        step(train.init_state(tiny_config), jnp.zeros((8, 8, 3)), jnp.ones((8, 8)))
+
+
+def test_stop_rule_and_frozen_state(tiny_config, step):
+    img, mask = jnp.asarray(smooth_image(16, 16, 1)), jnp.ones((16, 16))
+    # k_min >= n_clusters: q' <= k_min holds at once, so the first update is the last.
+    state = train.init_state(tiny_config, k_min=tiny_config.n_clusters)
+    state, _ = step(state, img, mask)
+    assert bool(state["done"]) and int(state["step"]) == 1
+    frozen, _ = step(state, img, mask)
+    chex.assert_trees_all_equal(frozen, state)
+    # k_min = 1 on a busy image: stops at max_iters.
+    state = train.init_state(tiny_config, k_min=1)
+    for t in range(tiny_config.max_iters):
+        assert not bool(state["done"])
+        state, _ = step(state, img, mask)
+    assert bool(state["done"]) and int(state["step"]) == tiny_config.max_iters
+
+
+def test_optimizer_is_torch_sgd():
+    # torch.optim.SGD: buf = momentum * buf + (g + wd * p); p -= lr * buf; first buf = g + wd * p
+    from dynaseg_jax.config import Config
+    cfg = Config(lr=0.1, momentum=0.9, weight_decay=0.01)
+    opt = train.make_optimizer(cfg)
+    p = jnp.array([1.0, -2.0])
+    state = opt.init(p)
+    grads = [jnp.array([0.5, 0.25]), jnp.array([-1.0, 2.0])]
+    buf, want = None, np.array([1.0, -2.0])
+    for g in grads:
+        d = np.asarray(g) + 0.01 * want
+        buf = d if buf is None else 0.9 * buf + d
+        want = want - 0.1 * buf
+        updates, state = opt.update(g, state, p)
+        p = optax.apply_updates(p, updates)
+    np.testing.assert_allclose(p, want, rtol=1e-6)
