@@ -20,7 +20,8 @@ import numpy as np
 from . import images as imio
 from . import silhouette
 from .config import Config, load_config
-from .engine import Engine, SlotResult, WorkItem
+from .engine import Engine, SlotResult, WorkItem, bucket_shape
+from .metrics import resize_prediction
 from .model import build_model
 
 
@@ -123,7 +124,6 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
 
 
 def _bucket_order(shape, config):
-    from .engine import bucket_shape
     return bucket_shape(shape[0], shape[1], config)[:2]
 
 
@@ -262,8 +262,9 @@ def segment_files(inputs: Sequence, out_dir: str | os.PathLike, config: Config, 
         for job, prepared in _prefetch(todo, prepare):
             name, stem, _ = job
             if isinstance(prepared, Exception):
-                msg = str(prepared) if isinstance(prepared, imio.ImageError) else \
-                    f"{name}: {type(prepared).__name__}: {prepared}"
+                msg = str(prepared)
+                if not isinstance(prepared, ValueError) or name not in msg:
+                    msg = f"{name}: {type(prepared).__name__}: {prepared}"
                 record(error_entry(name, msg, stem))
                 bar.update(1)
                 continue
@@ -277,7 +278,7 @@ def segment_files(inputs: Sequence, out_dir: str | os.PathLike, config: Config, 
         try:
             labels = r.labels
             if labels.shape != original.shape[:2]:
-                labels = _resize_labels(labels, original.shape[:2])
+                labels = resize_prediction(labels, original.shape[:2])
             labels = imio.renumber(labels)
             imio.save_labels(out / f"{stem}.png", labels)
             imio.save_overlay(out / f"{stem}_overlay.png", original, labels)
@@ -299,11 +300,3 @@ def _resize(image: np.ndarray, scale: float) -> np.ndarray:
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     pil = Image.fromarray(np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8))
     return np.asarray(pil.resize(size, Image.BILINEAR), np.float32) / 255.0
-
-
-def _resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a label map to (H, W)."""
-    h, w = shape
-    ys = np.minimum((np.arange(h) + 0.5) * labels.shape[0] / h, labels.shape[0] - 1).astype(int)
-    xs = np.minimum((np.arange(w) + 0.5) * labels.shape[1] / w, labels.shape[1] - 1).astype(int)
-    return labels[ys[:, None], xs[None, :]]

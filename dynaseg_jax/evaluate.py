@@ -1,0 +1,348 @@
+"""Scoring a folder of predicted label maps against a dataset's ground truth.
+
+Predictions are ``<pred_dir>/<id>.png`` label PNGs (16-bit, as ``dynaseg segment`` writes
+them; any single-channel integer PNG works). The protocols are those of SPEC.md section 4,
+computed by :mod:`dynaseg_jax.metrics`:
+
+* ``bsds`` (BSDS500): best-overlap IoU per ground-truth segment, pooled over segments into
+  ``all`` / ``fine`` / ``coarse`` / ``mean``, plus ``hungarian``: per image, the Hungarian
+  mIoU against each annotation averaged over the annotations, then averaged over images.
+* ``best_overlap`` (VOC2012): the same per-segment score against SegmentationObject (255
+  void ignored, 0 background is a segment), pooled over all segments into ``miou``; plus
+  the per-image ``hungarian`` mean.
+* ``cocostuff27``: per-image Hungarian matching of clusters to classes, one dataset
+  confusion; ``miou``, ``things``, ``stuff``, ``pixel_accuracy``.
+* ``none`` (plain folders): no ground truth; only checks that predictions exist and match
+  the images' sizes, and reports the mean number of segments.
+
+The command line (``dynaseg evaluate``) is defined here by :func:`add_evaluate_arguments`
+and :func:`run_evaluate` and wired into ``dynaseg_jax/cli.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from . import metrics
+from .datasets import COCO_CROP, DATASETS, DEFAULT_SPLITS, DatasetError, coco_resize_crop, open_dataset
+
+__all__ = [
+    "PROTOCOLS",
+    "DEFAULT_PROTOCOLS",
+    "read_prediction",
+    "evaluate_predictions",
+    "format_table",
+    "add_evaluate_arguments",
+    "run_evaluate",
+]
+
+PROTOCOLS = ("bsds", "best_overlap", "cocostuff27", "none")
+DEFAULT_PROTOCOLS = {"bsds500": "bsds", "voc2012": "best_overlap", "cocostuff27": "cocostuff27",
+                     "folder": "none"}
+# Which protocols make sense for which ground truth: BSDS has several annotations per
+# image, VOC one object map, COCO-Stuff class maps, folders none.
+_ALLOWED = {"bsds500": ("bsds", "none"), "voc2012": ("best_overlap", "none"),
+            "cocostuff27": ("cocostuff27", "none"), "folder": ("none",)}
+VOC_VOID = 255
+# How many missing ids the result lists by name (the count is always complete).
+_MISSING_LISTED = 20
+
+
+def read_prediction(path: str | os.PathLike) -> np.ndarray:
+    """Reads a predicted label map.
+
+    Args:
+      path: a single-channel integer PNG (16-bit grayscale as written by ``save_labels``,
+        8-bit grayscale or palette).
+
+    Returns:
+      int32 (H, W) labels.
+
+    Raises:
+      DatasetError: unreadable file or a colour (multi-channel) image.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in ("I;16", "I;16B", "I;16L", "I", "L", "P"):
+                raise DatasetError(f"{path}: prediction must be a single-channel label PNG, got mode {img.mode}")
+            return np.asarray(img).astype(np.int32)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: missing prediction") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DatasetError(f"{path}: cannot read prediction ({e})") from None
+
+
+def _nanmean(values) -> float:
+    vals = np.asarray(values, np.float64)
+    vals = vals[~np.isnan(vals)]
+    return float(vals.mean()) if vals.size else float("nan")
+
+
+def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | None,
+                         pred_dir: str | os.PathLike, protocol: str | None = None,
+                         connected: bool = False, limit: int | None = None,
+                         id_list: str | os.PathLike | None = None) -> dict:
+    """Scores ``<pred_dir>/<id>.png`` for every id of a dataset split.
+
+    Predictions whose size differs from the ground truth are resized nearest-neighbour; a
+    transposed one raises. For COCO-Stuff, a prediction of the full (uncropped) image gets
+    the ground truth's resize-and-centre-crop first.
+
+    Args:
+      dataset: ``bsds500``, ``voc2012``, ``cocostuff27`` or ``folder``.
+      root: the dataset folder in its official layout (see :mod:`dynaseg_jax.datasets`).
+      split: split name; ``None`` takes the protocol's default (BSDS500 test, VOC trainval,
+        COCO-Stuff val).
+      pred_dir: folder of predicted label PNGs named by image id.
+      protocol: one of :data:`PROTOCOLS`; ``None`` takes the dataset's
+        (:data:`DEFAULT_PROTOCOLS`).
+      connected: split predicted labels into connected components before scoring.
+      limit: score only the first ``limit`` ids of the split.
+      id_list: COCO-Stuff's curated id list file.
+
+    Returns:
+      A JSON-serialisable dict: the protocol's scores (see the module docstring), ``images``
+      (how many were scored), ``missing`` (ids without a prediction), ``missing_ids`` (the
+      first few of them), and the run's settings.
+
+    Raises:
+      DatasetError: unknown dataset/protocol pair, missing or malformed dataset files,
+        unreadable predictions.
+      ValueError: a prediction transposed with respect to its ground truth.
+    """
+    if dataset not in DATASETS:
+        raise DatasetError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    protocol = protocol or DEFAULT_PROTOCOLS[dataset]
+    if protocol not in _ALLOWED[dataset]:
+        raise DatasetError(f"protocol {protocol!r} does not apply to {dataset}; use {' or '.join(_ALLOWED[dataset])}")
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise DatasetError(f"{pred_dir}: prediction folder does not exist")
+    ds = open_dataset(dataset, root, split, id_list)
+    ids = ds.ids()
+    if limit is not None:
+        ids = ids[: max(int(limit), 0)]
+
+    start = time.perf_counter()
+    missing: list[str] = []
+    scored = 0
+    per_image_ious: list[list[np.ndarray]] = []  # bsds / best_overlap
+    hungarian: list[float] = []
+    segments: list[int] = []  # protocol none
+    coco = metrics.CocoStuffAccumulator() if protocol == "cocostuff27" else None
+
+    for id_ in ids:
+        pred_path = pred_dir / f"{id_}.png"
+        if not pred_path.is_file():
+            missing.append(id_)
+            continue
+        pred = read_prediction(pred_path)
+        try:
+            if protocol == "none":
+                target = _image_shape(ds, id_)
+                pred = metrics.resize_prediction(pred, target)
+                if connected:
+                    pred = metrics.relabel_connected(pred)
+                segments.append(int(np.unique(pred).size))
+            elif protocol == "bsds":
+                annotations = ds.load_gt(id_)
+                pred = metrics.resize_prediction(pred, annotations[0].shape)
+                if connected:
+                    pred = metrics.relabel_connected(pred)
+                scores = [metrics.overlap_scores(pred, a) for a in annotations]
+                per_image_ious.append([ious for ious, _ in scores])
+                hungarian.append(_nanmean([h for _, h in scores]))
+            elif protocol == "best_overlap":
+                gt = ds.load_gt(id_)
+                pred = metrics.resize_prediction(pred, gt.shape)
+                if connected:
+                    pred = metrics.relabel_connected(pred)
+                ious, h = metrics.overlap_scores(pred, gt, ignore=VOC_VOID)
+                per_image_ious.append([ious])
+                hungarian.append(h)
+            else:  # cocostuff27
+                gt = ds.load_gt(id_)
+                if pred.shape != gt.shape:
+                    # A prediction of the whole image: check its orientation against the full
+                    # label map, then crop it exactly as the ground truth was cropped.
+                    pred = metrics.resize_prediction(pred, ds.gt_full_size(id_))
+                    pred = coco_resize_crop(pred, COCO_CROP)
+                if connected:
+                    pred = metrics.relabel_connected(pred)
+                coco.add(pred, gt)
+        except ValueError as e:
+            if isinstance(e, DatasetError):
+                raise
+            raise ValueError(f"{pred_path}: {e}") from None
+        scored += 1
+
+    result: dict = {
+        "dataset": dataset,
+        "split": None if dataset == "folder" else (split or DEFAULT_SPLITS[dataset]),
+        "protocol": protocol,
+        "connected": bool(connected),
+        "pred_dir": str(pred_dir),
+    }
+    if protocol == "bsds":
+        scores = metrics.bsds_scores(per_image_ious)
+        result.update({k: scores[k] for k in ("all", "fine", "coarse", "mean")})
+        result["hungarian"] = _nanmean(hungarian)
+        result["segments"] = scores["segments_all"]
+    elif protocol == "best_overlap":
+        pooled = np.concatenate([a for anns in per_image_ious for a in anns]) if per_image_ious else np.zeros(0)
+        result["miou"] = float(pooled.mean()) if pooled.size else float("nan")
+        result["hungarian"] = _nanmean(hungarian)
+        result["segments"] = int(pooled.size)
+    elif protocol == "cocostuff27":
+        result.update(coco.result())
+    else:
+        result["segments_per_image"] = float(np.mean(segments)) if segments else float("nan")
+    result["images"] = scored
+    result["missing"] = len(missing)
+    result["missing_ids"] = missing[:_MISSING_LISTED]
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def _image_shape(ds, id_: str) -> tuple[int, int]:
+    path = ds.image_path(id_)
+    try:
+        with Image.open(path) as img:
+            return img.size[1], img.size[0]
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: missing file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f"{path}: cannot open ({e})") from None
+
+
+_TABLE_KEYS = {
+    "bsds": (("all", "mIoU all"), ("fine", "mIoU fine"), ("coarse", "mIoU coarse"),
+             ("mean", "mIoU mean"), ("hungarian", "Hungarian mIoU (per image)"), ("segments", "gt segments")),
+    "best_overlap": (("miou", "mIoU (best overlap)"), ("hungarian", "Hungarian mIoU (per image)"),
+                     ("segments", "gt segments")),
+    "cocostuff27": (("miou", "mIoU all"), ("things", "mIoU things"), ("stuff", "mIoU stuff"),
+                    ("pixel_accuracy", "pixel accuracy")),
+    "none": (("segments_per_image", "segments per image"),),
+}
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table of an :func:`evaluate_predictions` result.
+
+    Args:
+      result: the dict returned by :func:`evaluate_predictions`.
+
+    Returns:
+      Multi-line text, one metric per row (scores with 4 decimals), ending with the image
+      and missing-prediction counts.
+    """
+    protocol = result.get("protocol", "bsds")
+    rows = [("dataset", f"{result.get('dataset')} ({result.get('split')})"),
+            ("protocol", protocol + (" + connected components" if result.get("connected") else ""))]
+    for key, label in _TABLE_KEYS.get(protocol, ()):
+        if key not in result:
+            continue
+        value = result[key]
+        if isinstance(value, float):
+            text = "n/a" if math.isnan(value) else f"{value:.4f}"
+        else:
+            text = str(value)
+        rows.append((label, text))
+    rows.append(("images scored", str(result.get("images", 0))))
+    rows.append(("predictions missing", str(result.get("missing", 0))))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _json_safe(obj):
+    # JSON has no NaN: write null, which every reader understands.
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    # Temp file in the same folder, then os.replace: readers never see a half-written file.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(_json_safe(data), f, indent=2, sort_keys=True, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the ``dynaseg evaluate`` options to a (sub)parser.
+
+    Args:
+      parser: the parser of the ``evaluate`` subcommand.
+
+    Returns:
+      The same parser.
+    """
+    parser.add_argument("--dataset", required=True, choices=DATASETS, help="dataset layout under --root")
+    parser.add_argument("--root", required=True, help="dataset folder (official layout)")
+    parser.add_argument("--split", default=None,
+                        help="split (default: bsds500 test, voc2012 trainval, cocostuff27 val)")
+    parser.add_argument("--pred", required=True, help="folder of predicted label PNGs named <id>.png")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                        help="scoring protocol (default: the dataset's: bsds, best_overlap, cocostuff27, none)")
+    parser.add_argument("--connected", action="store_true",
+                        help="split predicted labels into connected components before scoring")
+    parser.add_argument("--id-list", default=None,
+                        help="cocostuff27: curated id list (default: <root>/curated/val2017/Coco164kFull_Stuff_Coarse_7.txt)")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N ids")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    return parser
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Runs ``dynaseg evaluate``: prints the table and writes the JSON.
+
+    Args:
+      args: parsed options from :func:`add_evaluate_arguments`.
+
+    Returns:
+      Exit code: 0 when every image was scored, 1 when some predictions were missing
+      (the scores cover the rest and are still printed and written), 2 on errors.
+    """
+    try:
+        result = evaluate_predictions(args.dataset, args.root, args.split, args.pred,
+                                      protocol=args.protocol, connected=args.connected,
+                                      limit=args.limit, id_list=args.id_list)
+    except ValueError as e:  # DatasetError included
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.json:
+        _write_json_atomic(Path(args.json), result)
+        print(f"wrote {args.json}")
+    if result["images"] == 0:
+        print(f"error: no predictions found in {args.pred} for this split", file=sys.stderr)
+        return 2
+    if result["missing"]:
+        shown = ", ".join(result["missing_ids"][:5])
+        print(f"warning: {result['missing']} prediction(s) missing (e.g. {shown}); scores cover the others",
+              file=sys.stderr)
+        return 1
+    return 0
