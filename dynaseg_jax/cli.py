@@ -111,6 +111,9 @@ COMMANDS = {"segment": _run_segment, "evaluate": _run_evaluate, "sample": _run_s
 
 
 def main(argv=None) -> int:
+    if argv is None:  # the console script: restart once with huge pages (runtime.py)
+        from .runtime import reexec_with_hugepages
+        reexec_with_hugepages("dynaseg_jax.cli", sys.argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import train
 from .config import Config
-from .model import build_model
+from .model import build_model, default_conv_impl
 
 
 def resolve_config(config: Config, backend: str | None = None) -> Config:
@@ -38,7 +38,7 @@ def resolve_config(config: Config, backend: str | None = None) -> Config:
     if config.strategy == "auto":
         changes["strategy"] = "per_image" if on_cpu else "vmap"
     if config.conv_impl == "auto":
-        changes["conv_impl"] = "im2col" if on_cpu else "lax"
+        changes["conv_impl"] = default_conv_impl(backend)
     return dataclasses.replace(config, **changes) if changes else config
 
 

@@ -38,7 +38,8 @@ def init_params(config, key: jax.Array | None = None):
         key = jax.random.PRNGKey(config.seed)
     model = build_model(config)
     dummy = jnp.zeros(INIT_SHAPE + (3,), jnp.float32)
-    return model.init(key, dummy, jnp.ones(INIT_SHAPE, jnp.float32))
+    # jit: eager flax init dispatches op by op and takes seconds on CPU.
+    return jax.jit(model.init)(key, dummy, jnp.ones(INIT_SHAPE, jnp.float32))
 
 
 def init_state(config, params=None, k_min: int | jax.Array | None = None) -> dict:

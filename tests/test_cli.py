@@ -1,5 +1,6 @@
 """End to end: `dynaseg segment` on a folder of good and bad files, then a resume."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -93,3 +94,16 @@ def test_config_errors_exit_cleanly(tmp_path, capsys):
     code = main(["segment", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "bogus=1"])
     assert code == 2
     assert "unknown field(s) bogus" in capsys.readouterr().err
+
+
+def test_hugepages_reexec_is_conditional(monkeypatch):
+    from dynaseg_jax import runtime
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("DYNASEG_REEXECED", raising=False)
+    monkeypatch.setenv("DYNASEG_HUGEPAGES", "1")
+    assert runtime.hugepages_wanted() == sys.platform.startswith("linux")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")  # the user's choice wins
+    assert not runtime.hugepages_wanted()
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv("DYNASEG_HUGEPAGES", "0")
+    assert not runtime.hugepages_wanted()

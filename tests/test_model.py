@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynaseg_jax.model import DynaSegCNN, MaskedBatchNorm, conv3x3_im2col
+from dynaseg_jax.model import DynaSegCNN, MaskedBatchNorm, conv3x3_im2col, conv3x3_winograd
 from tests.conftest import smooth_image
 
 
@@ -35,16 +35,41 @@ def test_masked_batch_norm_matches_numpy():
     np.testing.assert_allclose(y[mask > 0], want[mask > 0], atol=1e-4)
 
 
-def test_im2col_conv_matches_lax():
+def direct_conv_float64(x, k):
+    """Brute-force zero-padded 3x3 correlation in float64 (the reference)."""
+    x, k = np.asarray(x, np.float64), np.asarray(k, np.float64)
+    h, w, _ = x.shape
+    xp = np.pad(x, ((1, 1), (1, 1), (0, 0)))
+    return sum(xp[dy:dy + h, dx:dx + w] @ k[dy, dx] for dy in range(3) for dx in range(3))
+
+
+@pytest.mark.parametrize("conv", [conv3x3_im2col, conv3x3_winograd])
+@pytest.mark.parametrize("shape", [(7, 9), (8, 8), (5, 13), (1, 2)])
+def test_conv_formulations_match_direct(conv, shape):
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(size=(7, 9, 5)), jnp.float32)
-    k = jnp.asarray(rng.normal(size=(3, 3, 5, 4)), jnp.float32)
-    want = jax.lax.conv_general_dilated(x[None], k, (1, 1), ((1, 1), (1, 1)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
-    np.testing.assert_allclose(conv3x3_im2col(x, k), want, atol=1e-4)
+    x = rng.normal(size=shape + (5,)).astype(np.float32)
+    k = rng.normal(size=(3, 3, 5, 4)).astype(np.float32)
+    want = direct_conv_float64(x, k)
+    got = np.asarray(jax.jit(conv)(jnp.asarray(x), jnp.asarray(k)))
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+    lax_out = jax.lax.conv_general_dilated(jnp.asarray(x)[None], jnp.asarray(k), (1, 1), ((1, 1), (1, 1)),
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
+    np.testing.assert_allclose(lax_out, want, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["lax", "im2col"])
+def test_winograd_gradients_match_direct():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(10, 11, 6)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, 6, 5)), jnp.float32)
+    lax_conv = lambda x, k: jax.lax.conv_general_dilated(
+        x[None], k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
+    loss = lambda f: jax.grad(lambda x, k: jnp.sum(jnp.sin(f(x, k))), argnums=(0, 1))(x, k)
+    for got, want in zip(loss(conv3x3_winograd), loss(lax_conv)):
+        got, want = np.asarray(got), np.asarray(want)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["lax", "im2col", "winograd"])
 def test_padding_does_not_change_response(impl):
     model = DynaSegCNN(channels=8, n_clusters=6, n_conv=2, conv_impl=impl)
     img = smooth_image(10, 13, 0)

@@ -1,0 +1,334 @@
+"""Speed: the JAX engine against the PyTorch reference, interleaved in one run.
+
+For each image size, batch size (slots) and engine strategy, times milliseconds per
+image-iteration over a fixed number of iterations (no early stop), after warm-up,
+``--repeats`` times with JAX and PyTorch interleaved, and reports the median. Also
+reports compile time, achieved GFLOP/s (algorithmic FLOPs of the network's forward and
+backward pass), the fraction of this machine's float32 matmul roofline (a 2048^3
+matmul measured in the same run), and peak memory. ``--full-run N`` adds whole runs with
+early stopping on N real BSDS500 val images (images per second).
+
+The PyTorch reference processes images one at a time (as the authors' script does), so
+its time per image-iteration does not depend on the batch size.
+
+Examples::
+
+    python benchmarks/bench_speed.py --size 240x160 --batch 1 --iters 20 --json out.json
+    python benchmarks/bench_speed.py --size 64x64 128x128 240x160 481x321 --batch 1 2 4 8 \
+        --strategy per_image vmap --json speed.json --plot speed.png
+    python benchmarks/bench_speed.py --device gpu ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from dynaseg_jax.config import load_config  # noqa: E402
+from dynaseg_jax.engine import Engine, WorkItem, _SlotGroup, bucket_shape  # noqa: E402
+
+BSDS_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds500" / "images" / "val"
+
+
+def model_flops(h: int, w: int, config) -> float:
+    """Algorithmic FLOPs of one training step on an h x w image (multiply-add = 2).
+
+    Forward: conv3x3 3->p, (n_conv - 1) x conv3x3 p->p, conv1x1 p->q. Backward: the
+    weight gradient of every conv plus the input gradient of every conv but the first
+    (the image needs none): about 3x forward minus the first conv's input gradient.
+    """
+    p, q, hw = config.channels, config.n_clusters, h * w
+    first = 2 * hw * 27 * p
+    others = (config.n_conv - 1) * 2 * hw * 9 * p * p
+    classifier = 2 * hw * p * q
+    return 2 * first + 3 * (others + classifier)
+
+
+def matmul_roofline(n: int = 2048, repeats: int = 5) -> float:
+    """Measured float32 GFLOP/s of an n^3 matmul on the JAX default device."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / min(times) / 1e9
+
+
+def synthetic_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.stack([np.sin(7 * yy + seed), np.cos(5 * xx), np.sin(3 * (xx + yy))], -1) * 0.4 + 0.5
+    return np.clip(img + rng.normal(0, 0.05, img.shape), 0, 1).astype(np.float32)
+
+
+class JaxRunner:
+    """``batch`` engine slots of one bucket, all busy (k_min = 0 never stops)."""
+
+    def __init__(self, config, h, w, batch):
+        self.engine = Engine(config.replace(batch=batch, max_iters=10 ** 9))
+        bucket = bucket_shape(h, w, self.engine.config)
+        self.group = _SlotGroup(self.engine, bucket[:2])
+        t = time.perf_counter()
+        for i in range(batch):
+            self.group.load(WorkItem(i, synthetic_image(h, w, i), 0), bucket[2])
+        self.group.advance()
+        list(self.group.collect())
+        self._block()
+        self.compile_seconds = time.perf_counter() - t
+        self.batch = batch
+
+    def _block(self):
+        jax.block_until_ready(self.group.states)
+
+    def time_iters(self, iters: int) -> float:
+        """Seconds per image-iteration, host loop exactly as the engine runs it."""
+        n_calls = max(1, iters // self.engine.config.sync_every)
+        t = time.perf_counter()
+        for _ in range(n_calls):
+            self.group.advance()
+            list(self.group.collect())  # reads the done flags, as the engine does
+        self._block()
+        return (time.perf_counter() - t) / (n_calls * self.engine.config.sync_every * self.batch)
+
+
+class TorchRunner:
+    """The PyTorch reference's loop on one image (host sync for q' every step, as it does)."""
+
+    def __init__(self, config, h, w, device):
+        import torch
+        import torch_reference as tr
+        self.torch, self.tr, self.device = torch, tr, device
+        self.config = config
+        torch.manual_seed(config.seed)
+        self.model = tr.build_model(config).to(device).train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
+                                   weight_decay=config.weight_decay)
+        self.schedule = tr.make_schedule(config)
+        self.x = tr.image_to_tensor(synthetic_image(h, w, 0), device)
+        self.t = 0
+        self.time_iters(2)  # warm-up
+
+    def _sync(self):
+        if str(self.device).startswith("cuda"):
+            self.torch.cuda.synchronize()
+
+    def time_iters(self, iters: int) -> float:
+        self._sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            self.opt.zero_grad(set_to_none=True)
+            loss, _ = self.tr.loss_terms(self.model(self.x), self.schedule, self.t)
+            loss.backward()
+            self.opt.step()
+            self.t += 1
+        self._sync()
+        return (time.perf_counter() - t0) / iters
+
+
+def peak_memory_mb(device: str) -> dict:
+    out = {"host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device == "gpu":
+        try:
+            stats = jax.devices()[0].memory_stats() or {}
+            out["jax_device_peak_mb"] = stats.get("peak_bytes_in_use", 0) / 2 ** 20
+        except Exception:  # noqa: BLE001 - not every backend has stats
+            pass
+        try:
+            import torch
+            out["torch_device_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        except Exception:  # noqa: BLE001
+            pass
+    return out
+
+
+def bench_case(config, h, w, batch, strategy, args, roofline, torch_cache):
+    cfg = config.replace(strategy=strategy)
+    jr = JaxRunner(cfg, h, w, batch)
+    jr.time_iters(args.warmup)
+    tkey = (h, w)
+    if not args.no_torch and tkey not in torch_cache:
+        torch_cache[tkey] = TorchRunner(config, h, w, "cuda" if args.device == "gpu" else "cpu")
+    jax_t, torch_t = [], []
+    for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both
+        jax_t.append(jr.time_iters(args.iters))
+        if not args.no_torch:
+            torch_t.append(torch_cache[tkey].time_iters(args.iters))
+    jax_ms = statistics.median(jax_t) * 1e3
+    torch_ms = statistics.median(torch_t) * 1e3 if torch_t else None
+    flops = model_flops(h, w, cfg)
+    row = {
+        "size": f"{w}x{h}", "height": h, "width": w, "batch": batch,
+        "strategy": jr.engine.config.strategy,
+        "conv_impl": jr.engine.config.conv_impl, "sync_every": cfg.sync_every,
+        "jax_ms_per_image_iter": jax_ms, "torch_ms_per_image_iter": torch_ms,
+        "ratio": jax_ms / torch_ms if torch_ms else None,
+        "jax_images_per_s_at_iters": 1e3 / (jax_ms * args.iters),
+        "jax_gflops": flops / (jax_ms * 1e-3) / 1e9,
+        "torch_gflops": flops / (torch_ms * 1e-3) / 1e9 if torch_ms else None,
+        "jax_roofline_fraction": flops / (jax_ms * 1e-3) / 1e9 / roofline,
+        "jax_compile_s": jr.compile_seconds, "jax_ms_all": [t * 1e3 for t in jax_t],
+        "torch_ms_all": [t * 1e3 for t in torch_t],
+    }
+    del jr
+    row.update(peak_memory_mb(args.device))
+    return row
+
+
+def full_run(config, args) -> dict:
+    """Whole runs with early stopping on real BSDS500 val images: images per second."""
+    from dynaseg_jax.images import load_image
+    paths = sorted(BSDS_VAL.glob("*.jpg"))[: args.full_run]
+    if not paths:
+        return {"error": f"no BSDS500 val images at {BSDS_VAL}"}
+    imgs = [load_image(p) for p in paths]
+    engine = Engine(config.replace(batch=args.full_batch))
+    warm = list(engine.run([WorkItem(-1, imgs[0], 10 ** 6)]))  # compile (stops after 1 step)
+    t = time.perf_counter()
+    res = list(engine.run(WorkItem(i, im, config.k_min) for i, im in enumerate(imgs)))
+    jax_s = time.perf_counter() - t
+    out = {"images": len(imgs), "jax_seconds": jax_s, "jax_images_per_s": len(imgs) / jax_s,
+           "jax_iterations": sorted(r.iterations for r in res), "strategy": engine.config.strategy,
+           "batch": args.full_batch}
+    del warm
+    if not args.no_torch:
+        import torch_reference as tr
+        dev = "cuda" if args.device == "gpu" else "cpu"
+        t = time.perf_counter()
+        tres = [tr.segment_image(im, config, device=dev) for im in imgs]
+        torch_s = time.perf_counter() - t
+        out.update(torch_seconds=torch_s, torch_images_per_s=len(imgs) / torch_s,
+                   torch_iterations=sorted(r["iterations"] for r in tres),
+                   speedup=torch_s / jax_s)
+    return out
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sizes = sorted({r["size"] for r in rows}, key=lambda s: np.prod([int(v) for v in s.split("x")]))
+    for key in sorted({(r["strategy"], r["batch"]) for r in rows}):
+        ys = [next((r["jax_ms_per_image_iter"] for r in rows if (r["strategy"], r["batch"]) == key
+                    and r["size"] == s), np.nan) for s in sizes]
+        ax.plot(sizes, ys, marker="o", label=f"JAX {key[0]} batch {key[1]}")
+    ys = [next((r["torch_ms_per_image_iter"] for r in rows if r["size"] == s and r["torch_ms_per_image_iter"]),
+               np.nan) for s in sizes]
+    ax.plot(sizes, ys, marker="s", color="black", linestyle="--", label="PyTorch reference")
+    ax.set_yscale("log")
+    ax.set_xlabel("image size (W x H)")
+    ax.set_ylabel("ms per image-iteration (lower is better)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot -> {path}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", nargs="+", default=["64x64", "128x128", "240x160", "481x321"],
+                    help="W x H sizes")
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 2, 4, 8])
+    ap.add_argument("--strategy", nargs="+", default=["auto"], help="auto, per_image, vmap")
+    ap.add_argument("--config", default="dynaseg_scf")
+    ap.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--full-run", type=int, default=0, metavar="N",
+                    help="also segment N BSDS500 val images with early stopping")
+    ap.add_argument("--full-batch", type=int, default=4)
+    ap.add_argument("--no-hugepages", action="store_true",
+                    help="do not restart with GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
+    ap.add_argument("--json")
+    ap.add_argument("--plot")
+    args = ap.parse_args(argv)
+    if argv is None and not args.no_hugepages:
+        # Same process set-up as the `dynaseg` command (dynaseg_jax/runtime.py); it
+        # applies to both frameworks, which share this process.
+        from dynaseg_jax.runtime import hugepages_wanted, TUNABLE
+        if hugepages_wanted():
+            os.execve(sys.executable, [sys.executable, *sys.argv],
+                      dict(os.environ, GLIBC_TUNABLES=TUNABLE, DYNASEG_REEXECED="1"))
+
+    if args.device == "gpu" and jax.default_backend() != "gpu":
+        print(f"--device gpu but JAX runs on {jax.default_backend()}", file=sys.stderr)
+        return 2
+    if args.device == "cpu" and jax.default_backend() != "cpu":
+        jax.config.update("jax_platform_name", "cpu")
+    config = load_config(args.config, args.overrides + ["bucket_multiple=1"])
+    roofline = matmul_roofline()
+    dev = jax.devices()[0]
+    machine = {"device": args.device, "jax_device": str(dev.device_kind), "jax_backend": jax.default_backend(),
+               "jax": jax.__version__, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+               "matmul_roofline_gflops": roofline, "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
+    if not args.no_torch:
+        import torch
+        machine["torch"] = torch.__version__
+        machine["torch_threads"] = torch.get_num_threads()
+        if args.device == "gpu":
+            machine["torch_device"] = torch.cuda.get_device_name(0)
+    print(f"# {machine['jax_device']} ({machine['jax_backend']}), {os.cpu_count()} CPUs, "
+          f"matmul roofline {roofline:.0f} GFLOP/s (2048^3 float32)")
+    hdr = f"{'size':>8} {'batch':>5} {'strategy':>9} {'conv':>6} {'JAX ms/it':>9} {'torch ms/it':>11} " \
+          f"{'ratio':>6} {'JAX GF/s':>8} {'roofl':>6} {'compile s':>9} {'peak MB':>8}"
+    print(hdr)
+    rows, torch_cache = [], {}
+    for size in args.size:
+        w, h = (int(v) for v in size.lower().split("x"))
+        for batch in args.batch:
+            for strategy in args.strategy:
+                try:
+                    row = bench_case(config, h, w, batch, strategy, args, roofline, torch_cache)
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory: report, go on
+                    print(f"{size:>8} {batch:>5} {strategy:>9}  failed: {type(e).__name__}: {e}")
+                    continue
+                rows.append(row)
+                tm = f"{row['torch_ms_per_image_iter']:.2f}" if row["torch_ms_per_image_iter"] else "-"
+                ra = f"{row['ratio']:.2f}" if row["ratio"] else "-"
+                print(f"{row['size']:>8} {batch:>5} {row['strategy']:>9} {row['conv_impl']:>6} "
+                      f"{row['jax_ms_per_image_iter']:9.2f} {tm:>11} {ra:>6} {row['jax_gflops']:8.1f} "
+                      f"{row['jax_roofline_fraction']:6.2f} {row['jax_compile_s']:9.2f} "
+                      f"{row['host_peak_rss_mb']:8.0f}", flush=True)
+        torch_cache.clear()
+    result = {**machine, "results": rows}
+    if args.full_run:
+        result["full_run"] = full_run(config, args)
+        print("full run:", json.dumps(result["full_run"]))
+    if len(rows) == 1:
+        result.update(rows[0])
+        result["strategy"] = rows[0]["strategy"]
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"json -> {args.json}")
+    if args.plot and rows:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

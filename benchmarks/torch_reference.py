@@ -1,0 +1,327 @@
+"""A PyTorch implementation of DynaSeg's per-image optimisation (SPEC section 1).
+
+This is our own PyTorch version of the algorithm that the authors' BSD500 script
+(RyersonMultimediaLab/DynaSeg, ``tools/DynaSeg_SCF_BSD_VOC.py``) runs, written to
+serve as an independent reference for ``dynaseg_jax``: the parity tests
+(``tests/test_torch_parity.py``) load identical weights into both and compare
+responses, losses, labels and iteration counts, and the benchmarks time it against
+the JAX engine.
+
+It reads the same ``dynaseg_jax.config.Config`` fields as the JAX code (schedule, mu,
+alpha, k_min, max_iters, n_conv, channels, n_clusters, lr, momentum, weight_decay,
+seed), and runs on CPU or CUDA.
+
+Command line (one image)::
+
+    python benchmarks/torch_reference.py IMAGE [--config dynaseg_scf] [--set k=v ...]
+        [--device cpu|cuda] [--tf32] [--out labels.png]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    from dynaseg_jax.config import Config, load_config
+except ModuleNotFoundError:  # run as a script from a source checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dynaseg_jax.config import Config, load_config
+
+BN_EPS = 1e-5
+
+
+class TorchDynaSeg(nn.Module):
+    """``n_conv`` x (conv3x3 pad 1 -> ReLU -> BN), then conv1x1 -> BN: the response r'.
+
+    Convolutions keep PyTorch's default initialisation, which is what the reference
+    uses (and what ``dynaseg_jax.model.torch_uniform_init`` reproduces). BatchNorm is
+    built without running statistics, so it normalises with the batch (= this image's)
+    statistics in train and eval mode alike: the reference never leaves train mode, and
+    its running statistics are never read (SPEC section 1).
+
+    Args:
+      in_channels: channels of the input image (3).
+      channels: p, the width of the feature extractor.
+      n_clusters: q, the number of output channels (the most labels an image can get).
+      n_conv: number of conv3x3 blocks (reference BSD script: 2).
+    """
+
+    def __init__(self, in_channels: int = 3, channels: int = 100, n_clusters: int = 100,
+                 n_conv: int = 2):
+        super().__init__()
+        self.convs = nn.ModuleList()
+        self.bns = nn.ModuleList()
+        for i in range(n_conv):
+            self.convs.append(nn.Conv2d(in_channels if i == 0 else channels, channels,
+                                        kernel_size=3, stride=1, padding=1))
+            self.bns.append(nn.BatchNorm2d(channels, eps=BN_EPS, track_running_stats=False))
+        self.classifier = nn.Conv2d(channels, n_clusters, kernel_size=1)
+        self.bn_out = nn.BatchNorm2d(n_clusters, eps=BN_EPS, track_running_stats=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (N, 3, H, W). Returns: r' (N, q, H, W)."""
+        for conv, bn in zip(self.convs, self.bns):
+            x = bn(F.relu(conv(x)))
+        return self.bn_out(self.classifier(x))
+
+
+def build_model(config: Config) -> TorchDynaSeg:
+    """The network a config describes (initialised from the current torch RNG state)."""
+    return TorchDynaSeg(3, config.channels, config.n_clusters, config.n_conv)
+
+
+def make_optimizer(model: nn.Module, config: Config) -> torch.optim.SGD:
+    """SGD with the config's lr, momentum and (L2, added to the gradient) weight decay."""
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
+
+
+def make_schedule(config: Config) -> Callable[[int, int], float]:
+    """mu as a function of (q', step), the same three schedules as ``dynaseg_jax.schedules``.
+
+    Note the names: we follow SPEC section 1 (fsf: q'/alpha, scf: alpha/q'); the
+    authors' script labels its ``nLabels/15`` line "SCF", the opposite way round.
+    """
+    if config.schedule == "fixed":
+        return lambda q, step: float(config.mu)
+    if config.schedule == "fsf":
+        return lambda q, step: q / float(config.alpha)
+    if config.schedule == "scf":
+        return lambda q, step: float(config.alpha) / max(q, 1)
+    raise ValueError(f"unknown schedule {config.schedule!r}; use fixed, fsf or scf")
+
+
+def loss_terms(response: torch.Tensor, schedule: Callable[[int, int], float], step: int):
+    """The DynaSeg loss of one forward pass.
+
+    Args:
+      response: r' of one image, (1, q, H, W).
+      schedule: mu as a function of (q', step).
+      step: the iteration index t (0-based).
+
+    Returns:
+      (loss tensor, dict with l_sim, l_con tensors, mu float, n_clusters int, labels (H*W,)).
+    """
+    r = response[0].permute(1, 2, 0)  # (H, W, q): pixels first, as the reference flattens
+    flat = r.reshape(-1, r.shape[-1])
+    labels = flat.argmax(dim=1)  # c; integer, so no gradient flows through it
+    # q' from this forward pass, before the update (a host sync, as in the reference).
+    n_clusters = int(torch.unique(labels).numel())
+    l_sim = F.cross_entropy(flat, labels)
+    # L1 towards a zero target of the vertical / horizontal differences, each a mean.
+    l_con = F.l1_loss(r[1:], r[:-1]) + F.l1_loss(r[:, 1:], r[:, :-1])
+    mu = schedule(n_clusters, step)
+    loss = l_sim + mu * l_con
+    return loss, {"l_sim": l_sim, "l_con": l_con, "mu": mu, "n_clusters": n_clusters,
+                  "labels": labels}
+
+
+def image_to_tensor(image: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Float RGB (H, W, 3) in [0, 1] -> float32 tensor (1, 3, H, W) on ``device``."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)[None])).to(device)
+
+
+@contextlib.contextmanager
+def tf32_mode(enabled: bool):
+    """Sets whether CUDA convolutions/matmuls may use TF32, restoring the old settings after.
+
+    cuDNN allows TF32 by default, which on Ampere and later GPUs changes float32 results:
+    on an H100 the second step's loss already moved by 6e-3 relative, and a whole run
+    ended with another cluster count. With TF32 off, CUDA matched the CPU.
+    """
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def segment_image(image: np.ndarray, config: Config, device: str | torch.device = "cpu",
+                  seed: int | None = None, init_state_dict: Mapping | None = None,
+                  record_losses: bool = False, k_min: int | None = None,
+                  tf32: bool = False) -> dict:
+    """Segments one image with its own fresh network (SPEC section 1).
+
+    Per iteration t: forward pass, labels c = argmax r', q' = distinct labels, loss
+    CE(r', c) + mu(q', t) * L_con, one SGD step; then stop if q' <= k_min or
+    t + 1 == max_iters. The labels come from one more forward pass after the last update.
+
+    Args:
+      image: float RGB (H, W, 3) in [0, 1].
+      config: a Config; its k_min must be an integer unless ``k_min`` is given.
+      device: torch device to run on ("cpu", "cuda", ...).
+      seed: torch seed of the initial network (default: ``config.seed``). Ignored for
+        the weights when ``init_state_dict`` is given.
+      init_state_dict: optional initial weights (e.g. from ``jax_params_to_torch_state_dict``).
+      record_losses: also return the per-iteration loss terms.
+      k_min: stopping threshold overriding ``config.k_min`` (e.g. a silhouette k*).
+      tf32: let CUDA use TF32 (torch's cuDNN default, what the authors' script ran with);
+        off by default so that the result is plain float32, as on the CPU.
+
+    Returns:
+      dict with ``labels`` (H, W) int64 numpy, ``iterations`` (updates done),
+      ``clusters`` (distinct labels in the final map), ``last_n_clusters`` (q' of the last
+      iteration), ``losses`` (per-iteration total loss, or None) and ``history`` (dict of
+      per-iteration lists loss / l_sim / l_con / mu / n_clusters, or None).
+    """
+    with tf32_mode(tf32):
+        return _segment(image, config, device, seed, init_state_dict, record_losses, k_min)
+
+
+def _segment(image, config, device, seed, init_state_dict, record_losses, k_min) -> dict:
+    """``segment_image``'s body, run under its TF32 setting."""
+    if k_min is None:
+        if not isinstance(config.k_min, int):
+            raise ValueError(f"k_min = {config.k_min!r}: the torch reference needs an integer "
+                             "(pass k_min= for a per-image k*)")
+        k_min = config.k_min
+    h, w = image.shape[:2]
+    x = image_to_tensor(image, device)
+    torch.manual_seed(config.seed if seed is None else seed)
+    model = build_model(config)
+    if init_state_dict is not None:
+        model.load_state_dict(init_state_dict)
+    model.to(device).train()
+    optimizer = make_optimizer(model, config)
+    schedule = make_schedule(config)
+    history = {"loss": [], "l_sim": [], "l_con": [], "mu": [], "n_clusters": []} \
+        if record_losses else None
+
+    iterations, q = 0, None
+    for t in range(int(config.max_iters)):
+        optimizer.zero_grad(set_to_none=True)
+        loss, aux = loss_terms(model(x), schedule, t)
+        loss.backward()
+        optimizer.step()
+        iterations, q = t + 1, aux["n_clusters"]
+        if history is not None:
+            history["loss"].append(loss.item())
+            history["l_sim"].append(aux["l_sim"].item())
+            history["l_con"].append(aux["l_con"].item())
+            history["mu"].append(float(aux["mu"]))
+            history["n_clusters"].append(q)
+        if q <= k_min:
+            break
+
+    with torch.no_grad():
+        labels = model(x)[0].argmax(dim=0).cpu().numpy().reshape(h, w)
+    return {
+        "labels": labels,
+        "iterations": iterations,
+        "clusters": int(len(np.unique(labels))),
+        "last_n_clusters": q,
+        "losses": history["loss"] if history is not None else None,
+        "history": history,
+    }
+
+
+def _to_numpy(a) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def jax_params_to_torch_state_dict(params: Mapping) -> dict[str, torch.Tensor]:
+    """Our flax parameters -> a ``TorchDynaSeg`` state dict (float32 CPU tensors).
+
+    Args:
+      params: ``{'params': {...}}`` or the inner dict, with ``conv{i}`` (kernel HWIO
+        (3, 3, cin, cout), bias), ``bn{i}`` (scale, bias), ``classifier`` (kernel
+        (1, 1, p, q), bias) and ``bn_out`` (scale, bias).
+
+    Returns:
+      A state dict that ``TorchDynaSeg.load_state_dict`` accepts (strictly).
+    """
+    p = params.get("params", params)
+    n_conv = sum(1 for k in p if k.startswith("conv"))
+    t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32))  # copies: torch owns it
+    sd = {}
+    for i in range(n_conv):
+        # HWIO -> OIHW (torch's Conv2d weight layout).
+        sd[f"convs.{i}.weight"] = t(np.transpose(np.asarray(p[f"conv{i}"]["kernel"]), (3, 2, 0, 1)))
+        sd[f"convs.{i}.bias"] = t(p[f"conv{i}"]["bias"])
+        sd[f"bns.{i}.weight"] = t(p[f"bn{i}"]["scale"])
+        sd[f"bns.{i}.bias"] = t(p[f"bn{i}"]["bias"])
+    sd["classifier.weight"] = t(np.transpose(np.asarray(p["classifier"]["kernel"]), (3, 2, 0, 1)))
+    sd["classifier.bias"] = t(p["classifier"]["bias"])
+    sd["bn_out.weight"] = t(p["bn_out"]["scale"])
+    sd["bn_out.bias"] = t(p["bn_out"]["bias"])
+    return sd
+
+
+def torch_state_dict_to_jax_params(state_dict: Mapping) -> dict:
+    """A ``TorchDynaSeg`` state dict -> our flax parameters ``{'params': {...}}``.
+
+    Conv weights go from OIHW to HWIO; BN weight/bias become scale/bias. Buffers
+    (running statistics, if a model has them) are ignored: they never affect the output.
+    Leaves are float32 numpy arrays (``jax.tree.map(jnp.asarray, ...)`` moves them).
+    """
+    sd = {k: _to_numpy(v).astype(np.float32) for k, v in state_dict.items()}
+    n_conv = len({k.split(".")[1] for k in sd if k.startswith("convs.")})
+    p = {}
+    for i in range(n_conv):
+        p[f"conv{i}"] = {"kernel": np.transpose(sd[f"convs.{i}.weight"], (2, 3, 1, 0)),
+                         "bias": sd[f"convs.{i}.bias"]}
+        p[f"bn{i}"] = {"scale": sd[f"bns.{i}.weight"], "bias": sd[f"bns.{i}.bias"]}
+    p["classifier"] = {"kernel": np.transpose(sd["classifier.weight"], (2, 3, 1, 0)),
+                       "bias": sd["classifier.bias"]}
+    p["bn_out"] = {"scale": sd["bn_out.weight"], "bias": sd["bn_out.bias"]}
+    return {"params": p}
+
+
+def _load_rgb(path: str) -> np.ndarray:
+    """An image file as float32 RGB in [0, 1], read the way the JAX package reads it."""
+    try:
+        from dynaseg_jax.images import load_image
+        return load_image(path)
+    except ImportError:  # the reference only needs PIL
+        from PIL import Image
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"), np.float32) / 255.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="DynaSeg, PyTorch reference: segment one image.")
+    parser.add_argument("image", help="input image file")
+    parser.add_argument("--config", default=None, help="preset name or TOML file (default: defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (repeatable)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA (cuDNN's default)")
+    parser.add_argument("--out", default=None, help="write the label map as a 16-bit PNG here")
+    args = parser.parse_args(argv)
+
+    try:
+        config = load_config(args.config, args.overrides)
+        image = _load_rgb(args.image)
+    except (ValueError, OSError) as e:  # ConfigError and ImageError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    result = segment_image(image, config, device=args.device, tf32=args.tf32)
+    elapsed = time.perf_counter() - start
+    h, w = image.shape[:2]
+    print(f"{args.image}: {h}x{w} on {args.device}: iterations {result['iterations']}, "
+          f"clusters {result['clusters']}, time {elapsed:.2f} s "
+          f"({elapsed / max(result['iterations'], 1) * 1e3:.1f} ms/iteration)")
+    if args.out:
+        from PIL import Image
+        Image.fromarray(result["labels"].astype(np.uint16)).save(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
