@@ -41,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 from dynaseg_jax.config import load_config  # noqa: E402
 from dynaseg_jax.engine import Engine, WorkItem, _SlotGroup, bucket_shape  # noqa: E402
 
-BSDS_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds500" / "images" / "val"
+BSDS_VAL = Path(os.environ.get("BSDS500_VAL", Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds500" / "images" / "val"))
 
 
 def model_flops(h: int, w: int, config) -> float:
@@ -158,8 +158,8 @@ def peak_memory_mb(device: str) -> dict:
     return out
 
 
-def bench_case(config, h, w, batch, strategy, args, roofline, torch_cache):
-    cfg = config.replace(strategy=strategy)
+def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_cache):
+    cfg = config.replace(strategy=strategy, conv_impl=conv_impl)
     jr = JaxRunner(cfg, h, w, batch)
     jr.time_iters(args.warmup)
     tkey = (h, w)
@@ -176,7 +176,8 @@ def bench_case(config, h, w, batch, strategy, args, roofline, torch_cache):
     row = {
         "size": f"{w}x{h}", "height": h, "width": w, "batch": batch,
         "strategy": jr.engine.config.strategy,
-        "conv_impl": jr.engine.config.conv_impl, "sync_every": cfg.sync_every,
+        "conv_impl": jr.engine.config.conv_impl, "sync_every": jr.engine.config.sync_every,
+        "tf32": args.tf32,
         "jax_ms_per_image_iter": jax_ms, "torch_ms_per_image_iter": torch_ms,
         "ratio": jax_ms / torch_ms if torch_ms else None,
         "jax_images_per_s_at_iters": 1e3 / (jax_ms * args.iters),
@@ -198,20 +199,22 @@ def full_run(config, args) -> dict:
     if not paths:
         return {"error": f"no BSDS500 val images at {BSDS_VAL}"}
     imgs = [load_image(p) for p in paths]
-    engine = Engine(config.replace(batch=args.full_batch))
+    engine = Engine(config.replace(batch=args.full_batch, strategy=args.strategy[0],
+                                   conv_impl=args.conv_impl[0]))
     warm = list(engine.run([WorkItem(-1, imgs[0], 10 ** 6)]))  # compile (stops after 1 step)
     t = time.perf_counter()
     res = list(engine.run(WorkItem(i, im, config.k_min) for i, im in enumerate(imgs)))
     jax_s = time.perf_counter() - t
     out = {"images": len(imgs), "jax_seconds": jax_s, "jax_images_per_s": len(imgs) / jax_s,
            "jax_iterations": sorted(r.iterations for r in res), "strategy": engine.config.strategy,
+           "conv_impl": engine.config.conv_impl, "sync_every": engine.config.sync_every,
            "batch": args.full_batch}
     del warm
     if not args.no_torch:
         import torch_reference as tr
         dev = "cuda" if args.device == "gpu" else "cpu"
         t = time.perf_counter()
-        tres = [tr.segment_image(im, config, device=dev) for im in imgs]
+        tres = [tr.segment_image(im, config, device=dev, tf32=args.tf32) for im in imgs]
         torch_s = time.perf_counter() - t
         out.update(torch_seconds=torch_s, torch_images_per_s=len(imgs) / torch_s,
                    torch_iterations=sorted(r["iterations"] for r in tres),
@@ -229,10 +232,11 @@ def plot(rows, path):
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     sizes = sorted({r["size"] for r in rows}, key=lambda s: np.prod([int(v) for v in s.split("x")]))
-    for key in sorted({(r["strategy"], r["batch"]) for r in rows}):
-        ys = [next((r["jax_ms_per_image_iter"] for r in rows if (r["strategy"], r["batch"]) == key
-                    and r["size"] == s), np.nan) for s in sizes]
-        ax.plot(sizes, ys, marker="o", label=f"JAX {key[0]} batch {key[1]}")
+    for key in sorted({(r["strategy"], r["conv_impl"], r["batch"]) for r in rows}):
+        ys = [next((r["jax_ms_per_image_iter"] for r in rows
+                    if (r["strategy"], r["conv_impl"], r["batch"]) == key and r["size"] == s), np.nan)
+              for s in sizes]
+        ax.plot(sizes, ys, marker="o", label=f"JAX {key[0]} {key[1]} batch {key[2]}")
     ys = [next((r["torch_ms_per_image_iter"] for r in rows if r["size"] == s and r["torch_ms_per_image_iter"]),
                np.nan) for s in sizes]
     ax.plot(sizes, ys, marker="s", color="black", linestyle="--", label="PyTorch reference")
@@ -252,6 +256,9 @@ def main(argv=None) -> int:
                     help="W x H sizes")
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 2, 4, 8])
     ap.add_argument("--strategy", nargs="+", default=["auto"], help="auto, per_image, vmap")
+    ap.add_argument("--conv-impl", nargs="+", default=["auto"], help="auto, lax, im2col, winograd")
+    ap.add_argument("--tf32", action="store_true",
+                    help="GPU: let both frameworks use TF32 for float32 convs/matmuls (default: strict float32)")
     ap.add_argument("--config", default="dynaseg_scf")
     ap.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE")
     ap.add_argument("--iters", type=int, default=20)
@@ -281,6 +288,11 @@ def main(argv=None) -> int:
     if args.device == "cpu" and jax.default_backend() != "cpu":
         jax.config.update("jax_platform_name", "cpu")
     config = load_config(args.config, args.overrides + ["bucket_multiple=1"])
+    jax.config.update("jax_default_matmul_precision", "tensorfloat32" if args.tf32 else "float32")
+    if not args.no_torch:
+        import torch
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
     roofline = matmul_roofline()
     dev = jax.devices()[0]
     machine = {"device": args.device, "jax_device": str(dev.device_kind), "jax_backend": jax.default_backend(),
@@ -301,11 +313,11 @@ def main(argv=None) -> int:
     for size in args.size:
         w, h = (int(v) for v in size.lower().split("x"))
         for batch in args.batch:
-            for strategy in args.strategy:
+            for strategy, conv_impl in [(s, c) for s in args.strategy for c in args.conv_impl]:
                 try:
-                    row = bench_case(config, h, w, batch, strategy, args, roofline, torch_cache)
+                    row = bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_cache)
                 except Exception as e:  # noqa: BLE001 - e.g. out of memory: report, go on
-                    print(f"{size:>8} {batch:>5} {strategy:>9}  failed: {type(e).__name__}: {e}")
+                    print(f"{size:>8} {batch:>5} {strategy:>9} {conv_impl}  failed: {type(e).__name__}: {e}")
                     continue
                 rows.append(row)
                 tm = f"{row['torch_ms_per_image_iter']:.2f}" if row["torch_ms_per_image_iter"] else "-"

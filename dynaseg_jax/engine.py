@@ -31,7 +31,7 @@ from .model import build_model, default_conv_impl
 
 
 def resolve_config(config: Config, backend: str | None = None) -> Config:
-    """Replaces 'auto' strategy/conv_impl with the choice for the backend."""
+    """Replaces 'auto' strategy/conv_impl and sync_every = 0 with the backend's choice."""
     backend = backend or jax.default_backend()
     on_cpu = backend == "cpu"
     changes = {}
@@ -39,6 +39,8 @@ def resolve_config(config: Config, backend: str | None = None) -> Config:
         changes["strategy"] = "per_image" if on_cpu else "vmap"
     if config.conv_impl == "auto":
         changes["conv_impl"] = default_conv_impl(backend)
+    if config.sync_every == 0:
+        changes["sync_every"] = 1 if on_cpu else 10
     return dataclasses.replace(config, **changes) if changes else config
 
 
@@ -107,6 +109,8 @@ class Engine:
         self.params = params if params is not None else train.init_params(self.config)
         self.fresh_state = train.init_state(self.config, self.params)
         self.trace_counts: Counter = Counter()
+        # Chunks of sync_every steps as a fori_loop (accelerators) or unrolled (CPU).
+        self.loop_chunks = jax.default_backend() != "cpu"
         self._fns: dict = {}
         self._train_step = train.make_train_step(self.config, model=self.model)
         self._predict = train.make_predict(self.config, model=self.model)
@@ -124,11 +128,17 @@ class Engine:
             n = self.config.sync_every
             base = jax.vmap(self._train_step) if vectorized else self._train_step
 
+            unroll = not self.loop_chunks
+
             def steps(state, image, mask):
-                # Unrolled chunk of steps: one dispatch and no host sync per step.
-                for _ in range(n):
-                    state, _ = base(state, image, mask)
-                return state
+                # A chunk of n steps per dispatch: no host sync in between. Unrolled on
+                # CPU, where convs inside lax loops run far slower (jax-ml/jax#12868);
+                # a fori_loop elsewhere, so compile time does not grow with n.
+                if unroll or n == 1:
+                    for _ in range(n):
+                        state, _ = base(state, image, mask)
+                    return state
+                return jax.lax.fori_loop(0, n, lambda _, s: base(s, image, mask)[0], state)
 
             self._fns[tag] = jax.jit(self._counted(steps, tag), donate_argnums=0)
         return self._fns[tag]

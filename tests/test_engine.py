@@ -55,6 +55,10 @@ def test_bucket_shape(tiny_config):
 def test_sync_every_does_not_change_results(tiny_config):
     a = run(Engine(tiny_config.replace(sync_every=1)), IMAGES[:2])
     b = run(Engine(tiny_config.replace(sync_every=5)), IMAGES[:2])
+    looped = Engine(tiny_config.replace(sync_every=5))
+    looped.loop_chunks = True  # the accelerator path: chunks as a fori_loop
+    c = run(looped, IMAGES[:2])
     for k in a:
-        np.testing.assert_array_equal(a[k].labels, b[k].labels)
-        assert a[k].iterations == b[k].iterations
+        for other in (b[k], c[k]):
+            np.testing.assert_array_equal(a[k].labels, other.labels)
+            assert a[k].iterations == other.iterations
