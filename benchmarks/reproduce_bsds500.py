@@ -63,7 +63,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -121,29 +120,14 @@ def _json_safe(obj):
     return obj
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Writes via a temporary file in the same folder and a rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; reports are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_json(path: Path, data) -> None:
     # Not sort_keys: results.json keeps the methods in the order they were run.
     text = json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n"
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    imio.write_text_atomic(path, text)
 
 
 def write_text(path: Path, text: str) -> None:
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    imio.write_text_atomic(path, text)
 
 
 def resize_rgb(image: np.ndarray, scale: float) -> np.ndarray:

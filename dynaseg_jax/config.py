@@ -66,7 +66,7 @@ FIELD_DOCS = {
     "silhouette_position_scale": "weight of the (0..1 normalised) xy position in 'color_position' features.",
     "mu_uses_kstar": "with silhouette: schedules see max(q', k*) instead of q' (as the reference COCO code).",
     "strategy": "'per_image' (one jitted step per slot), 'vmap' (one step over all slots), or 'auto' (per_image on CPU, vmap on accelerators).",
-    "conv_impl": "3x3 conv formulation: 'lax', 'im2col', 'winograd' (F(4x4,3x3)), or 'auto' (winograd on CPU, lax elsewhere).",
+    "conv_impl": "3x3 conv formulation: 'lax', 'im2col', 'winograd' (F(4x4,3x3)), or 'auto' (the measured fastest: winograd).",
     "batch": "number of slots: images optimised at once.",
     "sync_every": "read the done flags every this many steps (finished slots are frozen in between, so results do not change); 0 = auto: 1 on CPU, 10 on accelerators.",
     "bucket_multiple": "pad image height/width up to a multiple of this, so jit compiles once per bucket (1 = exact shapes).",

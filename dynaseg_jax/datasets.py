@@ -118,6 +118,18 @@ def _open_image(path: Path) -> Image.Image:
     return img
 
 
+def header_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(H, W) of an image file from its header, without decoding the pixels."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            return img.size[1], img.size[0]
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: missing file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f"{path}: cannot open ({e})") from None
+
+
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """Reads an image file as uint8 (H, W, 3) RGB.
 
@@ -411,14 +423,7 @@ class _CocoStuff27:
 
     def gt_full_size(self, id_: str) -> tuple[int, int]:
         """(H, W) of the uncropped label map, read from the PNG header."""
-        path = self.gt_path(id_)
-        try:
-            with Image.open(path) as img:
-                return img.size[1], img.size[0]
-        except FileNotFoundError:
-            raise DatasetError(f"{path}: missing file") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise DatasetError(f"{path}: cannot open ({e})") from None
+        return header_size(self.gt_path(id_))
 
     def load(self, id_: str) -> Record:
         with _open_image(self.image_path(id_)) as img:

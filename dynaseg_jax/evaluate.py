@@ -25,15 +25,16 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from . import images as imio
 from . import metrics
-from .datasets import COCO_CROP, DATASETS, DEFAULT_SPLITS, DatasetError, coco_resize_crop, open_dataset
+from .datasets import (COCO_CROP, DATASETS, DEFAULT_SPLITS, DatasetError, coco_resize_crop, header_size,
+                       open_dataset)
 
 __all__ = [
     "PROTOCOLS",
@@ -216,14 +217,7 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
 
 
 def _image_shape(ds, id_: str) -> tuple[int, int]:
-    path = ds.image_path(id_)
-    try:
-        with Image.open(path) as img:
-            return img.size[1], img.size[0]
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: missing file") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise DatasetError(f"{path}: cannot open ({e})") from None
+    return header_size(ds.image_path(id_))
 
 
 _TABLE_KEYS = {
@@ -277,18 +271,8 @@ def _json_safe(obj):
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    # Temp file in the same folder, then os.replace: readers never see a half-written file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_json_safe(data), f, indent=2, sort_keys=True, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    text = json.dumps(_json_safe(data), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    imio.write_text_atomic(path, text)
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -125,12 +125,16 @@ def renumber(labels: np.ndarray) -> np.ndarray:
     return inverse.reshape(labels.shape).astype(np.int32)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Calls ``write(tmp_path)`` on a temporary file beside ``path``, then renames it into
+    place: readers (and an interrupted run) never see a half-written file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -138,12 +142,16 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def save_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
     """Writes a label map as a 16-bit grayscale PNG, atomically."""
     if labels.max(initial=0) > 65535:
         raise ValueError(f"{path}: {labels.max()} labels do not fit a 16-bit PNG")
     img = Image.fromarray(labels.astype(np.uint16))
-    _atomic_write(Path(path), lambda tmp: img.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def read_labels(path: str | os.PathLike) -> np.ndarray:
@@ -176,7 +184,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, blend: float = 0.45) -> np.nd
 
 def save_overlay(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray) -> None:
     img = Image.fromarray(overlay(image, labels))
-    _atomic_write(Path(path), lambda tmp: img.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:

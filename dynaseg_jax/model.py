@@ -201,8 +201,15 @@ class DynaSegCNN(nn.Module):
 
 
 def default_conv_impl(backend: str | None = None) -> str:
-    """The 3x3 conv formulation ``conv_impl="auto"`` picks for a backend (README: speed)."""
-    return "winograd" if (backend or jax.default_backend()) == "cpu" else "lax"
+    """The 3x3 conv formulation ``conv_impl="auto"`` picks for a backend (README: speed).
+
+    Winograd everywhere, as measured: on the 2-core CPU it beats im2col and lax.conv
+    (fewer FLOPs, less memory traffic); on an H200 under ``vmap`` it turns per-image
+    weights into one batched matmul, where lax.conv becomes a slow grouped convolution
+    (batch 32 at 240x160: 1.14 ms per image-iteration against 2.16 ms).
+    """
+    del backend
+    return "winograd"
 
 
 def build_model(config) -> DynaSegCNN:

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ import numpy as np
 from . import images as imio
 from . import silhouette
 from .config import Config, load_config
-from .engine import Engine, SlotResult, WorkItem, bucket_shape
+from .engine import Engine, WorkItem, bucket_shape
 from .metrics import resize_prediction
 from .model import build_model
 

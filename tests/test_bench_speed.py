@@ -1,0 +1,26 @@
+"""The speed benchmark's scripting contract (tiny size: checks keys, not speed)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_speed  # noqa: E402
+
+
+def test_json_contract(tmp_path):
+    out = tmp_path / "speed.json"
+    code = bench_speed.main(["--size", "24x16", "--batch", "1", "--iters", "2", "--repeats", "1",
+                             "--warmup", "1", "--set", "channels=8", "n_clusters=8", "--json", str(out)])
+    assert code == 0
+    row = json.loads(out.read_text())
+    for key in ("jax_ms_per_image_iter", "torch_ms_per_image_iter", "ratio", "strategy", "device"):
+        assert key in row
+    assert row["ratio"] == pytest.approx(row["jax_ms_per_image_iter"] / row["torch_ms_per_image_iter"])
+    assert row["strategy"] in ("per_image", "vmap") and row["device"] == "cpu"
+    # 24x16: 2 * (2*384*27*8) + 3 * (2*384*9*8*8 + 2*384*8*8) algorithmic FLOPs
+    assert bench_speed.model_flops(16, 24, bench_speed.load_config("dynaseg_scf", ["channels=8", "n_clusters=8"])) \
+        == 2 * (2 * 384 * 27 * 8) + 3 * (2 * 384 * 9 * 64 + 2 * 384 * 64)
