@@ -31,7 +31,7 @@ from .model import build_model, default_conv_impl
 
 
 def resolve_config(config: Config, backend: str | None = None) -> Config:
-    """Replaces 'auto' strategy/conv_impl and sync_every = 0 with the backend's choice."""
+    """Replaces 'auto' strategy/conv_impl and sync_every/batch = 0 with the backend's choice."""
     backend = backend or jax.default_backend()
     on_cpu = backend == "cpu"
     changes = {}
@@ -41,6 +41,8 @@ def resolve_config(config: Config, backend: str | None = None) -> Config:
         changes["conv_impl"] = default_conv_impl(backend)
     if config.sync_every == 0:
         changes["sync_every"] = 1 if on_cpu else 10
+    if config.batch == 0:
+        changes["batch"] = 4 if on_cpu else 32
     return dataclasses.replace(config, **changes) if changes else config
 
 

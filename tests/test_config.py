@@ -33,7 +33,8 @@ def test_every_field_documented():
     (["schedule=cosine"], "choose one of"),
     (["k_min=often"], "k_min"),
     (["max_iters"], "key=value"),
-    (["batch=0"], "must be >= 1"),
+    (["batch=-1"], "must be >= 0"),
+    (["channels=0"], "must be >= 1"),
 ])
 def test_bad_overrides(overrides, message):
     with pytest.raises(ConfigError, match=message):
