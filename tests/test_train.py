@@ -17,10 +17,10 @@ def step(tiny_config):
 
 def run_steps(step, config, image, mask, n):
     state = train.init_state(config)
+    predict = jax.jit(train.make_predict(config))  # built once, not per step
     history = []
     for _ in range(n):
-        model = train.build_model(config)
-        labels = train.make_predict(config, model)(state["params"], image, mask)
+        labels = predict(state["params"], image, mask)
         state, metrics = step(state, image, mask)
         history.append((np.asarray(labels), float(metrics["loss"]), int(metrics["n_clusters"])))
     return state, history
