@@ -194,18 +194,21 @@ def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_c
 
 def full_run(config, args) -> dict:
     """Whole runs with early stopping on real BSDS500 val images: images per second."""
-    from dynaseg_jax.images import load_image
+    from dynaseg_jax.images import load_image, resize_image
     paths = sorted(BSDS_VAL.glob("*.jpg"))[: args.full_run]
     if not paths:
         return {"error": f"no BSDS500 val images at {BSDS_VAL}"}
     imgs = [load_image(p) for p in paths]
+    if args.full_scale != 1.0:
+        imgs = [resize_image(im, args.full_scale) for im in imgs]
     engine = Engine(config.replace(batch=args.full_batch, strategy=args.strategy[0],
                                    conv_impl=args.conv_impl[0]))
     warm = list(engine.run([WorkItem(-1, imgs[0], 10 ** 6)]))  # compile (stops after 1 step)
     t = time.perf_counter()
     res = list(engine.run(WorkItem(i, im, config.k_min) for i, im in enumerate(imgs)))
     jax_s = time.perf_counter() - t
-    out = {"images": len(imgs), "jax_seconds": jax_s, "jax_images_per_s": len(imgs) / jax_s,
+    out = {"images": len(imgs), "scale": args.full_scale, "size": "x".join(map(str, imgs[0].shape[1::-1])),
+           "jax_seconds": jax_s, "jax_images_per_s": len(imgs) / jax_s,
            "jax_iterations": sorted(r.iterations for r in res), "strategy": engine.config.strategy,
            "conv_impl": engine.config.conv_impl, "sync_every": engine.config.sync_every,
            "batch": args.full_batch}
@@ -213,12 +216,14 @@ def full_run(config, args) -> dict:
     if not args.no_torch:
         import torch_reference as tr
         dev = "cuda" if args.device == "gpu" else "cpu"
+        n_torch = min(len(imgs), args.full_torch or len(imgs))
         t = time.perf_counter()
-        tres = [tr.segment_image(im, config, device=dev, tf32=args.tf32) for im in imgs]
+        tres = [tr.segment_image(im, config, device=dev, tf32=args.tf32) for im in imgs[:n_torch]]
         torch_s = time.perf_counter() - t
-        out.update(torch_seconds=torch_s, torch_images_per_s=len(imgs) / torch_s,
+        # Images per second of each side (the reference may run on the first few images only).
+        out.update(torch_images=n_torch, torch_seconds=torch_s, torch_images_per_s=n_torch / torch_s,
                    torch_iterations=sorted(r["iterations"] for r in tres),
-                   speedup=torch_s / jax_s)
+                   speedup=(len(imgs) / jax_s) / (n_torch / torch_s))
     return out
 
 
@@ -269,6 +274,10 @@ def main(argv=None) -> int:
     ap.add_argument("--full-run", type=int, default=0, metavar="N",
                     help="also segment N BSDS500 val images with early stopping")
     ap.add_argument("--full-batch", type=int, default=4)
+    ap.add_argument("--full-scale", type=float, default=1.0,
+                    help="resize the full-run images by this factor (CPU-sized runs)")
+    ap.add_argument("--full-torch", type=int, default=0, metavar="N",
+                    help="run the PyTorch reference on the first N full-run images only (0: all)")
     ap.add_argument("--no-hugepages", action="store_true",
                     help="do not restart with GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
     ap.add_argument("--json")

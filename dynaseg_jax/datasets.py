@@ -35,12 +35,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from . import images as imio
 
 __all__ = [
     "DatasetError",
@@ -98,36 +99,19 @@ class Record(NamedTuple):
 
 
 def _open_image(path: Path) -> Image.Image:
+    """An opened and decoded image; DatasetError naming the file otherwise."""
+    img = imio.open_image(path, error=DatasetError)
     try:
-        img = Image.open(path)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: missing file") from None
-    except IsADirectoryError:
-        raise DatasetError(f"{path}: is a directory, expected an image file") from None
-    except UnidentifiedImageError:
-        raise DatasetError(f"{path}: not an image file") from None
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot open ({e})") from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img.load()  # decode now so truncated files fail here, with their name
-    except (OSError, SyntaxError, ValueError) as e:
+        imio.decode_now(img, path, error=DatasetError)
+    except DatasetError:
         img.close()
-        raise DatasetError(f"{path}: cannot decode ({e or type(e).__name__})") from None
+        raise
     return img
 
 
 def header_size(path: str | os.PathLike) -> tuple[int, int]:
     """(H, W) of an image file from its header, without decoding the pixels."""
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            return img.size[1], img.size[0]
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: missing file") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise DatasetError(f"{path}: cannot open ({e})") from None
+    return imio.image_size(path, error=DatasetError)
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:

@@ -23,23 +23,35 @@ class ImageError(ValueError):
     """An input image that cannot be segmented; the message names the file."""
 
 
-def _open(path: Path) -> Image.Image:
+def open_image(path: Path, error: type[Exception] = ImageError) -> Image.Image:
+    """``Image.open`` with one-line errors of type ``error`` that name the file."""
     try:
         img = Image.open(path)
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
+        raise error(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory") from None
+        raise error(f"{path}: is a directory") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file (unrecognised format)") from None
+        raise error(f"{path}: not an image file (unrecognised format)") from None
     except OSError as e:
-        raise ImageError(f"{path}: cannot open image: truncated or corrupt file ({e})") from None
+        raise error(f"{path}: cannot open image: truncated or corrupt file ({e})") from None
     return img
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
+def decode_now(img: Image.Image, path: Path, error: type[Exception] = ImageError) -> None:
+    """Decodes the pixels now, so that a truncated file fails here, with its name."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        msg = str(e) or type(e).__name__
+        raise error(f"{path}: cannot decode image: truncated or corrupt file ({msg})") from None
+
+
+def image_size(path: str | os.PathLike, error: type[Exception] = ImageError) -> tuple[int, int]:
     """(height, width) from the file header, without decoding the pixels."""
-    with _open(Path(path)) as img:
+    with open_image(Path(path), error) as img:
         w, h = img.size
     return h, w
 
@@ -82,16 +94,10 @@ def load_image(path: str | os.PathLike, max_pixels: int = 4_000_000) -> np.ndarr
         or above ``max_pixels``.
     """
     path = Path(path)
-    with _open(path) as img:
+    with open_image(path) as img:
         h, w = img.size[1], img.size[0]
         check_size(h, w, max_pixels, str(path))
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                img.load()
-        except (OSError, SyntaxError, ValueError) as e:
-            msg = str(e) or type(e).__name__
-            raise ImageError(f"{path}: cannot decode image: truncated or corrupt file ({msg})") from None
+        decode_now(img, path)
         return to_float_rgb(img)
 
 
@@ -209,3 +215,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     except FileNotFoundError:
         pass
     return records
+
+
+def resize_image(image: np.ndarray, scale: float) -> np.ndarray:
+    """Bilinear resize of a float RGB image in [0, 1] by ``scale`` (through 8-bit PIL,
+    as the image was read); each side is at least 1 pixel."""
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    pil = Image.fromarray(np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8))
+    return np.asarray(pil.resize(size, Image.BILINEAR), np.float32) / 255.0

@@ -252,7 +252,7 @@ def segment_files(inputs: Sequence, out_dir: str | os.PathLike, config: Config, 
             imio.as_float_image(src(), name)
         image = original
         if scale != 1.0:
-            image = _resize(original, scale)
+            image = imio.resize_image(original, scale)
             imio.check_size(*image.shape[:2], cfg.max_pixels, f"{name} (scaled by {scale})")
         return original, image, kstar(image)
 
@@ -292,11 +292,3 @@ def segment_files(inputs: Sequence, out_dir: str | os.PathLike, config: Config, 
     bar.close()
     summary.seconds = time.perf_counter() - t_start
     return summary
-
-
-def _resize(image: np.ndarray, scale: float) -> np.ndarray:
-    from PIL import Image
-    h, w = image.shape[:2]
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    pil = Image.fromarray(np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8))
-    return np.asarray(pil.resize(size, Image.BILINEAR), np.float32) / 255.0

@@ -24,3 +24,20 @@ def test_json_contract(tmp_path):
     # 24x16: 2 * (2*384*27*8) + 3 * (2*384*9*8*8 + 2*384*8*8) algorithmic FLOPs
     assert bench_speed.model_flops(16, 24, bench_speed.load_config("dynaseg_scf", ["channels=8", "n_clusters=8"])) \
         == 2 * (2 * 384 * 27 * 8) + 3 * (2 * 384 * 9 * 64 + 2 * 384 * 64)
+
+
+def test_full_run_scaled_with_fewer_torch_images(tmp_path, monkeypatch):
+    from tests.conftest import bsds_val_images
+    monkeypatch.setattr(bench_speed, "BSDS_VAL", bsds_val_images(2)[0].parent)
+    out = tmp_path / "full.json"
+    code = bench_speed.main(["--size", "24x16", "--batch", "1", "--iters", "1", "--repeats", "1",
+                             "--warmup", "1", "--set", "channels=8", "n_clusters=8", "max_iters=3",
+                             "--full-run", "2", "--full-batch", "2", "--full-scale", "0.1",
+                             "--full-torch", "1", "--json", str(out)])
+    assert code == 0
+    full = json.loads(out.read_text())["full_run"]
+    assert full["images"] == 2 and full["torch_images"] == 1
+    assert full["size"] in ("48x32", "32x48")  # BSDS 481x321 scaled by 0.1
+    assert len(full["jax_iterations"]) == 2 and max(full["jax_iterations"]) <= 3
+    assert len(full["torch_iterations"]) == 1 and max(full["torch_iterations"]) <= 3
+    assert full["speedup"] == pytest.approx(full["jax_images_per_s"] / full["torch_images_per_s"])

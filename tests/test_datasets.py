@@ -199,7 +199,7 @@ def test_voc_errors(tmp_path):
     with pytest.raises(D.DatasetError, match="2007_000032.png: .*mode RGB"):
         D.load_record("voc2012", base, "val", "2007_000032")
     (base / "SegmentationObject" / "2007_000039.png").unlink()
-    with pytest.raises(D.DatasetError, match="2007_000039.png: missing"):
+    with pytest.raises(D.DatasetError, match="2007_000039.png: no such file"):
         D.load_record("voc2012", base, "val", "2007_000039")
     with pytest.raises(D.DatasetError, match="not a PASCAL VOC"):
         D.list_ids("voc2012", tmp_path / "VOC2012" / "JPEGImages", "val")
