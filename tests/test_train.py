@@ -84,3 +84,31 @@ def test_optimizer_is_torch_sgd():
         updates, state = opt.update(g, state, p)
         p = optax.apply_updates(p, updates)
     np.testing.assert_allclose(p, want, rtol=1e-6)
+
+
+def test_mu_uses_kstar_changes_only_the_stopping_update(tiny_config):
+    # max(q', k*) differs from q' only when q' < k*, and then the stop rule fires on that
+    # same step: the option can change the final update, never the trajectory before it.
+    img = jnp.asarray(smooth_image(12, 16, 3))
+    mask = jnp.ones((12, 16))
+    steps = {flag: jax.jit(train.make_train_step(tiny_config.replace(mu_uses_kstar=flag)))
+             for flag in (False, True)}
+    states = {flag: train.init_state(tiny_config, k_min=1) for flag in (False, True)}
+    for _ in range(4):  # k* = 1: q' < k* never holds, the option is inert
+        metrics = {}
+        for flag in (False, True):
+            states[flag], metrics[flag] = steps[flag](states[flag], img, mask)
+        chex.assert_trees_all_equal(states[False], states[True])
+        assert float(metrics[False]["mu"]) == float(metrics[True]["mu"])
+    # Now k* above q': that step stops, and its mu is alpha / k* instead of alpha / q'.
+    q = int(states[False]["n_clusters"])
+    k_star = q + 5
+    metrics = {}
+    for flag in (False, True):
+        state = {**states[flag], "k_min": jnp.asarray(k_star, jnp.int32)}
+        states[flag], metrics[flag] = steps[flag](state, img, mask)
+        assert bool(states[flag]["done"])
+    q_now = int(metrics[False]["n_clusters"])
+    assert q_now < k_star
+    assert float(metrics[False]["mu"]) == pytest.approx(tiny_config.alpha / q_now)
+    assert float(metrics[True]["mu"]) == pytest.approx(tiny_config.alpha / k_star)
