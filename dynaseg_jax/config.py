@@ -64,7 +64,8 @@ FIELD_DOCS = {
     "silhouette_k_range": "inclusive [low, high] range of k tried by the silhouette phase.",
     "silhouette_samples": "pixels sampled (seeded) for k-means and the silhouette score.",
     "silhouette_position_scale": "weight of the (0..1 normalised) xy position in 'color_position' features.",
-    "mu_uses_kstar": "with silhouette: schedules see max(q', k*) instead of q' (as the reference COCO code).",
+    "mu_uses_kstar": "with silhouette: schedules see max(q', k*) instead of q' (as the reference COCO code); "
+                     "it can only change the update on which the run stops (README: Configs).",
     "strategy": "'per_image' (one jitted step per slot), 'vmap' (one step over all slots), or 'auto' (per_image on CPU, vmap on accelerators).",
     "conv_impl": "3x3 conv formulation: 'lax', 'im2col', 'winograd' (F(4x4,3x3)), or 'auto' (the measured fastest: winograd).",
     "batch": "number of slots: images optimised at once; 0 = auto: 4 on CPU, 32 on accelerators (measured best on an H200).",
