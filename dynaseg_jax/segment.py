@@ -20,7 +20,7 @@ import numpy as np
 from . import images as imio
 from . import silhouette
 from .config import Config, load_config
-from .engine import Engine, WorkItem, bucket_shape
+from .engine import Engine, WorkItem, bucket_shape, pad_to_bucket
 from .metrics import resize_prediction
 from .model import build_model
 
@@ -34,27 +34,45 @@ def _as_config(config) -> Config:
 
 
 class KStarEstimator:
-    """k_min for an image: the config's number, or k* from the silhouette phase."""
+    """k_min for an image: the config's number, or k* from the silhouette phase.
+
+    Network features are computed on the image zero-padded to a multiple of
+    ``bucket_multiple`` with a validity mask (exact: BatchNorm statistics are masked),
+    so a folder of mixed sizes compiles the feature function once per padded shape,
+    not once per image size. ``trace_count`` counts those compilations.
+    """
 
     def __init__(self, config: Config, params):
         self.config = config
+        self.trace_count = 0
         self._features = None
         if config.k_min == "silhouette" and config.silhouette_features == "network":
             model = build_model(config)
-            self._features = jax.jit(
-                lambda img: model.apply(params, img, jnp.ones(img.shape[:2], img.dtype),
-                                        return_features=True))
+
+            def features(img, mask):
+                self.trace_count += 1  # runs at trace time only
+                return model.apply(params, img, mask, return_features=True)
+
+            self._features = jax.jit(features)
+
+    def features(self, image: np.ndarray) -> np.ndarray:
+        """(H*W, D) per-pixel features of the configured kind for float RGB ``image``."""
+        c = self.config
+        if self._features is None:
+            return silhouette.color_position_features(image, c.silhouette_position_scale)
+        h, w, _ = image.shape
+        m = c.bucket_multiple
+        # Not transposed: the features are those of the image as given.
+        padded, mask = pad_to_bucket(image, (-(-h // m) * m, -(-w // m) * m, False))
+        feats = np.asarray(self._features(jnp.asarray(padded), jnp.asarray(mask)))[:h, :w]
+        return feats.reshape(h * w, -1)
 
     def __call__(self, image: np.ndarray) -> int:
         c = self.config
         if c.k_min != "silhouette":
             return int(c.k_min)
-        if self._features is not None:
-            feats = np.asarray(self._features(jnp.asarray(image)))
-            feats = feats.reshape(-1, feats.shape[-1])
-        else:
-            feats = silhouette.color_position_features(image, c.silhouette_position_scale)
-        k, _ = silhouette.estimate_k(feats, c.silhouette_k_range, c.silhouette_samples, c.seed)
+        k, _ = silhouette.estimate_k(self.features(image), c.silhouette_k_range,
+                                     c.silhouette_samples, c.seed)
         return k
 
 

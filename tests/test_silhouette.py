@@ -27,3 +27,28 @@ def test_color_position_features():
     f = color_position_features(img, position_scale=2.0)
     assert f.shape == (12, 5)
     np.testing.assert_allclose(f[-1, 3:], [2.0, 2.0])
+
+
+def test_network_features_compile_once_per_padded_shape(tiny_config):
+    # Two sizes inside one 8-multiple bucket: one compilation, and the features (so k*)
+    # of the unpadded image (the padding is masked out of BatchNorm).
+    import jax.numpy as jnp
+
+    from dynaseg_jax import train
+    from dynaseg_jax.model import build_model
+    from dynaseg_jax.segment import KStarEstimator
+    from tests.conftest import smooth_image
+
+    config = tiny_config.replace(k_min="silhouette", silhouette_features="network",
+                                 silhouette_k_range=(2, 6), silhouette_samples=300)
+    params = train.init_params(config)
+    estimator = KStarEstimator(config, params)
+    model = build_model(config)
+    for h, w in [(13, 17), (15, 20)]:  # both pad to 16 x 24
+        img = smooth_image(h, w, h)
+        feats = model.apply(params, jnp.asarray(img), jnp.ones((h, w)), return_features=True)
+        feats = np.asarray(feats).reshape(h * w, -1)
+        np.testing.assert_allclose(estimator.features(img), feats, rtol=1e-4, atol=1e-4)
+        want, _ = estimate_k(feats, config.silhouette_k_range, config.silhouette_samples, config.seed)
+        assert estimator(img) == want
+    assert estimator.trace_count == 1
