@@ -296,7 +296,9 @@ def main(argv=None) -> int:
         return 2
     if args.device == "cpu" and jax.default_backend() != "cpu":
         jax.config.update("jax_platform_name", "cpu")
-    config = load_config(args.config, args.overrides + ["bucket_multiple=1"])
+    # --tf32 reaches the model through its config (it names its precision explicitly).
+    precision = ["matmul_precision=tensorfloat32"] if args.tf32 else []
+    config = load_config(args.config, precision + args.overrides + ["bucket_multiple=1"])
     jax.config.update("jax_default_matmul_precision", "tensorfloat32" if args.tf32 else "float32")
     if not args.no_torch:
         import torch

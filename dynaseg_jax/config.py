@@ -37,6 +37,7 @@ class Config:
     # Engine.
     strategy: str = "auto"
     conv_impl: str = "auto"
+    matmul_precision: str = "float32"
     batch: int = 0
     sync_every: int = 0
     bucket_multiple: int = 16
@@ -68,6 +69,7 @@ FIELD_DOCS = {
                      "it can only change the update on which the run stops (README: Configs).",
     "strategy": "'per_image' (one jitted step per slot), 'vmap' (one step over all slots), or 'auto' (per_image on CPU, vmap on accelerators).",
     "conv_impl": "3x3 conv formulation: 'lax', 'im2col', 'winograd' (F(4x4,3x3)), or 'auto' (the measured fastest: winograd).",
+    "matmul_precision": "precision of the network's products with learned weights: 'float32' (exact, as the PyTorch reference's matmuls), 'tensorfloat32' or 'bfloat16' (faster on GPU/TPU; no effect on CPU).",
     "batch": "number of slots: images optimised at once; 0 = auto: 4 on CPU, 32 on accelerators (measured best on an H200).",
     "sync_every": "read the done flags every this many steps (finished slots are frozen in between, so results do not change); 0 = auto: 1 on CPU, 10 on accelerators.",
     "bucket_multiple": "pad image height/width up to a multiple of this, so jit compiles once per bucket (1 = exact shapes).",
@@ -80,6 +82,7 @@ CHOICES = {
     "silhouette_features": ("network", "color_position"),
     "strategy": ("auto", "per_image", "vmap"),
     "conv_impl": ("auto", "lax", "im2col", "winograd"),
+    "matmul_precision": ("float32", "tensorfloat32", "bfloat16"),
 }
 
 

@@ -10,6 +10,7 @@ over real pixels only.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -63,7 +64,7 @@ class MaskedBatchNorm(nn.Module):
         return (x - mean) * inv + bias
 
 
-def conv3x3_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def conv3x3_im2col(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
     """3x3 conv, stride 1, zero padding 1, as one matmul over 9 shifted copies.
 
     x: (H, W, Cin); kernel: (3, 3, Cin, Cout) in HWIO order. Same result as
@@ -73,7 +74,7 @@ def conv3x3_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
     xp = jnp.pad(x, ((1, 1), (1, 1), (0, 0)))
     patches = jnp.concatenate(
         [xp[dy:dy + h, dx:dx + w, :] for dy in range(3) for dx in range(3)], axis=-1)
-    return patches @ kernel.reshape(-1, kernel.shape[-1])
+    return jnp.dot(patches, kernel.reshape(-1, kernel.shape[-1]), precision=precision)
 
 
 # Winograd F(4x4, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
@@ -124,19 +125,20 @@ def _winograd_untile_transpose(dy: jax.Array, ht: int, wt: int) -> jax.Array:
     return jnp.dot(jnp.asarray(_WINO_KA).T, tiles, precision=_EXACT).reshape(36, ht * wt, d)
 
 
-def _winograd_forward(x: jax.Array, kernel: jax.Array):
+def _winograd_forward(x: jax.Array, kernel: jax.Array, precision=None):
     """(y, U): the conv and its transformed input tiles (kept for the weight gradient)."""
     h, w, _ = x.shape
     ht, wt = -(-h // 4), -(-w // 4)
     u = _winograd_tiles(x, ht, wt)
     cin, cout = kernel.shape[2:]
     v = jnp.dot(jnp.asarray(_WINO_KG), kernel.reshape(9, -1), precision=_EXACT)
-    m = jnp.einsum("ptc,pcd->ptd", u, v.reshape(36, cin, cout))  # 36 tile-position matmuls
+    m = jnp.einsum("ptc,pcd->ptd", u, v.reshape(36, cin, cout),  # 36 tile-position matmuls
+                   precision=precision)
     return _winograd_untile(m, ht, wt, h, w), u
 
 
-@jax.custom_vjp
-def conv3x3_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3x3_winograd(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
     """3x3 conv, stride 1, zero padding 1, by Winograd F(4x4, 3x3).
 
     x: (H, W, Cin); kernel: (3, 3, Cin, Cout) HWIO. Same function as the direct conv up
@@ -148,23 +150,23 @@ def conv3x3_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
     the weight gradient is a batched matmul of the saved tiles U with A dy A^T. Autodiff
     of the forward instead produced overlapping scatter-adds that ran slower on XLA:CPU.
     """
-    return _winograd_forward(x, kernel)[0]
+    return _winograd_forward(x, kernel, precision)[0]
 
 
-def _conv3x3_winograd_fwd(x, kernel):
-    y, u = _winograd_forward(x, kernel)
+def _conv3x3_winograd_fwd(x, kernel, precision):
+    y, u = _winograd_forward(x, kernel, precision)
     return y, (u, kernel)
 
 
-def _conv3x3_winograd_bwd(residuals, dy):
+def _conv3x3_winograd_bwd(precision, residuals, dy):
     u, kernel = residuals
     h, w, _ = dy.shape
     dm = _winograd_untile_transpose(dy, -(-h // 4), -(-w // 4))      # (36, T, Cout)
-    dv = jnp.einsum("ptc,ptd->pcd", u, dm)                           # (36, Cin, Cout)
+    dv = jnp.einsum("ptc,ptd->pcd", u, dm, precision=precision)      # (36, Cin, Cout)
     dkernel = jnp.dot(jnp.asarray(_WINO_KG).T, dv.reshape(36, -1), precision=_EXACT)
     # d/dx of a zero-padded correlation: correlate dy with the kernel rotated by 180
     # degrees, its input and output channels swapped.
-    dx = _winograd_forward(dy, kernel[::-1, ::-1].transpose(0, 1, 3, 2))[0]
+    dx = _winograd_forward(dy, kernel[::-1, ::-1].transpose(0, 1, 3, 2), precision)[0]
     return dx, dkernel.reshape(kernel.shape)
 
 
@@ -172,6 +174,7 @@ conv3x3_winograd.defvjp(_conv3x3_winograd_fwd, _conv3x3_winograd_bwd)
 
 
 CONV_IMPLS = ("lax", "im2col", "winograd")
+MATMUL_PRECISIONS = ("float32", "tensorfloat32", "bfloat16")
 WINOGRAD_MIN_CIN = 16
 
 
@@ -181,12 +184,14 @@ class Conv(nn.Module):
     ``impl`` picks the formulation of the 3x3 conv: ``"lax"``
     (``lax.conv_general_dilated``), ``"im2col"`` (shifted copies + one matmul) or
     ``"winograd"`` (F(4x4, 3x3)). All compute the same function; the parameter layout
-    (kernel HWIO, bias) is identical.
+    (kernel HWIO, bias) is identical. ``precision`` is the matmul/conv precision of the
+    learned-weight products (``MATMUL_PRECISIONS``; None: JAX's default).
     """
 
     features: int
     kernel_size: int = 3
     impl: str = "lax"
+    precision: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -194,21 +199,22 @@ class Conv(nn.Module):
         init = torch_uniform_init(cin * k * k)
         kernel = self.param("kernel", init, (k, k, cin, self.features))
         bias = self.param("bias", init, (self.features,))
+        precision = self.precision
         if k == 1:
-            y = x @ kernel[0, 0]
+            y = jnp.dot(x, kernel[0, 0], precision=precision)
         elif self.impl == "im2col" and k == 3:
-            y = conv3x3_im2col(x, kernel)
+            y = conv3x3_im2col(x, kernel, precision)
         elif self.impl == "winograd" and k == 3 and cin < WINOGRAD_MIN_CIN:
             # Few input channels (the RGB layer): Winograd's 36 x Cout product tiles cost
             # more memory traffic than the tiny im2col matmul they would save.
-            y = conv3x3_im2col(x, kernel)
+            y = conv3x3_im2col(x, kernel, precision)
         elif self.impl == "winograd" and k == 3:
-            y = conv3x3_winograd(x, kernel)
+            y = conv3x3_winograd(x, kernel, precision)
         elif self.impl in CONV_IMPLS:
             p = k // 2
             y = jax.lax.conv_general_dilated(
                 x[None], kernel, window_strides=(1, 1), padding=((p, p), (p, p)),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)[0]
         else:
             raise ValueError(f"unknown conv impl {self.impl!r}; use one of {CONV_IMPLS}")
         return y + bias
@@ -222,6 +228,9 @@ class DynaSegCNN(nn.Module):
       n_clusters: q, the number of output channels (maximum number of labels).
       n_conv: number of conv3x3 blocks (reference BSD script: 2; paper: 3).
       conv_impl: ``"lax"``, ``"im2col"`` or ``"winograd"`` (same function, different speed).
+      precision: ``"float32"`` (exact), ``"tensorfloat32"`` or ``"bfloat16"`` for the
+        products with learned weights (speed on GPU/TPU; no effect on CPU), or None for
+        JAX's default (``jax_default_matmul_precision``).
 
     Call with ``(image (H, W, 3), mask (H, W))``; returns r' of shape (H, W, q).
     Pass ``return_features=True`` to get the p-dim feature map instead.
@@ -231,19 +240,20 @@ class DynaSegCNN(nn.Module):
     n_clusters: int = 100
     n_conv: int = 2
     conv_impl: str = "lax"
+    precision: str | None = None
 
     @nn.compact
     def __call__(self, image: jax.Array, mask: jax.Array, return_features: bool = False):
         m = mask[..., None].astype(image.dtype)
         x = image * m
         for i in range(self.n_conv):
-            x = Conv(self.channels, 3, self.conv_impl, name=f"conv{i}")(x)
+            x = Conv(self.channels, 3, self.conv_impl, self.precision, name=f"conv{i}")(x)
             x = nn.relu(x)
             # Zero the padding so the next conv sees torch's zero border.
             x = MaskedBatchNorm(name=f"bn{i}")(x, mask) * m
         if return_features:
             return x
-        x = Conv(self.n_clusters, 1, name="classifier")(x)
+        x = Conv(self.n_clusters, 1, precision=self.precision, name="classifier")(x)
         return MaskedBatchNorm(name="bn_out")(x, mask)
 
 
@@ -263,4 +273,4 @@ def build_model(config) -> DynaSegCNN:
     """The network a config describes (``conv_impl="auto"`` resolved for the default backend)."""
     impl = default_conv_impl() if config.conv_impl == "auto" else config.conv_impl
     return DynaSegCNN(channels=config.channels, n_clusters=config.n_clusters,
-                      n_conv=config.n_conv, conv_impl=impl)
+                      n_conv=config.n_conv, conv_impl=impl, precision=config.matmul_precision)

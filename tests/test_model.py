@@ -100,3 +100,29 @@ def test_padding_does_not_change_response(impl):
     mask[:10, :13] = 1
     got = model.apply(params, jnp.asarray(padded), jnp.asarray(mask))
     np.testing.assert_allclose(got[:10, :13], want, atol=1e-4)
+
+
+def _product_precisions(model, params):
+    """Precision names of every dot_general/convolution in the lowered gradient."""
+    import re
+    grad = jax.grad(lambda p: jnp.sum(model.apply(p, jnp.ones((8, 12, 3)), jnp.ones((8, 12)))))
+    text = jax.jit(grad).lower(params).as_text()
+    lines = [l for l in text.splitlines() if re.search(r"stablehlo\.(dot_general|convolution)", l)]
+    assert lines
+    return [re.findall(r"(DEFAULT|HIGHEST|HIGH)\b", l) for l in lines]
+
+
+@pytest.mark.parametrize("impl", ["lax", "im2col", "winograd"])
+def test_matmul_precision_reaches_every_product(impl):
+    # float32: every product (forward and backward) is exact; bfloat16: the products with
+    # learned weights use the fast default, only the Winograd transforms stay exact.
+    kinds = {}
+    for precision in ("float32", "bfloat16"):
+        model = DynaSegCNN(channels=16, n_clusters=8, conv_impl=impl, precision=precision)
+        params = model.init(jax.random.PRNGKey(0), jnp.zeros((8, 8, 3)), jnp.ones((8, 8)))
+        kinds[precision] = _product_precisions(model, params)
+    assert all(p == ["HIGHEST", "HIGHEST"] for p in kinds["float32"])
+    fast = [p for p in kinds["bfloat16"] if p == ["DEFAULT", "DEFAULT"]]
+    assert fast and all(p in (["DEFAULT", "DEFAULT"], ["HIGHEST", "HIGHEST"]) for p in kinds["bfloat16"])
+    if impl != "winograd":
+        assert len(fast) == len(kinds["bfloat16"])
