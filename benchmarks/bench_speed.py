@@ -177,7 +177,7 @@ def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_c
         "size": f"{w}x{h}", "height": h, "width": w, "batch": batch,
         "strategy": jr.engine.config.strategy,
         "conv_impl": jr.engine.config.conv_impl, "sync_every": jr.engine.config.sync_every,
-        "tf32": args.tf32,
+        "tf32": args.tf32, "matmul_precision": jr.engine.config.matmul_precision,
         "jax_ms_per_image_iter": jax_ms, "torch_ms_per_image_iter": torch_ms,
         "ratio": jax_ms / torch_ms if torch_ms else None,
         "jax_images_per_s_at_iters": 1e3 / (jax_ms * args.iters),

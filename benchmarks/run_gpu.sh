@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One GPU session (about 8 minutes of commands), in order of what the README still lacks:
-#   1. speed, strict float32 and TF32, vmap + winograd at batch 1 / 32 / 64 (the engine's
-#      accelerator default) against the PyTorch reference one image at a time;
+# One GPU session (at most about 9 minutes of commands), in order of what the README still lacks:
+#   1. speed, strict float32 (batch 1 / 32 / 64), TF32 (1 / 32) and bfloat16 products
+#      (32), vmap + winograd (the engine's accelerator default), against the PyTorch
+#      reference one image at a time;
 #   2. whole runs with early stopping on 32 real BSDS500 val images at half size (images
 #      per second; the reference on the first 4);
 #   3. the DynaSeg-SCF column of the BSDS500 val reproduction (predictions come back in
@@ -21,8 +22,11 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 BSDS500_VAL="$DATA/images/val"
 bench="python benchmarks/bench_speed.py --device gpu --iters 20 --repeats 3 --warmup 2 --no-hugepages --strategy vmap --conv-impl winograd"
 timeout 120 $bench --size 240x160 481x321 --batch 1 32 64 \
   --json "$OUT/speed_gpu.json" --plot "$OUT/speed_gpu.png" 2>&1 | tee -a "$OUT/log.txt"
-timeout 100 $bench --tf32 --size 240x160 481x321 --batch 1 32 64 \
+timeout 80 $bench --tf32 --size 240x160 481x321 --batch 1 32 \
   --json "$OUT/speed_gpu_tf32.json" 2>&1 | tee -a "$OUT/log.txt"
+# bfloat16 products in JAX against the reference in strict float32 (labels may differ more).
+timeout 60 $bench --set matmul_precision=bfloat16 --size 240x160 481x321 --batch 32 \
+  --json "$OUT/speed_gpu_bf16.json" 2>&1 | tee -a "$OUT/log.txt"
 # Half size (240x160): at full size 1000 steps of 32 slots take about 160 s (4.9 ms per
 # image-iteration measured on an H200), more than this part's share of the session.
 timeout 120 $bench --size 240x160 --batch 32 --iters 1 --repeats 1 --warmup 1 \
