@@ -39,6 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from dynaseg_jax.config import load_config  # noqa: E402
+from dynaseg_jax.images import write_text_atomic  # noqa: E402
 from dynaseg_jax.engine import Engine, WorkItem, _SlotGroup, bucket_shape  # noqa: E402
 
 BSDS_VAL = Path(os.environ.get("BSDS500_VAL", Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds500" / "images" / "val"))
@@ -331,6 +332,8 @@ def main(argv=None) -> int:
                     print(f"{size:>8} {batch:>5} {strategy:>9} {conv_impl}  failed: {type(e).__name__}: {e}")
                     continue
                 rows.append(row)
+                if args.json:  # after every row, so that a run cut short keeps its rows
+                    write_text_atomic(args.json, json.dumps({**machine, "results": rows, "partial": True}, indent=2))
                 tm = f"{row['torch_ms_per_image_iter']:.2f}" if row["torch_ms_per_image_iter"] else "-"
                 ra = f"{row['ratio']:.2f}" if row["ratio"] else "-"
                 print(f"{row['size']:>8} {batch:>5} {row['strategy']:>9} {row['conv_impl']:>6} "
@@ -346,7 +349,7 @@ def main(argv=None) -> int:
         result.update(rows[0])
         result["strategy"] = rows[0]["strategy"]
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_text_atomic(args.json, json.dumps(result, indent=2))
         print(f"json -> {args.json}")
     if args.plot and rows:
         plot(rows, args.plot)
