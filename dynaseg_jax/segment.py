@@ -61,9 +61,9 @@ class KStarEstimator:
         if self._features is None:
             return silhouette.color_position_features(image, c.silhouette_position_scale)
         h, w, _ = image.shape
-        m = c.bucket_multiple
         # Not transposed: the features are those of the image as given.
-        padded, mask = pad_to_bucket(image, (-(-h // m) * m, -(-w // m) * m, False))
+        bucket = bucket_shape(h, w, dataclasses.replace(c, transpose_portrait=False))
+        padded, mask = pad_to_bucket(image, bucket)
         feats = np.asarray(self._features(jnp.asarray(padded), jnp.asarray(mask)))[:h, :w]
         return feats.reshape(h * w, -1)
 
