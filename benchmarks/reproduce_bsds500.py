@@ -68,7 +68,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -105,38 +104,6 @@ ENGINE_ONLY = ("strategy", "conv_impl", "batch", "sync_every", "bucket_multiple"
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def _json_safe(obj):
-    """NaN -> None, tuples -> lists, numpy scalars -> Python (JSON has no NaN)."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def write_json(path: Path, data) -> None:
-    # Not sort_keys: results.json keeps the methods in the order they were run.
-    text = json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n"
-    imio.write_text_atomic(path, text)
-
-
-def write_text(path: Path, text: str) -> None:
-    imio.write_text_atomic(path, text)
-
-
-def resize_rgb(image: np.ndarray, scale: float) -> np.ndarray:
-    """uint8 RGB resized by ``scale`` (bilinear, as ``segment_files`` resizes)."""
-    if scale == 1.0:
-        return image
-    h, w = image.shape[:2]
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR), np.uint8)
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -203,7 +170,7 @@ def run_baseline(method: str, ds, ids: list[str], out: Path, args) -> dict:
         t0 = time.perf_counter()
         try:
             original = read_rgb(ds.image_path(id_))  # not ds.load(): that also parses the .mat
-            image = resize_rgb(original, args.scale)
+            image = imio.resize_image(original, args.scale)  # as segment_files resizes
             if method == "kmeans":
                 labels = kmeans_labels(image, args.kmeans_k, args.seed)
             else:
@@ -277,7 +244,7 @@ def check_settings(out: Path, settings: dict) -> None:
     so a mismatch is an error (use another ``--out``, or delete the method's folder).
     """
     path = out / "settings.json"
-    current = _json_safe(settings)
+    current = imio.json_safe(settings)
     if path.exists():
         previous = json.loads(path.read_text(encoding="utf-8"))
         if previous != current:
@@ -285,7 +252,7 @@ def check_settings(out: Path, settings: dict) -> None:
             raise SystemExit(f"error: {out} holds predictions made with other settings "
                              f"(differences in: {', '.join(diff)}); use another --out or delete {out}")
     else:
-        write_json(path, current)
+        imio.write_json_atomic(path, current)
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -643,8 +610,9 @@ def run(args: argparse.Namespace) -> dict:
         "methods": methods,
         "paper_note": "paper numbers: DynaSeg paper, BSDS500 test split (SPEC.md section 5)",
     }
-    write_json(out_root / "results.json", report)
-    write_text(out_root / "table.md", table_markdown(report))
+    # Not sort_keys: results.json keeps the methods in the order they were run.
+    imio.write_json_atomic(out_root / "results.json", report)
+    imio.write_text_atomic(out_root / "table.md", table_markdown(report))
     if args.plots:
         import matplotlib
 

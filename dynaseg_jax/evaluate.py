@@ -21,7 +21,6 @@ and :func:`run_evaluate` and wired into ``dynaseg_jax/cli.py``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -151,7 +150,7 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
         pred = read_prediction(pred_path)
         try:
             if protocol == "none":
-                target = _image_shape(ds, id_)
+                target = header_size(ds.image_path(id_))
                 pred = metrics.resize_prediction(pred, target)
                 if connected:
                     pred = metrics.relabel_connected(pred)
@@ -216,10 +215,6 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
     return result
 
 
-def _image_shape(ds, id_: str) -> tuple[int, int]:
-    return header_size(ds.image_path(id_))
-
-
 _TABLE_KEYS = {
     "bsds": (("all", "mIoU all"), ("fine", "mIoU fine"), ("coarse", "mIoU coarse"),
              ("mean", "mIoU mean"), ("hungarian", "Hungarian mIoU (per image)"), ("segments", "gt segments")),
@@ -257,22 +252,6 @@ def format_table(result: dict) -> str:
     rows.append(("predictions missing", str(result.get("missing", 0))))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-
-
-def _json_safe(obj):
-    # JSON has no NaN: write null, which every reader understands.
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    text = json.dumps(_json_safe(data), indent=2, sort_keys=True, allow_nan=False) + "\n"
-    imio.write_text_atomic(path, text)
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -319,7 +298,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return 2
     print(format_table(result))
     if args.json:
-        _write_json_atomic(Path(args.json), result)
+        imio.write_json_atomic(args.json, result, sort_keys=True)  # NaN -> null
         print(f"wrote {args.json}")
     if result["images"] == 0:
         print(f"error: no predictions found in {args.pred} for this split", file=sys.stderr)

@@ -7,6 +7,7 @@ interrupted run never leaves a half-written PNG behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -152,6 +153,25 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def json_safe(obj):
+    """NaN/inf -> None, tuples -> lists, numpy scalars -> Python, keys -> str (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json_atomic(path: str | os.PathLike, data, sort_keys: bool = False) -> None:
+    """``data`` as indented JSON (through ``json_safe``), written atomically."""
+    text = json.dumps(json_safe(data), indent=2, sort_keys=sort_keys, allow_nan=False) + "\n"
+    write_text_atomic(path, text)
+
+
 def save_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
     """Writes a label map as a 16-bit grayscale PNG, atomically."""
     if labels.max(initial=0) > 65535:
@@ -218,9 +238,16 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def resize_image(image: np.ndarray, scale: float) -> np.ndarray:
-    """Bilinear resize of a float RGB image in [0, 1] by ``scale`` (through 8-bit PIL,
-    as the image was read); each side is at least 1 pixel."""
+    """Bilinear resize of an RGB image by ``scale``; each side is at least 1 pixel.
+
+    uint8 images come back as uint8; float images in [0, 1] go through 8 bits (as they
+    were read) and come back as float32, so both give the same pixels.
+    """
+    if scale == 1.0:
+        return image
     h, w = image.shape[:2]
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if image.dtype == np.uint8:
+        return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR), np.uint8)
     pil = Image.fromarray(np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8))
     return np.asarray(pil.resize(size, Image.BILINEAR), np.float32) / 255.0

@@ -46,6 +46,8 @@ class KStarEstimator:
         self.config = config
         self.trace_count = 0
         self._features = None
+        # Features of the image as given: padded, never transposed.
+        self._pad_config = dataclasses.replace(config, transpose_portrait=False)
         if config.k_min == "silhouette" and config.silhouette_features == "network":
             model = build_model(config)
 
@@ -61,9 +63,7 @@ class KStarEstimator:
         if self._features is None:
             return silhouette.color_position_features(image, c.silhouette_position_scale)
         h, w, _ = image.shape
-        # Not transposed: the features are those of the image as given.
-        bucket = bucket_shape(h, w, dataclasses.replace(c, transpose_portrait=False))
-        padded, mask = pad_to_bucket(image, bucket)
+        padded, mask = pad_to_bucket(image, bucket_shape(h, w, self._pad_config))
         feats = np.asarray(self._features(jnp.asarray(padded), jnp.asarray(mask)))[:h, :w]
         return feats.reshape(h * w, -1)
 

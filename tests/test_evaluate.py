@@ -184,8 +184,3 @@ def test_cli_writes_json_atomically(bsds, tmp_path, capsys):
                              "--pred", str(pred_dir)])
     assert E.run_evaluate(bad) == 2
     assert "does not exist" in capsys.readouterr().err
-
-
-def test_json_nan_becomes_null(tmp_path):
-    E._write_json_atomic(tmp_path / "r.json", {"miou": float("nan"), "x": [1.0, float("nan")]})
-    assert json.loads((tmp_path / "r.json").read_text()) == {"miou": None, "x": [1.0, None]}

@@ -53,3 +53,25 @@ def test_renumber_and_label_png_roundtrip(tmp_path):
     np.testing.assert_array_equal(back, ren + 1000)
     assert Image.open(tmp_path / "l.png").mode.startswith("I;16")
     assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
+
+
+def test_resize_image_same_pixels_for_uint8_and_float():
+    rng = np.random.default_rng(5)
+    u8 = rng.integers(0, 256, (7, 11, 3), dtype=np.uint8)
+    small_u8 = imio.resize_image(u8, 0.5)
+    small_f = imio.resize_image(u8.astype(np.float32) / 255.0, 0.5)
+    assert small_u8.dtype == np.uint8 and small_f.dtype == np.float32
+    assert small_u8.shape == small_f.shape == (4, 6, 3)  # round(3.5) = 4, round(5.5) = 6
+    np.testing.assert_array_equal(np.round(small_f * 255).astype(np.uint8), small_u8)
+    assert imio.resize_image(u8, 1.0) is u8
+
+
+def test_write_json_atomic_makes_values_json_safe(tmp_path):
+    # The writer of `dynaseg evaluate --json` and the reproduction's results.json.
+    import json
+    path = tmp_path / "sub" / "r.json"
+    imio.write_json_atomic(path, {"b": float("nan"), "a": (np.int64(3), float("inf"), float("nan")), 1: np.float32(0.5)},
+                           sort_keys=True)
+    text = path.read_text()
+    assert json.loads(text) == {"1": 0.5, "a": [3, None, None], "b": None}
+    assert text.index('"1"') < text.index('"a"') < text.index('"b"')
