@@ -266,7 +266,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tf32", action="store_true",
                     help="GPU: let both frameworks use TF32 for float32 convs/matmuls (default: strict float32)")
     ap.add_argument("--config", default="dynaseg_scf")
-    ap.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE")
+    ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                    help="override one config field; repeat for more")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)

@@ -2,7 +2,7 @@
 
 Segments one BSDS500 split (default ``val``: the paper reports the ``test`` split, which
 this project's data folder does not hold) with every requested method, scores each
-method's predictions with the BSDS protocol of SPEC.md section 4 (plain and after
+method's predictions with the BSDS protocol of docs/algorithm.md section 4 (plain and after
 splitting labels into connected components), and writes, under ``--out``:
 
 ==================  =====================================================================
@@ -11,7 +11,7 @@ splitting labels into connected components), and writes, under ``--out``:
                     plus ``settings.json`` (what produced them) and ``runs.jsonl`` (wall
                     time of every run of this script on that method)
 ``table.md``        Markdown table: our all/fine/coarse/mean (+ Hungarian) next to the
-                    paper's numbers (SPEC.md section 5), with split, subset, scale,
+                    paper's numbers (docs/algorithm.md section 5), with split, subset, scale,
                     settings and wall time per method
 ``results.json``    everything: settings, scores, per-image cluster counts, timings, host
 ``miou.png``        per-method mIoU bars, ours against the paper
@@ -23,7 +23,7 @@ Methods (``--methods``, default all):
 
 * ``kmeans``: scikit-learn k-means on the RGB values of each image's pixels, with one
   fixed k for every image (``--kmeans-k``, default 5). k is fixed a priori, never taken
-  from the ground truth (SPEC.md section 4: ground truth is for scoring only).
+  from the ground truth (docs/algorithm.md section 4: ground truth is for scoring only).
 * ``felzenszwalb``: graph-based segmentation (Felzenszwalb & Huttenlocher 2004,
   ``skimage.segmentation.felzenszwalb``; needs scikit-image, the ``bench`` extra). The
   paper does not give its graph-based settings, so the parameters are fixed a priori, not
@@ -36,7 +36,7 @@ Methods (``--methods``, default all):
   per unit of area than full size does (compare ``mean clusters`` in the table).
 * ``kim_mu5``, ``dynaseg_scf``, ``dynaseg_fsf``, ``dynaseg_scf_silhouette``,
   ``dynaseg_fsf_silhouette``: the presets of the same name, run through
-  :func:`dynaseg_jax.segment.segment_files` with ``--set`` overrides applied to all of them.
+  :func:`dynaseg_jax.runner.segment_files` with ``--set`` overrides applied to all of them.
 
 Images are resized by ``--scale`` (bilinear) before segmenting and label maps are
 resized back to the ground-truth size (nearest neighbour), for every method alike.
@@ -51,7 +51,7 @@ Examples::
     python benchmarks/reproduce_bsds500.py --out runs/bsds_val --limit 20 --scale 0.5
     python benchmarks/reproduce_bsds500.py --out runs/bsds_val --methods kmeans felzenszwalb dynaseg_fsf
     python benchmarks/reproduce_bsds500.py --out runs/tiny --limit 2 --scale 0.15 \\
-        --set max_iters=5 channels=16 n_clusters=16
+        --set max_iters=5 --set channels=16 --set n_clusters=16
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ BASELINES = ("kmeans", "felzenszwalb")
 DYNASEG = ("kim_mu5", "dynaseg_scf", "dynaseg_fsf", "dynaseg_scf_silhouette", "dynaseg_fsf_silhouette")
 METHODS = BASELINES + DYNASEG
 
-# SPEC.md section 5: the paper's BSDS500 mIoU (all, fine, coarse, mean), on the *test*
+# docs/algorithm.md section 5: the paper's BSDS500 mIoU (all, fine, coarse, mean), on the *test*
 # split at full resolution. The silhouette variants have no BSDS500 row in the paper.
 PAPER = {
     "kmeans": (0.240, 0.221, 0.265, 0.242),
@@ -216,7 +216,7 @@ def dynaseg_settings(method: str, config, args) -> dict:
 
 def run_dynaseg(method: str, config, ds, ids: list[str], out: Path, args) -> dict:
     """Segments ``ids`` with a DynaSeg preset through ``segment_files`` (resumable)."""
-    from dynaseg_jax.segment import segment_files
+    from dynaseg_jax.runner import DatasetInput, segment_files
 
     # Ids already done by an earlier run, by segment_files' own rule (an ok record and the
     # label PNG); counted here because segment_files reports them only as "skipped".
@@ -227,7 +227,10 @@ def run_dynaseg(method: str, config, ds, ids: list[str], out: Path, args) -> dic
     if not todo:  # skip building an engine when there is nothing to do
         return counts
     # The loader reads only the image file: ds.load() would also parse the .mat ground truth.
-    inputs = [(i, (lambda p=ds.image_path(i): imio.load_image(p, config.max_pixels))) for i in todo]
+    # oriented=False: ground truth is aligned with the stored pixels, whatever EXIF says.
+    inputs = [DatasetInput(i, f"bsds500:{args.split}:{i}",
+                           (lambda p=ds.image_path(i): imio.load_image(p, config.max_pixels, oriented=False)))
+              for i in todo]
     summary = segment_files(inputs, out, config, scale=args.scale, progress=None,
                             log=lambda msg: print(f"  {method}: {msg}", file=sys.stderr))
     counts["segmented"], counts["failed"] = summary.ok, summary.failed
@@ -359,7 +362,7 @@ def table_markdown(report: dict) -> str:
         f"(200 images) at full resolution",
         f"* scale: {s['scale']:g} (images resized bilinearly before segmenting; labels resized back, nearest neighbour)",
         f"* DynaSeg overrides (`--set`): {', '.join(s['overrides']) if s['overrides'] else 'none (presets as shipped)'}",
-        f"* protocol: BSDS best-overlap mIoU pooled over segments (SPEC.md section 4); Hungarian = per-image "
+        f"* protocol: BSDS best-overlap mIoU pooled over segments (docs/algorithm.md section 4); Hungarian = per-image "
         f"Hungarian mIoU averaged over annotations, then images",
         f"* host: {report['host']['platform']}, {report['host']['cpus']} CPUs, JAX backend {report['host']['jax_backend']}",
         f"* generated {report['generated']}",
@@ -518,8 +521,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=1.0, help="resize images by this factor before segmenting")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
                    help=f"methods to run, in this order (default all: {' '.join(METHODS)})")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="config overrides for every DynaSeg method (e.g. max_iters=300 batch=8)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field of every DynaSeg method; repeat for more "
+                        "(e.g. --set max_iters=300 --set batch=8)")
     p.add_argument("--kmeans-k", type=int, default=5, help="k of the k-means baseline, the same for every image")
     p.add_argument("--fz-scale", type=float, default=100.0, help="Felzenszwalb scale at full size")
     p.add_argument("--fz-sigma", type=float, default=0.5, help="Felzenszwalb sigma at full size")
@@ -608,7 +612,7 @@ def run(args: argparse.Namespace) -> dict:
         "ids": ids,
         "gt_clusters": gt,
         "methods": methods,
-        "paper_note": "paper numbers: DynaSeg paper, BSDS500 test split (SPEC.md section 5)",
+        "paper_note": "paper numbers: DynaSeg paper, BSDS500 test split (docs/algorithm.md section 5)",
     }
     # Not sort_keys: results.json keeps the methods in the order they were run.
     imio.write_json_atomic(out_root / "results.json", report)

@@ -2,15 +2,41 @@
 
 Pure pieces for research (models, losses, mu schedules, the train step) and a batch
 engine that optimises many images at once, each with its own network.
+
+Names are imported on first use (PEP 562), so that ``import dynaseg_jax`` and the
+command line's light commands do not pay for importing jax and scikit-learn.
 """
-from .config import Config, ConfigError, load_config
-from .engine import Engine, SlotResult, WorkItem, bucket_shape
-from .images import ImageError, load_image
-from .losses import continuity_loss, count_clusters, labels_from_response, similarity_loss
-from .model import DynaSegCNN, MaskedBatchNorm, build_model
-from .schedules import fixed, fsf, make_schedule, scf
-from .segment import segment, segment_files
-from .silhouette import estimate_k
-from .train import init_params, init_state, make_optimizer, make_predict, make_train_step
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    "Config": "config", "ConfigError": "config", "load_config": "config",
+    "Engine": "engine", "SlotResult": "engine", "WorkItem": "engine", "bucket_shape": "engine",
+    "ImageError": "images", "load_image": "images",
+    "continuity_loss": "losses", "count_clusters": "losses", "labels_from_response": "losses",
+    "similarity_loss": "losses",
+    "DynaSegCNN": "model", "MaskedBatchNorm": "model", "build_model": "model",
+    "fixed": "schedules", "fsf": "schedules", "make_schedule": "schedules", "scf": "schedules",
+    "segment": "runner", "segment_files": "runner",
+    "estimate_k": "silhouette",
+    "init_params": "train", "init_state": "train", "make_optimizer": "train",
+    "make_predict": "train", "make_train_step": "train",
+}
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dynaseg_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return __all__

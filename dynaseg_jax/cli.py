@@ -1,18 +1,32 @@
-"""The ``dynaseg`` command line: ``segment``, ``evaluate``, ``sample`` and ``config``."""
+"""The ``dynaseg`` command line: ``segment``, ``evaluate``, ``sample`` and ``config``.
+
+Every command ends in one line and an exit code: 0 success, 1 some images or
+predictions failed, 2 a bad config, option or input folder, 3 an unexpected error
+(set ``DYNASEG_DEBUG=1`` for its traceback), 130 interrupted. Heavy modules (jax,
+scikit-learn) are imported only by the commands that use them, so ``--help``,
+``config`` and ``sample`` start fast.
+"""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
-from .config import FIELD_DOCS, ConfigError, list_presets, load_config
+from . import __version__
+from .config import ConfigError, list_presets, load_config
+
+
+def _add_set(p) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override one config field (value parsed as TOML); repeat for more, "
+                        "e.g. --set max_iters=30 --set k_min=silhouette")
 
 
 def _add_segment(sub) -> None:
     p = sub.add_parser("segment", help="segment image files or folders",
                        description="Segment images with DynaSeg; writes <stem>.png label maps, "
-                                   "<stem>_overlay.png and results.jsonl into --out. "
-                                   "Re-running skips images already done.")
+                                   "<stem>_overlay.png, results.jsonl and config.toml into --out. "
+                                   "Re-running the same command skips images already done.")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files or folders")
     p.add_argument("--dataset", choices=("bsds500", "voc2012", "cocostuff27", "folder"),
                    help="segment a dataset split in its official layout instead of INPUTs")
@@ -20,42 +34,52 @@ def _add_segment(sub) -> None:
     p.add_argument("--split", help="dataset split (default: bsds500 test, voc2012 trainval, cocostuff27 val)")
     p.add_argument("--id-list", help="cocostuff27: the curated id list file")
     p.add_argument("--limit", type=int, help="with --dataset: only the first N images")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (one config per folder)")
     p.add_argument("--config", default="dynaseg_scf",
                    help=f"preset name ({', '.join(list_presets())}) or a .toml file (default: dynaseg_scf)")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override config fields, e.g. --set max_iters=30 k_min=silhouette")
+    _add_set(p)
     p.add_argument("--batch", type=int, help="images optimised at once (config field 'batch')")
     p.add_argument("--seed", type=int, help="seed (config field 'seed')")
     p.add_argument("--scale", type=float, default=1.0,
                    help="resize images by this factor before segmenting (labels are resized back)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of another config in --out (default: refuse)")
+    p.add_argument("--color-labels", action="store_true",
+                   help="write label maps as 8-bit palette PNGs that viewers show in colour "
+                        "(at most 256 labels) instead of 16-bit grayscale")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _run_segment(args) -> int:
-    from .segment import segment_files
     overrides = list(args.overrides)
     if args.batch is not None:
         overrides.append(f"batch={args.batch}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     config = load_config(args.config, overrides)
-    if not args.scale > 0:
-        raise ConfigError(f"--scale {args.scale}: must be > 0")
+    if not (args.scale > 0 and args.scale < float("inf")):
+        raise ConfigError(f"--scale {args.scale}: must be finite and > 0")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: must be >= 1")
     inputs = list(args.inputs)
     if args.dataset:
         from .datasets import open_dataset
+        from .runner import DatasetInput
         if not args.root:
             raise ConfigError("--dataset needs --root DIR")
         ds = open_dataset(args.dataset, args.root, args.split, id_list=args.id_list)
         ids = ds.ids()[: args.limit] if args.limit else ds.ids()
-        inputs += [(i, (lambda i=i: ds.load(i).image)) for i in ids]
+        split = args.split or "default"
+        inputs += [DatasetInput(i, f"{args.dataset}:{split}:{i}", (lambda i=i: ds.load(i).image))
+                   for i in ids]
     elif args.limit or args.root or args.split:
         raise ConfigError("--root, --split and --limit need --dataset")
     if not inputs:
         raise ConfigError("nothing to segment: give INPUT files/folders or --dataset/--root")
+    from .runner import segment_files
     summary = segment_files(inputs, args.out, config, scale=args.scale,
-                            progress=None if not args.no_progress else False)
+                            progress=None if not args.no_progress else False,
+                            overwrite=args.overwrite, color_labels=args.color_labels)
     print(f"{summary.ok} segmented, {summary.skipped} already done, {summary.failed} failed "
           f"in {summary.seconds:.1f} s -> {os.path.join(args.out, 'results.jsonl')}")
     if summary.failed:
@@ -68,16 +92,21 @@ def _run_segment(args) -> int:
 
 def _run_sample(args) -> int:
     from .sample import write_sample
-    write_sample(args.path)
+    try:
+        write_sample(args.path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     print(f"wrote {args.path}")
     return 0
 
 
 def _run_config(args) -> int:
-    import dataclasses
+    from .config import to_toml
     config = load_config(args.name, args.overrides)
-    for f in dataclasses.fields(config):
-        print(f"{f.name} = {getattr(config, f.name)!r}  # {FIELD_DOCS[f.name]}")
+    source = args.name or "the defaults"
+    header = (f"dynaseg config: {source}" + (f" with {', '.join(args.overrides)}" if args.overrides else "")
+              + "\nLoad it with: dynaseg segment ... --config THIS_FILE.toml")
+    sys.stdout.write(to_toml(config, header))
     return 0
 
 
@@ -85,7 +114,8 @@ def _add_evaluate(sub) -> None:
     from .evaluate import add_evaluate_arguments
     p = sub.add_parser("evaluate", help="score a predictions folder against a dataset's ground truth",
                        description="Score <id>.png label maps (the `dynaseg segment` layout) with the "
-                                   "protocols of SPEC section 4; prints a table, optionally writes JSON.")
+                                   "protocols of docs/algorithm.md section 4; prints a table, "
+                                   "optionally writes JSON.")
     add_evaluate_arguments(p)
 
 
@@ -96,39 +126,59 @@ def _run_evaluate(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynaseg", description="DynaSeg unsupervised segmentation in JAX")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_segment(sub)
     _add_evaluate(sub)
     p = sub.add_parser("sample", help="write the synthetic sample image")
-    p.add_argument("path", nargs="?", default="sample.png")
-    p = sub.add_parser("config", help="print a config with every field documented")
+    p.add_argument("path", nargs="?", default="sample.png", help="file to write (.png, .jpg, ...)")
+    p = sub.add_parser("config", help="print a config as TOML, every field documented",
+                       description="Print a preset or config file, with overrides applied, as TOML "
+                                   "that --config reads back: dynaseg config dynaseg_scf > my.toml")
     p.add_argument("name", nargs="?", default=None, help="preset name or .toml file (default: defaults)")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides")
+    _add_set(p)
     return parser
 
 
 COMMANDS = {"segment": _run_segment, "evaluate": _run_evaluate, "sample": _run_sample, "config": _run_config}
+# Commands that train networks: only they pay for the huge-page restart (runtime.py).
+TRAINING_COMMANDS = ("segment",)
 
 
 def main(argv=None) -> int:
-    if argv is None:  # the console script: restart once with huge pages (runtime.py)
+    console = argv is None
+    args = build_parser().parse_args(argv)
+    if console and args.command in TRAINING_COMMANDS:
         from .runtime import reexec_with_hugepages
         reexec_with_hugepages("dynaseg_jax.cli", sys.argv[1:])
-    args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as e:
-        print(f"dynaseg: config error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # DatasetError: a dataset layout that cannot be read
-        from .datasets import DatasetError
-        if not isinstance(e, DatasetError):
-            raise
-        print(f"dynaseg: {e}", file=sys.stderr)
+    except ConfigError as e:  # bad config, option, output folder (OutputFolderError)
+        print(f"dynaseg: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dynaseg: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except ValueError as e:  # DatasetError: a dataset layout that cannot be read
+        from .datasets import DatasetError
+        if not isinstance(e, DatasetError):
+            return _unexpected(e)
+        print(f"dynaseg: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file system problem outside any one image
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"dynaseg: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback
+        return _unexpected(e)
+
+
+def _unexpected(e: BaseException) -> int:
+    if os.environ.get("DYNASEG_DEBUG"):
+        raise e
+    print(f"dynaseg: unexpected error: {type(e).__name__}: {e} (set DYNASEG_DEBUG=1 for a traceback)",
+          file=sys.stderr)
+    return 3
 
 
 if __name__ == "__main__":

@@ -1,11 +1,17 @@
 """Run configuration: a flat dataclass, presets as TOML files, ``key=value`` overrides.
 
 TOML (not Python) so that a config file received from someone else cannot run code.
+``to_toml`` writes a config back as TOML (with the field docs as comments) that
+``load_config`` reads again; ``config_digest`` fingerprints the fields that decide
+the labels, so an output folder can tell whether a resume uses the same settings.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.resources
+import json
+import math
 import tomllib
 from pathlib import Path
 from typing import Any, Union
@@ -15,7 +21,7 @@ from typing import Any, Union
 class Config:
     """Every knob of a DynaSeg run. Field docs are in ``FIELD_DOCS`` and the README."""
 
-    # Algorithm (SPEC section 1).
+    # Algorithm (docs/algorithm.md section 1).
     schedule: str = "scf"
     mu: float = 5.0
     alpha: float = 50.0
@@ -28,7 +34,7 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0
-    # Silhouette phase (SPEC section 2), used when k_min = "silhouette".
+    # Silhouette phase (docs/algorithm.md section 2), used when k_min = "silhouette".
     silhouette_features: str = "network"
     silhouette_k_range: tuple = (2, 12)
     silhouette_samples: int = 3000
@@ -52,7 +58,7 @@ FIELD_DOCS = {
     "schedule": "mu schedule: 'fixed' (mu constant, Kim et al.), 'fsf' (mu = q'/alpha), 'scf' (mu = alpha/q').",
     "mu": "the constant mu of the 'fixed' schedule.",
     "alpha": "alpha of 'fsf' (paper: 15) or 'scf' (paper: 50).",
-    "k_min": "stop once q' <= k_min: an integer, or 'silhouette' to pick k* per image (SPEC section 2).",
+    "k_min": "stop once q' <= k_min: an integer, or 'silhouette' to pick k* per image (docs/algorithm.md section 2).",
     "max_iters": "stop after this many updates at most.",
     "n_conv": "number of conv3x3-ReLU-BN blocks (reference BSD script: 2).",
     "channels": "p, width of the feature extractor.",
@@ -115,9 +121,30 @@ def validate(config: Config) -> Config:
     lo, hi = config.silhouette_k_range
     if not 2 <= lo <= hi:
         raise ConfigError(f"silhouette_k_range = {config.silhouette_k_range}: need 2 <= low <= high")
-    if config.schedule != "fixed" and config.alpha <= 0:
-        raise ConfigError(f"alpha = {config.alpha}: must be > 0")
+    _check_optimiser(config)
     return config
+
+
+# The largest finite float32: mu, alpha and lr are float32 inside the step, so a value
+# beyond it would become inf there (and alpha/q' or q'/alpha overflow with it).
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_optimiser(config: Config) -> None:
+    def finite_positive(name):
+        v = getattr(config, name)
+        if not (math.isfinite(v) and 0 < v <= _FLOAT32_MAX):
+            raise ConfigError(f"{name} = {v}: must be finite and > 0 (at most {_FLOAT32_MAX:.3g}, float32)")
+
+    finite_positive("lr")
+    # mu and alpha are read by the schedule that uses them only, but a preset that
+    # carries a nonsense value is checked even when another schedule is chosen.
+    finite_positive("mu")
+    finite_positive("alpha")
+    if not (math.isfinite(config.momentum) and 0 <= config.momentum < 1):
+        raise ConfigError(f"momentum = {config.momentum}: must be in [0, 1)")
+    if not (math.isfinite(config.weight_decay) and 0 <= config.weight_decay <= _FLOAT32_MAX):
+        raise ConfigError(f"weight_decay = {config.weight_decay}: must be finite and >= 0")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -216,3 +243,67 @@ def parse_value(raw: str) -> Any:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw
+
+
+def _toml_value(value: Any) -> str:
+    """One TOML value: strings quoted (JSON escapes are valid TOML), booleans lower-case,
+    floats always with a '.' or an exponent (so they read back as floats), tuples as arrays."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        text = repr(value)  # shortest round-tripping form, e.g. 0.1, 1e-05, 50.0
+        return text if any(c in text for c in ".en") else text + ".0"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def to_toml(config: Config, header: str = "") -> str:
+    """The config as a TOML document that ``load_config`` reads back to an equal Config.
+
+    Args:
+      config: the Config to write.
+      header: optional comment text put first (each line prefixed with '# ').
+
+    Returns:
+      TOML text: one ``name = value`` line per field, its doc as a comment above it.
+    """
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    for f in dataclasses.fields(config):
+        lines.append(f"# {FIELD_DOCS[f.name]}")
+        lines.append(f"{f.name} = {_toml_value(getattr(config, f.name))}")
+    return "\n".join(lines) + "\n"
+
+
+# Fields that decide how a run is laid out (how many images at once, how they are
+# batched and padded, which images are admitted), not which labels an image gets:
+# left out of the digest, so that a resume on another machine or with another batch
+# size still resumes. Padding into buckets is exact (docs/algorithm.md section 1.10),
+# so bucket_multiple changes only float rounding, as batch does. transpose_portrait is
+# NOT layout: the initial kernels meet a transposed image, which changes its labels.
+LAYOUT_FIELDS = ("strategy", "batch", "sync_every", "bucket_multiple", "max_pixels")
+# Bumped whenever the meaning of a field or the algorithm changes the labels of an
+# unchanged config, so that old output folders are not resumed into.
+DIGEST_SCHEMA = 1
+
+
+def config_digest(config: Config, scale: float = 1.0) -> str:
+    """A short fingerprint of everything that decides an image's labels.
+
+    Args:
+      config: the run's Config (as given: 'auto' fields are hashed as 'auto').
+      scale: the resize factor applied before segmenting (``--scale``).
+
+    Returns:
+      16 hex digits of the SHA-256 of the algorithm, model, optimiser, seed and
+      precision fields, the scale and ``DIGEST_SCHEMA``; ``LAYOUT_FIELDS`` are left out.
+    """
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+              if f.name not in LAYOUT_FIELDS}
+    payload = {"schema": DIGEST_SCHEMA, "scale": float(scale), "config": fields}
+    text = json.dumps(payload, sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

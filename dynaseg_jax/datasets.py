@@ -2,7 +2,7 @@
 
 Every reader yields :class:`Record` tuples ``(id, image, ground_truth)`` with ``image`` a
 uint8 (H, W, 3) RGB array and ``ground_truth`` in the form its protocol scores
-(SPEC.md section 4):
+(docs/algorithm.md section 4):
 
 * ``bsds500``: ``<root>/images/<split>/<id>.jpg`` and ``<root>/groundTruth/<split>/<id>.mat``
   (Arbelaez et al., TPAMI 2011). The .mat holds a 1 x N MATLAB cell array ``groundTruth`` of
@@ -68,7 +68,7 @@ __all__ = [
 ]
 
 DATASETS = ("bsds500", "voc2012", "cocostuff27", "folder")
-# The splits the protocols of SPEC.md section 4 are reported on.
+# The splits the protocols of docs/algorithm.md section 4 are reported on.
 DEFAULT_SPLITS = {"bsds500": "test", "voc2012": "trainval", "cocostuff27": "val", "folder": None}
 COCO_CROP = 320
 # The file name PiCIE and DynaSeg give the curated COCO-Stuff-27 list.
@@ -110,8 +110,12 @@ def _open_image(path: Path) -> Image.Image:
 
 
 def header_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(H, W) of an image file from its header, without decoding the pixels."""
-    return imio.image_size(path, error=DatasetError)
+    """(H, W) of an image file from its header, without decoding the pixels.
+
+    The stored pixel layout: the EXIF orientation is not applied (dataset ground truth
+    is aligned with the stored pixels, and the readers here do not rotate them either).
+    """
+    return imio.image_size(path, error=DatasetError, oriented=False)
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
@@ -546,10 +550,19 @@ def read_folder(root, **kwargs) -> Iterator[Record]:
 # ---------------------------------------------------------------- TFDS (ArrayRecord, no TensorFlow)
 
 
+def _import_tfds():
+    """tensorflow_datasets, imported on first use (it takes ~1 s and is an optional extra)."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise DatasetError("the TFDS dataset reader needs tensorflow-datasets: "
+                           "pip install 'dynaseg_jax[tfds]'") from None
+    return tfds
+
+
 @functools.lru_cache(maxsize=1)
 def _bsds500_builder_class():
-    # Imported lazily: tensorflow_datasets takes ~1 s to import and is only needed here.
-    import tensorflow_datasets as tfds
+    tfds = _import_tfds()
 
     class Bsds500(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """BSDS500 from the official layout, stored as zlib-compressed tensors.
@@ -614,8 +627,11 @@ def bsds500_tfds_builder(manual_dir: str | os.PathLike, data_dir: str | os.PathL
     Returns:
       The builder; ``builder.as_data_source()[split][i]`` is a dict with ``id`` (bytes),
       ``image`` uint8 (H, W, 3) and ``ground_truth`` uint16 (A, H, W).
+
+    Raises:
+      DatasetError: tensorflow-datasets is not installed (the ``tfds`` extra).
     """
-    import tensorflow_datasets as tfds
+    tfds = _import_tfds()
 
     builder = _bsds500_builder_class()(data_dir=os.fspath(data_dir), file_format="array_record")
     if prepare:

@@ -72,6 +72,7 @@ class SlotResult:
     clusters: int           # distinct labels in ``labels``
     k_min: int
     seconds: float          # wall time the image held its slot
+    error: str | None = None  # set when the optimisation diverged (labels meaningless)
 
 
 def pad_to_bucket(image: np.ndarray, bucket: tuple[int, int, bool]):
@@ -267,13 +268,19 @@ class _SlotGroup:
             if self.vectorized:
                 labels = self.predict(self.states["params"], self.images, self.masks, slot)
                 steps = int(self.states["step"][slot])
+                diverged = bool(self.states["diverged"][slot])
             else:
                 state = self.states[slot]
                 labels = self.predict(state["params"], self.images[slot], self.masks[slot])
                 steps = int(state["step"])
+                diverged = bool(state["diverged"])
                 self.states[slot] = self.images[slot] = self.masks[slot] = None
+            error = None
+            if diverged:
+                error = (f"diverged: non-finite loss or parameters at iteration {steps} "
+                         f"(lr = {self.engine.config.lr}; try a smaller lr)")
             labels = unpad_labels(np.asarray(labels), item.image.shape[:2], transposed)
             self.items[slot] = None
             yield SlotResult(key=item.key, labels=labels, iterations=steps,
                              clusters=int(len(np.unique(labels))), k_min=int(item.k_min),
-                             seconds=time.perf_counter() - t0)
+                             seconds=time.perf_counter() - t0, error=error)

@@ -1,7 +1,7 @@
 """Scoring a folder of predicted label maps against a dataset's ground truth.
 
 Predictions are ``<pred_dir>/<id>.png`` label PNGs (16-bit, as ``dynaseg segment`` writes
-them; any single-channel integer PNG works). The protocols are those of SPEC.md section 4,
+them; any single-channel integer PNG works). The protocols are those of docs/algorithm.md section 4,
 computed by :mod:`dynaseg_jax.metrics`:
 
 * ``bsds`` (BSDS500): best-overlap IoU per ground-truth segment, pooled over segments into
@@ -31,7 +31,6 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import images as imio
-from . import metrics
 from .datasets import (COCO_CROP, DATASETS, DEFAULT_SPLITS, DatasetError, coco_resize_crop, header_size,
                        open_dataset)
 
@@ -121,6 +120,8 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
         unreadable predictions.
       ValueError: a prediction transposed with respect to its ground truth.
     """
+    from . import metrics  # scipy: imported here so that `dynaseg --help` starts fast
+
     if dataset not in DATASETS:
         raise DatasetError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     protocol = protocol or DEFAULT_PROTOCOLS[dataset]
@@ -237,7 +238,8 @@ def format_table(result: dict) -> str:
       and missing-prediction counts.
     """
     protocol = result.get("protocol", "bsds")
-    rows = [("dataset", f"{result.get('dataset')} ({result.get('split')})"),
+    split = result.get("split")
+    rows = [("dataset", f"{result.get('dataset')}" + (f" ({split})" if split else "")),
             ("protocol", protocol + (" + connected components" if result.get("connected") else ""))]
     for key, label in _TABLE_KEYS.get(protocol, ()):
         if key not in result:
@@ -276,6 +278,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help="cocostuff27: curated id list (default: <root>/curated/val2017/Coco164kFull_Stuff_Coarse_7.txt)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N ids")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when any image of the split has no prediction (default: score "
+                             "the predictions that exist, report the missing count, exit 0)")
     return parser
 
 
@@ -286,8 +291,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
       args: parsed options from :func:`add_evaluate_arguments`.
 
     Returns:
-      Exit code: 0 when every image was scored, 1 when some predictions were missing
-      (the scores cover the rest and are still printed and written), 2 on errors.
+      Exit code: 0 when the predictions found were scored (missing ones are counted and
+      reported: a run over the first N images of a split scores those N), 1 when some
+      were missing and ``--strict`` was given, 2 on errors or when none was found.
     """
     try:
         result = evaluate_predictions(args.dataset, args.root, args.split, args.pred,
@@ -305,7 +311,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return 2
     if result["missing"]:
         shown = ", ".join(result["missing_ids"][:5])
-        print(f"warning: {result['missing']} prediction(s) missing (e.g. {shown}); scores cover the others",
-              file=sys.stderr)
-        return 1
+        print(f"{'error' if args.strict else 'note'}: {result['missing']} of "
+              f"{result['missing'] + result['images']} prediction(s) missing (e.g. {shown}); "
+              f"the scores cover the {result['images']} found", file=sys.stderr)
+        return 1 if args.strict else 0
     return 0

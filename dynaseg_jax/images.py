@@ -9,15 +9,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, TiffImagePlugin, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 MIN_SIDE = 2
+
+EXIF_ORIENTATION = 0x0112
+# The EXIF orientations that are a quarter turn (or a transposition): upright, the image
+# has its stored width as height.
+_SWAPS_SIDES = (5, 6, 7, 8)
 
 
 class ImageError(ValueError):
@@ -50,10 +56,84 @@ def decode_now(img: Image.Image, path: Path, error: type[Exception] = ImageError
         raise error(f"{path}: cannot decode image: truncated or corrupt file ({msg})") from None
 
 
-def image_size(path: str | os.PathLike, error: type[Exception] = ImageError) -> tuple[int, int]:
-    """(height, width) from the file header, without decoding the pixels."""
-    with open_image(Path(path), error) as img:
+def _png_late_exif(path: Path) -> bytes | None:
+    """The eXIf chunk of a PNG that stores it after the pixel data, found by walking the
+    chunk headers (seeking over IDAT, so nothing is decompressed); None if there is none."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(8)  # PNG signature
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    return None
+                length, kind = struct.unpack(">I4s", head)
+                if kind == b"eXIf":
+                    return f.read(length)
+                if kind == b"IEND":
+                    return None
+                f.seek(length + 4, os.SEEK_CUR)  # chunk data and CRC
+    except OSError:
+        return None
+
+
+def exif_orientation(img: Image.Image, path: Path) -> int:
+    """The EXIF orientation (1-8) of an opened image, read without decoding its pixels.
+
+    1 when the file has none, or an unreadable one (viewers then show the stored pixels).
+    Reads what ``ImageOps.exif_transpose`` would after decoding: the EXIF block (or XMP
+    orientation) in the header, or a PNG eXIf chunk after the pixel data.
+    """
+    try:
+        if isinstance(img, PngImagePlugin.PngImageFile) and "exif" not in img.info:
+            late = _png_late_exif(path)
+            if late is not None:
+                exif = Image.Exif()
+                exif.load(late)
+                return _valid_orientation(exif.get(EXIF_ORIENTATION, 1))
+        # Image.getexif of the base class: PngImageFile.getexif would decode the pixels
+        # to look for a late eXIf chunk, which was looked for above without decoding.
+        return _valid_orientation(Image.Image.getexif(img).get(EXIF_ORIENTATION, 1))
+    except Exception:  # a malformed EXIF block must not make a readable image unreadable
+        return 1
+
+
+def _valid_orientation(value) -> int:
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _swaps_sides(img: Image.Image, path: Path, oriented: bool) -> bool:
+    """Whether the pixels, once read (and put upright when ``oriented``), have the height
+    and width of ``img.size`` swapped. Never for TIFF: Pillow gives the upright size and
+    decodes upright pixels itself (``TiffImageFile.load_end``), whatever ``oriented`` says."""
+    if not oriented or isinstance(img, TiffImagePlugin.TiffImageFile):
+        return False
+    return exif_orientation(img, path) in _SWAPS_SIDES
+
+
+def image_size(path: str | os.PathLike, error: type[Exception] = ImageError,
+               oriented: bool = True) -> tuple[int, int]:
+    """(height, width) from the file header, without decoding the pixels.
+
+    Args:
+      path: image file.
+      error: exception type raised (with the file name) for unreadable files.
+      oriented: the size that ``load_image`` returns, after the EXIF orientation
+        (sides swapped for orientations 5-8). False: the stored pixel layout, which the
+        dataset readers (``open_image`` + ``decode_now``) return (for TIFF, whose
+        decoder in Pillow applies the orientation itself, the upright one).
+
+    Returns:
+      (height, width).
+    """
+    path = Path(path)
+    with open_image(path, error) as img:
         w, h = img.size
+        if _swaps_sides(img, path, oriented):
+            h, w = w, h
     return h, w
 
 
@@ -87,8 +167,19 @@ def check_size(h: int, w: int, max_pixels: int, name: str) -> None:
                          f"resize it or raise max_pixels")
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = 4_000_000) -> np.ndarray:
+def load_image(path: str | os.PathLike, max_pixels: int = 4_000_000, oriented: bool = True) -> np.ndarray:
     """Reads an image file as float32 RGB in [0, 1], shape (H, W, 3).
+
+    Args:
+      path: image file.
+      max_pixels: larger images are refused (before their pixels are decoded).
+      oriented: apply the EXIF orientation, as viewers do (a phone photo stored sideways
+        with Orientation=6 comes back upright, through ``ImageOps.exif_transpose``);
+        False: the stored pixel layout (dataset images, whose ground truth is aligned
+        with it; Pillow puts TIFF files upright whatever this says).
+
+    Returns:
+      The pixels; ``image_size(path, oriented=oriented)`` gives their (H, W).
 
     Raises:
       ImageError: unreadable, truncated or non-image files, images under 2x2 pixels
@@ -97,13 +188,39 @@ def load_image(path: str | os.PathLike, max_pixels: int = 4_000_000) -> np.ndarr
     path = Path(path)
     with open_image(path) as img:
         h, w = img.size[1], img.size[0]
+        # The size checks come before decoding, on the size image_size gives.
+        if _swaps_sides(img, path, oriented):
+            h, w = w, h
         check_size(h, w, max_pixels, str(path))
         decode_now(img, path)
+        upright = _exif_transpose(img) if oriented else None
+        if upright is not None:
+            with upright:
+                return to_float_rgb(upright)
         return to_float_rgb(img)
 
 
+def _exif_transpose(img: Image.Image) -> Image.Image | None:
+    """``ImageOps.exif_transpose`` of a decoded image; None when it is upright already
+    (no copy made), or its EXIF block is unreadable (as ``exif_orientation`` says then)."""
+    try:
+        if _valid_orientation(img.getexif().get(EXIF_ORIENTATION, 1)) == 1:
+            return None
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a malformed EXIF block must not make a readable image unreadable
+        return None
+
+
+_FLOAT_TOLERANCE = 1e-6
+
+
 def as_float_image(image, name: str = "image") -> np.ndarray:
-    """An array (H, W), (H, W, 1|3|4) of uint8/uint16/float as float32 RGB in [0, 1]."""
+    """An array (H, W), (H, W, 1|3|4) of uint8/uint16/float as float32 RGB in [0, 1].
+
+    Raises:
+      ImageError: (naming ``name``) a wrong shape or dtype, NaN/inf values, or float
+        values outside [0, 1] (beyond rounding), such as an image in 0..255.
+    """
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = arr[..., None]
@@ -121,6 +238,17 @@ def as_float_image(image, name: str = "image") -> np.ndarray:
         arr = arr.astype(np.float32)
         if not np.all(np.isfinite(arr)):
             raise ImageError(f"{name}: image has NaN or infinite values")
+        if arr.size:
+            lo, hi = float(arr.min()), float(arr.max())
+            # Tolerance: images computed in float32 (x / 255, resampling, colour-space
+            # round trips) overshoot [0, 1] by a few units in the last place (1 ulp at 1.0
+            # is 1.2e-7), so 1e-6 (~8 ulps) accepts rounding; an image in 0..255 has
+            # values of 1 or more on any pixel that is not black, far outside it. The
+            # overshoot is then clipped, so the rest of the pipeline sees exactly [0, 1].
+            if lo < -_FLOAT_TOLERANCE or hi > 1.0 + _FLOAT_TOLERANCE:
+                hint = "divide by 255, or pass uint8" if hi > 1.0 else "rescale it to [0, 1]"
+                raise ImageError(f"{name}: float image has values in [{lo:.6g}, {hi:.6g}]; expected [0, 1] ({hint})")
+            arr = np.clip(arr, 0.0, 1.0)
     else:
         raise ImageError(f"{name}: unsupported dtype {arr.dtype}; use uint8, uint16 or float in [0, 1]")
     return np.ascontiguousarray(arr)
@@ -172,16 +300,42 @@ def write_json_atomic(path: str | os.PathLike, data, sort_keys: bool = False) ->
     write_text_atomic(path, text)
 
 
-def save_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
-    """Writes a label map as a 16-bit grayscale PNG, atomically."""
-    if labels.max(initial=0) > 65535:
-        raise ValueError(f"{path}: {labels.max()} labels do not fit a 16-bit PNG")
-    img = Image.fromarray(labels.astype(np.uint16))
+def save_labels(path: str | os.PathLike, labels: np.ndarray, color: bool = False) -> None:
+    """Writes a label map as a PNG, atomically; ``read_labels`` reads back the same integers.
+
+    Args:
+      path: the PNG to write.
+      labels: integer (H, W) labels, 0 or more.
+      color: False: a 16-bit grayscale PNG (labels up to 65535; viewers show it almost
+        black). True: an 8-bit palette PNG (mode 'P'), label i = palette index i in the
+        colour ``label_colors`` gives it (as in the overlays): viewable as it is, for at
+        most 256 labels (0-255).
+
+    Raises:
+      ValueError: (naming the file) negative labels, or labels that do not fit the format.
+    """
+    labels = np.asarray(labels)
+    if labels.min(initial=0) < 0:
+        raise ValueError(f"{path}: negative label {labels.min()}; labels must be 0 or more")
+    top = int(labels.max(initial=0))
+    if color:
+        if top > 255:
+            raise ValueError(f"{path}: {top + 1} labels (0-{top}) do not fit an 8-bit palette PNG (at most 256); "
+                             f"save it without color")
+        img = Image.fromarray(labels.astype(np.uint8))
+        palette = np.zeros((256, 3), np.uint8)
+        palette[: top + 1] = label_colors(top + 1)
+        img.putpalette(palette.ravel().tolist())  # mode 'L' -> 'P'
+    else:
+        if top > 65535:
+            raise ValueError(f"{path}: label {top} does not fit a 16-bit PNG (at most 65535)")
+        img = Image.fromarray(labels.astype(np.uint16))
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def read_labels(path: str | os.PathLike) -> np.ndarray:
-    """Reads a label PNG written by ``save_labels`` (or any integer PNG) as int32."""
+    """Reads a label PNG written by ``save_labels`` (16-bit or palette; or any integer PNG)
+    as int32: a palette PNG gives its palette indices."""
     with Image.open(path) as img:
         return np.asarray(img).astype(np.int32)
 

@@ -3,7 +3,7 @@
 Everything here is built on one contingency (confusion) matrix per image, computed in a
 single ``np.bincount`` over combined label indices, so no Python loop ever visits pixels.
 
-Protocols (see SPEC.md section 4):
+Protocols (see docs/algorithm.md section 4):
 
 * Best-overlap IoU (BSDS500, PASCAL VOC 2012): every ground-truth segment g is scored by
   ``max_p |g & p| / |g | p|`` over the predicted labels p, the measure computed by the DynaSeg

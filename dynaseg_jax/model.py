@@ -49,7 +49,7 @@ class MaskedBatchNorm(nn.Module):
     """BatchNorm in training mode over one image's real pixels (no running stats).
 
     The reference never leaves train mode, so only batch statistics are ever used
-    (SPEC section 1); torch normalises with the biased variance.
+    (docs/algorithm.md section 1.3); torch normalises with the biased variance.
     """
 
     eps: float = BN_EPS

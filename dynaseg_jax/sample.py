@@ -26,6 +26,29 @@ def sample_image(height: int = 96, width: int = 128, seed: int = 0) -> np.ndarra
     return (np.clip(img + noise, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
 
 
+SAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+
+
 def write_sample(path) -> None:
+    """Writes ``sample_image()`` to ``path``, atomically, in the format its suffix names.
+
+    Raises:
+      ValueError: ``path`` is a folder, has no image suffix, or its folder does not exist.
+    """
+    from pathlib import Path
+
     from PIL import Image
-    Image.fromarray(sample_image()).save(path)
+
+    from .images import atomic_write
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; give a file name such as {path / 'sample.png'}")
+    if path.suffix.lower() not in SAMPLE_SUFFIXES:
+        raise ValueError(f"{path}: unknown image type {path.suffix or '(no suffix)'!r}; "
+                         f"use one of {', '.join(SAMPLE_SUFFIXES)}")
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: folder {path.parent} does not exist")
+    fmt = Image.registered_extensions()[path.suffix.lower()]
+    img = Image.fromarray(sample_image())
+    atomic_write(path, lambda tmp: img.save(tmp, format=fmt))

@@ -1,4 +1,4 @@
-"""The silhouette phase (SPEC section 2): pick k* per image before optimising it.
+"""The silhouette phase (docs/algorithm.md section 2): pick k* per image before optimising it.
 
 At iteration 0, take per-pixel features, draw a seeded sample of pixels, run k-means
 for each k in a range and keep the k with the best scikit-learn silhouette score.
@@ -8,8 +8,6 @@ calls it from its loader threads, so it overlaps with device work on other image
 from __future__ import annotations
 
 import numpy as np
-from sklearn.cluster import KMeans
-from sklearn.metrics import silhouette_score
 
 
 def color_position_features(image: np.ndarray, position_scale: float = 1.0) -> np.ndarray:
@@ -35,6 +33,10 @@ def estimate_k(features: np.ndarray, k_range=(2, 12), n_samples: int = 3000,
       (k*, {k: silhouette score}). Falls back to the lowest k when no k can be scored
       (e.g. a flat image).
     """
+    # scikit-learn takes ~1 s to import: only runs that use the silhouette phase pay it.
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
     rng = np.random.default_rng(seed)
     n = features.shape[0]
     idx = rng.choice(n, size=min(n_samples, n), replace=False)

@@ -5,7 +5,10 @@ The state is a plain dict (big_vision style):
   step:       updates done so far (int32);
   n_clusters: q' of the last forward pass (int32);
   k_min:      this image's stopping threshold (int32; k* under the silhouette phase);
-  done:       True once the stop rule fired; a done state is frozen by ``train_step``.
+  done:       True once the stop rule fired; a done state is frozen by ``train_step``;
+  diverged:   True when an update met a non-finite loss or produced non-finite
+              parameters (too large a learning rate); it also sets ``done``, and
+              ``step`` then counts the update that diverged.
 
 ``make_train_step`` returns an unjitted, unbatched function: jit it, or vmap it over
 images that each carry their own state (``engine.py`` does both).
@@ -56,7 +59,13 @@ def init_state(config, params=None, k_min: int | jax.Array | None = None) -> dic
         "n_clusters": jnp.zeros((), jnp.int32),
         "k_min": jnp.asarray(k_min, jnp.int32),
         "done": jnp.zeros((), jnp.bool_),
+        "diverged": jnp.zeros((), jnp.bool_),
     }
+
+
+def all_finite(tree) -> jax.Array:
+    """True when every element of every leaf of ``tree`` is finite (one fused reduction)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def loss_terms(params, image, mask, *, model, schedule, step, k_min=None,
@@ -79,8 +88,10 @@ def make_train_step(config, schedule: Callable | None = None, model=None):
 
     One step: forward pass, labels c = argmax r', q' = distinct labels, loss
     L_sim + mu(q', step) * L_con, SGD-momentum update, then the stop rule
-    ``done = q' <= k_min or step + 1 == max_iters`` (SPEC section 1). A state that is
+    ``done = q' <= k_min or step + 1 == max_iters`` (docs/algorithm.md section 1.9). A state that is
     already done is returned unchanged, so extra steps on finished slots are no-ops.
+    A non-finite loss or updated parameters set ``diverged`` (and ``done``) inside the
+    step, with no host sync: the engine reports that image as failed.
 
     Args:
       config: a Config.
@@ -103,13 +114,15 @@ def make_train_step(config, schedule: Callable | None = None, model=None):
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         q = aux["n_clusters"]
+        diverged = ~(jnp.isfinite(aux["loss"]) & all_finite(params))
         new = {
             "params": params,
             "opt_state": opt_state,
             "step": state["step"] + 1,
             "n_clusters": q,
             "k_min": state["k_min"],
-            "done": (q <= state["k_min"]) | (state["step"] + 1 >= max_iters),
+            "done": (q <= state["k_min"]) | (state["step"] + 1 >= max_iters) | diverged,
+            "diverged": diverged,
         }
         frozen = state["done"]
         new = jax.tree.map(lambda old, upd: jnp.where(frozen, old, upd), state, new)

@@ -10,7 +10,13 @@ from dynaseg_jax.cli import main
 from tests.conftest import smooth_image
 
 TINY = ["channels=16", "n_clusters=16", "max_iters=8", "bucket_multiple=8", "max_pixels=5000"]
-REQUIRED = {"file", "height", "width", "iterations", "clusters", "k_min", "seconds", "status", "error"}
+
+
+def sets(*pairs):
+    """--set KEY=VALUE once per pair, as the CLI takes them."""
+    return [a for kv in pairs for a in ("--set", kv)]
+REQUIRED = {"file", "source", "config", "height", "width", "iterations", "clusters", "k_min", "seconds",
+            "status", "error"}
 
 
 def u8(img):
@@ -45,9 +51,13 @@ BAD = {"notes": "not an image", "truncated": "truncated or corrupt", "dot": "1x1
 def test_segment_folder_end_to_end(folder, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["segment", str(folder), "--out", str(out), "--batch", "2", "--no-progress",
-                 "--set", *TINY])
+                 *sets(*TINY)])
     assert code == 1  # some images failed
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
+    # stdout is not a terminal here: one line per finished image, as a batch job's log.
+    logged = [line for line in captured.out.splitlines() if " iterations, " in line]
+    assert len(logged) == len(GOOD) and all(line.endswith(" s") for line in logged)
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == len(GOOD) + len(BAD)
     by_stem = {r["stem"]: r for r in records}
@@ -72,7 +82,7 @@ def test_segment_folder_end_to_end(folder, tmp_path, capsys):
     # Rerun: nothing finished is redone; a lost output is redone.
     (out / "good.png").unlink()
     code = main(["segment", str(folder), "--out", str(out), "--batch", "2", "--no-progress",
-                 "--set", *TINY])
+                 *sets(*TINY)])
     assert code == 1
     summary = capsys.readouterr().out
     assert f"1 segmented, {len(GOOD) - 1} already done, {len(BAD)} failed" in summary
@@ -84,7 +94,7 @@ def test_segment_silhouette_and_clean_exit(tmp_path, capsys):
     Image.fromarray(u8(smooth_image(20, 30, 6))).save(img)
     out = tmp_path / "out"
     code = main(["segment", str(img), "--out", str(out), "--no-progress", "--config", "dynaseg_fsf_silhouette",
-                 "--set", *TINY, "silhouette_k_range=[2, 5]"])
+                 *sets(*TINY, "silhouette_k_range=[2, 5]")])
     assert code == 0
     (r,) = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert r["status"] == "ok" and 2 <= r["k_min"] <= 5
@@ -107,3 +117,148 @@ def test_hugepages_reexec_is_conditional(monkeypatch):
     monkeypatch.delenv("GLIBC_TUNABLES")
     monkeypatch.setenv("DYNASEG_HUGEPAGES", "0")
     assert not runtime.hugepages_wanted()
+
+
+# --- options, resume rules, the output folder ---------------------------------------------
+
+
+def test_set_is_repeatable_and_takes_one_pair():
+    from dynaseg_jax.cli import build_parser
+    args = build_parser().parse_args(["segment", "--set", "max_iters=20", "dir", "--out", "x"])
+    assert args.inputs == ["dir"] and args.overrides == ["max_iters=20"]
+    pairs = ["conv_impl=lax", "bucket_multiple=1", "max_iters=3"]
+    args = build_parser().parse_args(["segment", "dir", "--out", "x", *sets(*pairs)])
+    assert args.overrides == pairs
+
+
+def test_every_repeated_set_is_applied(capsys):
+    import tomllib
+    assert main(["config", *sets("conv_impl=lax", "bucket_multiple=1", "max_iters=3")]) == 0
+    config = tomllib.loads(capsys.readouterr().out)
+    assert (config["conv_impl"], config["bucket_multiple"], config["max_iters"]) == ("lax", 1, 3)
+
+
+def one_line_error(capsys, code, expected_code, words):
+    err = capsys.readouterr().err
+    assert code == expected_code
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err and words in lines[0], err
+    return lines[0]
+
+
+def test_cli_paths_end_in_one_line(tmp_path, capsys):
+    afile = tmp_path / "a.txt"
+    afile.write_text("x")
+    one_line_error(capsys, main(["segment", str(afile), "--out", str(afile)]), 2, "not a folder")
+    one_line_error(capsys, main(["sample", str(tmp_path / "nodir" / "x.png")]), 2, "does not exist")
+    one_line_error(capsys, main(["sample", str(tmp_path)]), 2, "is a folder")
+    one_line_error(capsys, main(["sample", str(tmp_path / "x.txt")]), 2, "unknown image type")
+    one_line_error(capsys, main(["segment", str(afile), "--out", str(tmp_path / "o"), "--scale", "0"]),
+                   2, "--scale")
+    assert main(["sample", str(tmp_path / "s.jpg")]) == 0
+    assert Image.open(tmp_path / "s.jpg").format == "JPEG"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    from dynaseg_jax import __version__
+    assert capsys.readouterr().out.strip() == f"dynaseg {__version__}"
+
+
+def test_resume_keys_on_resolved_path_and_config(tmp_path, capsys, monkeypatch):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(u8(smooth_image(20, 30, 0))).save(d / "a.png")
+    out = tmp_path / "out"
+    base = ["--out", str(out), "--no-progress", *sets(*TINY)]
+    assert main(["segment", str(d.resolve()), *base, "--color-labels"]) == 0
+    assert Image.open(out / "a.png").mode == "P"  # --color-labels: a palette PNG
+    capsys.readouterr()
+    # Another spelling of the same folder: nothing is redone.
+    monkeypatch.chdir(tmp_path)
+    assert main(["segment", "in", *base]) == 0
+    assert "0 segmented, 1 already done" in capsys.readouterr().out
+    assert main(["segment", "./in/../in/a.png", *base]) == 0
+    assert "0 segmented, 1 already done" in capsys.readouterr().out
+    records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["source"] == str((d / "a.png").resolve())
+    # The folder's config is written down; another config is refused...
+    from dynaseg_jax.config import config_digest, load_config
+    written = load_config(str(out / "config.toml"))
+    assert written == load_config("dynaseg_scf", TINY)
+    assert records[0]["config"] == config_digest(written)
+    line = one_line_error(capsys, main(["segment", "in", *base, "--set", "max_iters=9"]), 2,
+                          "holds results of another config")
+    assert "--overwrite" in line
+    one_line_error(capsys, main(["segment", "in", *base, "--scale", "0.5"]), 2, "another config")
+    # ... but another layout (batch, strategy) of the same config resumes.
+    assert main(["segment", "in", *base, "--batch", "3", "--set", "strategy=vmap"]) == 0
+    assert "0 segmented, 1 already done" in capsys.readouterr().out
+    # --overwrite replaces the folder's results with the new config's.
+    assert main(["segment", "in", *base, "--set", "max_iters=2", "--overwrite"]) == 0
+    assert "1 segmented, 0 already done" in capsys.readouterr().out
+    (r,) = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert r["iterations"] <= 2 and r["config"] == config_digest(load_config(str(out / "config.toml")))
+    assert Image.open(out / "a.png").mode != "P"  # rewritten without --color-labels
+
+
+def test_torn_last_line_is_dropped_before_appending(tmp_path, tiny_config):
+    from dynaseg_jax.outputs import OutputFolder
+    out = tmp_path / "out"
+    with OutputFolder.open(out, tiny_config) as folder:
+        folder.append({"source": "/x/a.png", "stem": "a", "status": "ok"})
+        digest = folder.digest
+    good = (out / "results.jsonl").read_bytes()
+    (out / "results.jsonl").write_bytes(good + b'{"source": "/x/b.png", "stem": "b", "sta')
+    (out / "a.png").write_bytes(b"")
+    with OutputFolder.open(out, tiny_config) as folder:
+        assert folder.dropped_bytes == len(b'{"source": "/x/b.png", "stem": "b", "sta')
+        assert (out / "results.jsonl").read_bytes() == good
+        assert folder.done_sources() == {"/x/a.png": "a"}
+        folder.append({"source": "/x/b.png", "stem": "b", "status": "ok"})
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert [json.loads(x)["source"] for x in lines] == ["/x/a.png", "/x/b.png"]
+    assert all(json.loads(x)["config"] == digest for x in lines)
+    # A file that is all torn tail (no newline at all) is emptied.
+    (out / "results.jsonl").write_bytes(b'{"sour')
+    with OutputFolder.open(out, tiny_config) as folder:
+        assert folder.records == [] and (out / "results.jsonl").read_bytes() == b""
+
+
+def test_one_run_per_output_folder(tmp_path, tiny_config):
+    from dynaseg_jax.outputs import OutputFolder, OutputFolderError
+    out = tmp_path / "out"
+    first = OutputFolder.open(out, tiny_config)
+    # A second run into the folder (flock locks conflict across open files, even in
+    # one process) is refused before it touches anything.
+    (out / "results.jsonl").write_bytes(b'{"torn')
+    with pytest.raises(OutputFolderError, match="another dynaseg run is writing"):
+        OutputFolder.open(out, tiny_config)
+    assert (out / "results.jsonl").read_bytes() == b'{"torn'
+    first.close()
+    with OutputFolder.open(out, tiny_config) as again:
+        assert again.dropped_bytes == len(b'{"torn')
+
+
+def test_folder_from_an_older_version_needs_overwrite(tmp_path, tiny_config):
+    from dynaseg_jax.outputs import OutputFolder, OutputFolderError
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.jsonl").write_text('{"file": "a.png", "stem": "a", "status": "ok"}\n')
+    (out / "a.png").write_bytes(b"")
+    with pytest.raises(OutputFolderError, match="older dynaseg"):
+        OutputFolder.open(out, tiny_config)
+    with OutputFolder.open(out, tiny_config, overwrite=True) as folder:
+        assert folder.records == [] and not (out / "a.png").exists()
+
+
+def test_light_commands_do_not_import_jax():
+    # `dynaseg --help`, `config`, `sample` must start fast: the package and the CLI import
+    # jax and scikit-learn only for commands that train (timed in benchmarks/bench_startup.py).
+    import subprocess
+    code = ("import sys, dynaseg_jax, dynaseg_jax.cli as c; c.build_parser(); "
+            "heavy = [m for m in ('jax', 'sklearn', 'flax', 'scipy') if m in sys.modules]; "
+            "assert not heavy, heavy; "
+            "import dynaseg_jax.runner; assert callable(dynaseg_jax.segment), dynaseg_jax.segment")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -80,3 +80,11 @@ def test_segment_api_keeps_input_order(tiny_config, tmp_path):
     direct = run(Engine(tiny_config.replace(batch=2)), [IMAGES[0]])[0]
     from dynaseg_jax.images import renumber
     np.testing.assert_array_equal(out[0]["labels"], renumber(direct.labels))
+
+
+def test_diverged_image_is_reported(engine):
+    wild = Engine(engine.config.replace(lr=1e30))  # non-finite on the 2nd update (test_train)
+    (r,) = run(wild, IMAGES[:1]).values()
+    assert r.error.startswith("diverged: non-finite loss or parameters at iteration 2")
+    assert r.iterations == 2
+    assert all(r.error is None for r in run(engine, IMAGES[:2]).values())

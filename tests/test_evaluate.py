@@ -172,15 +172,32 @@ def test_cli_writes_json_atomically(bsds, tmp_path, capsys):
     out = tmp_path / "results" / "scores.json"
     args = parser.parse_args(["--dataset", "bsds500", "--root", str(root), "--split", "val",
                               "--pred", str(pred_dir), "--json", str(out)])
-    assert E.run_evaluate(args) == 1  # one prediction missing
+    # One prediction missing (a run over the first images of a split): the others are
+    # scored and the count reported; exit 1 only with --strict.
+    assert E.run_evaluate(args) == 0
     captured = capsys.readouterr()
-    assert "mIoU fine" in captured.out and "1 prediction(s) missing" in captured.err
+    assert "mIoU fine" in captured.out and "1 of 3 prediction(s) missing" in captured.err
+    rows = {line.rsplit(None, 1)[0].strip(): line.split()[-1] for line in captured.out.splitlines()}
+    assert rows["images scored"] == "2" and rows["predictions missing"] == "1"
     data = json.loads(out.read_text())
     assert data["fine"] == pytest.approx(1.0) and data["missing"] == 1
     assert [p.name for p in out.parent.iterdir()] == ["scores.json"]  # no temp file left
+    strict = parser.parse_args(["--dataset", "bsds500", "--root", str(root), "--split", "val",
+                                "--pred", str(pred_dir), "--strict"])
+    assert E.run_evaluate(strict) == 1
+    assert "error: 1 of 3" in capsys.readouterr().err
     write_pred(pred_dir / "30.png", np.zeros((H, W), np.int32))
     assert E.run_evaluate(args) == 0
     bad = parser.parse_args(["--dataset", "bsds500", "--root", str(tmp_path / "nope"),
                              "--pred", str(pred_dir)])
     assert E.run_evaluate(bad) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_table_names_a_split_only_where_there_is_one():
+    table = E.format_table({"dataset": "folder", "split": None, "protocol": "none",
+                            "segments_per_image": 4.0, "images": 2, "missing": 0})
+    assert table.splitlines()[0].split() == ["dataset", "folder"]
+    assert "None" not in table
+    table = E.format_table({"dataset": "bsds500", "split": "val", "protocol": "bsds"})
+    assert table.splitlines()[0].split() == ["dataset", "bsds500", "(val)"]

@@ -1,7 +1,7 @@
 """Image reading: conversions and clear errors."""
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dynaseg_jax import images as imio
 
@@ -75,3 +75,144 @@ def test_write_json_atomic_makes_values_json_safe(tmp_path):
     text = path.read_text()
     assert json.loads(text) == {"1": 0.5, "a": [3, None, None], "b": None}
     assert text.index('"1"') < text.index('"a"') < text.index('"b"')
+
+
+# ---------------------------------------------------------------- EXIF orientation
+
+
+def _pattern(h=4, w=7):
+    """A pattern with no symmetry: every transposition of it differs."""
+    return np.random.default_rng(3).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _save_oriented(path, rgb, orientation, **kw):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(rgb).save(path, exif=exif, **kw)
+
+
+def _exif_transposed(path):
+    with Image.open(path) as img:
+        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"), np.float32) / 255.0
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("ext", ["png", "jpg"])
+def test_load_image_applies_exif_orientation(tmp_path, ext, orientation):
+    rgb = _pattern()
+    path = tmp_path / f"o{orientation}.{ext}"
+    _save_oriented(path, rgb, orientation, **({"quality": 95} if ext == "jpg" else {}))
+    got = imio.load_image(path)
+    np.testing.assert_array_equal(got, _exif_transposed(path))
+    upright = (7, 4) if orientation in (5, 6, 7, 8) else (4, 7)
+    assert got.shape == (*upright, 3)
+    assert imio.image_size(path) == upright  # header only, agrees with load_image
+    raw = imio.load_image(path, oriented=False)
+    assert raw.shape == (4, 7, 3) and imio.image_size(path, oriented=False) == (4, 7)
+    if orientation != 1:
+        assert got.shape != raw.shape or not np.array_equal(got, raw)
+    if ext == "png":  # lossless: the raw pixels are the stored ones
+        np.testing.assert_array_equal(raw, rgb / np.float32(255.0))
+
+
+def test_orientation_6_is_a_quarter_turn_clockwise_for_viewing(tmp_path):
+    # Orientation=6: the camera was turned; viewers rotate the stored pixels 90 deg clockwise.
+    rgb = _pattern()
+    _save_oriented(tmp_path / "phone.png", rgb, 6)
+    got = imio.load_image(tmp_path / "phone.png")
+    np.testing.assert_array_equal(got, np.rot90(rgb, k=-1) / np.float32(255.0))
+
+
+def test_image_size_reads_orientation_without_decoding(tmp_path):
+    # A truncated file: decoding it fails, its header still gives the oriented size.
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 40, 3), dtype=np.uint8)
+    _save_oriented(tmp_path / "full.jpg", rgb, 6, quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    assert imio.image_size(tmp_path / "cut.jpg") == (40, 64)
+    assert imio.image_size(tmp_path / "cut.jpg", oriented=False) == (64, 40)
+    with pytest.raises(imio.ImageError, match="cut.jpg.*truncated or corrupt"):
+        imio.load_image(tmp_path / "cut.jpg")
+
+
+def test_png_exif_chunk_after_the_pixels(tmp_path):
+    # eXIf after IDAT: Pillow sees it only once the pixels are decoded; image_size finds it
+    # by walking the chunk headers, so both still agree with exif_transpose.
+    import struct
+    import zlib
+    rgb = _pattern()
+    Image.fromarray(rgb).save(tmp_path / "plain.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    body = exif.tobytes()
+    body = body[6:] if body.startswith(b"Exif\x00\x00") else body
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    data = (tmp_path / "plain.png").read_bytes()
+    end = data.rindex(b"IEND") - 4
+    (tmp_path / "late.png").write_bytes(data[:end] + chunk + data[end:])
+    with Image.open(tmp_path / "late.png") as img:
+        assert "exif" not in img.info  # not in the header
+    assert imio.image_size(tmp_path / "late.png") == (7, 4)
+    np.testing.assert_array_equal(imio.load_image(tmp_path / "late.png"), _exif_transposed(tmp_path / "late.png"))
+
+
+def test_orientation_swaps_sides_in_size_errors(tmp_path):
+    _save_oriented(tmp_path / "thin.png", np.zeros((1, 5, 3), np.uint8), 6)
+    with pytest.raises(imio.ImageError, match="thin.png.*5x1"):
+        imio.load_image(tmp_path / "thin.png")
+
+
+# ---------------------------------------------------------------- float range of the Python API
+
+
+def test_as_float_image_rejects_0_255_floats():
+    img = np.zeros((4, 5, 3), np.float32)
+    img[0, 0] = 255.0
+    with pytest.raises(imio.ImageError, match=r"^images\[0\]: float image has values in \[0, 255\]; "
+                                              r"expected \[0, 1\] \(divide by 255, or pass uint8\)$"):
+        imio.as_float_image(img, name="images[0]")
+    with pytest.raises(imio.ImageError, match=r"img: float image has values in \[-0.5, 0.5\]; expected \[0, 1\] \(rescale"):
+        imio.as_float_image(np.array([[-0.5, 0.5], [0.0, 0.25]]), name="img")
+
+
+def test_as_float_image_accepts_rounding_and_clips():
+    img = np.full((3, 4, 3), 0.5, np.float32)
+    img[0, 0] = np.nextafter(np.float32(1.0), np.float32(2.0))  # 1 + 1 ulp
+    img[0, 1] = -1e-7
+    out = imio.as_float_image(img)
+    assert out.dtype == np.float32 and out.min() == 0.0 and out.max() == 1.0
+    np.testing.assert_array_equal(out[1:], img[1:])
+    out64 = imio.as_float_image(np.linspace(0, 1, 12).reshape(3, 4))  # float64, (H, W)
+    assert out64.shape == (3, 4, 3) and out64.dtype == np.float32
+    u8 = imio.as_float_image(np.full((2, 2, 3), 255, np.uint8))  # integers are scaled, not checked
+    assert u8.max() == 1.0
+
+
+# ---------------------------------------------------------------- palette label PNGs
+
+
+def test_save_labels_color_palette_roundtrip(tmp_path):
+    labels = np.array([[0, 0, 3, 3], [1, 2, 2, 3], [1, 1, 0, 2]])
+    imio.save_labels(tmp_path / "gray.png", labels)
+    imio.save_labels(tmp_path / "color.png", labels, color=True)
+    for name in ("gray.png", "color.png"):
+        back = imio.read_labels(tmp_path / name)
+        assert back.dtype == np.int32
+        np.testing.assert_array_equal(back, labels)
+    with Image.open(tmp_path / "color.png") as img:
+        assert img.mode == "P"
+        rgb = np.asarray(img.convert("RGB"))
+    np.testing.assert_array_equal(rgb, imio.label_colors(4)[labels])  # as in the overlays
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_save_labels_color_limits(tmp_path):
+    labels = np.arange(256).reshape(16, 16)
+    imio.save_labels(tmp_path / "full.png", labels, color=True)  # 256 labels: fits
+    np.testing.assert_array_equal(imio.read_labels(tmp_path / "full.png"), labels)
+    with pytest.raises(ValueError, match="many.png: 257 labels .* 8-bit palette PNG"):
+        imio.save_labels(tmp_path / "many.png", np.arange(257).reshape(1, 257), color=True)
+    assert not (tmp_path / "many.png").exists()
+    imio.save_labels(tmp_path / "many.png", np.arange(257).reshape(1, 257))  # 16-bit still fits
+    with pytest.raises(ValueError, match="neg.png: negative label"):
+        imio.save_labels(tmp_path / "neg.png", np.array([[0, -1]]), color=True)

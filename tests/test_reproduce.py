@@ -38,7 +38,7 @@ def script():
 
 def _argv(out: Path, methods: list[str], *extra: str) -> list[str]:
     return ["--out", str(out), "--root", str(BSDS), "--split", "val", "--limit", "2", "--scale", "0.15",
-            "--methods", *methods, "--set", *TINY, "--examples", "2", *extra]
+            "--methods", *methods, *[a for kv in TINY for a in ("--set", kv)], "--examples", "2", *extra]
 
 
 def _prediction_mtimes(out: Path, methods: list[str]) -> dict[str, int]:

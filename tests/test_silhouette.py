@@ -36,7 +36,7 @@ def test_network_features_compile_once_per_padded_shape(tiny_config):
 
     from dynaseg_jax import train
     from dynaseg_jax.model import build_model
-    from dynaseg_jax.segment import KStarEstimator
+    from dynaseg_jax.runner import KStarEstimator
     from tests.conftest import smooth_image
 
     config = tiny_config.replace(k_min="silhouette", silhouette_features="network",

@@ -112,3 +112,23 @@ def test_mu_uses_kstar_changes_only_the_stopping_update(tiny_config):
     assert q_now < k_star
     assert float(metrics[False]["mu"]) == pytest.approx(tiny_config.alpha / q_now)
     assert float(metrics[True]["mu"]) == pytest.approx(tiny_config.alpha / k_star)
+
+
+def test_nonfinite_update_marks_divergence(tiny_config, step):
+    img, mask = jnp.asarray(smooth_image(16, 16, 1)), jnp.ones((16, 16))
+    state = train.init_state(tiny_config, k_min=1)
+    for _ in range(3):  # the normal step never flags divergence
+        state, _ = step(state, img, mask)
+        assert not bool(state["diverged"])
+    # lr 1e30: the first update leaves finite parameters of size ~1e30, whose squares in
+    # BatchNorm's variance overflow float32 (max 3.4e38) on the second forward pass.
+    config = tiny_config.replace(k_min=1, lr=1e30)
+    wild = jax.jit(train.make_train_step(config))
+    state = train.init_state(config)
+    state, metrics = wild(state, img, mask)
+    assert np.isfinite(float(metrics["loss"])) and not bool(state["diverged"])
+    state, metrics = wild(state, img, mask)
+    assert not np.isfinite(float(metrics["loss"]))
+    assert bool(state["diverged"]) and bool(state["done"]) and int(state["step"]) == 2
+    frozen, _ = wild(state, img, mask)
+    chex.assert_trees_all_equal(frozen, state)

@@ -20,9 +20,10 @@ import numpy as np
 from . import images as imio
 from . import silhouette
 from .config import Config, load_config
-from .engine import Engine, WorkItem, bucket_shape, pad_to_bucket
+from .engine import Engine, WorkItem, bucket_shape, pad_to_bucket, resolve_config
 from .metrics import resize_prediction
 from .model import build_model
+from .outputs import OutputFolder
 
 
 def _as_config(config) -> Config:
@@ -108,7 +109,9 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
 
     Returns:
       One dict per input, in input order: ``labels`` ((H, W) int32, renumbered 0..K-1),
-      ``iterations``, ``clusters``, ``k_min``, ``seconds``. Bad inputs raise ImageError.
+      ``iterations``, ``clusters``, ``k_min``, ``seconds``, ``error`` (None, or why the
+      optimisation failed, e.g. diverged at a too large lr; its labels are then
+      meaningless). Bad inputs raise ImageError.
     """
     config = _as_config(config)
     if batch is not None:
@@ -135,7 +138,8 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
     bar = _progress(len(arrays), progress)
     for r in engine.run(items()):
         out[r.key] = {"labels": imio.renumber(r.labels), "iterations": r.iterations,
-                      "clusters": r.clusters, "k_min": r.k_min, "seconds": r.seconds}
+                      "clusters": r.clusters, "k_min": r.k_min, "seconds": r.seconds,
+                      "error": r.error}
         bar.update(1)
     bar.close()
     return out
@@ -176,6 +180,20 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[t
 
 
 @dataclasses.dataclass
+class DatasetInput:
+    """One dataset image for ``segment_files``.
+
+    Attributes:
+      name: the image id; it names the outputs (``<name>.png``).
+      source: a stable identity for resuming, e.g. ``bsds500:val:100007``.
+      load: returns the image as an (H, W, 3) array.
+    """
+    name: str
+    source: str
+    load: Callable[[], np.ndarray]
+
+
+@dataclasses.dataclass
 class RunSummary:
     ok: int = 0
     failed: int = 0
@@ -186,75 +204,113 @@ class RunSummary:
 
 def segment_files(inputs: Sequence, out_dir: str | os.PathLike, config: Config, *,
                   scale: float = 1.0, progress: bool | None = None,
-                  log: Callable[[str], None] | None = None) -> RunSummary:
+                  log: Callable[[str], None] | None = None, overwrite: bool = False,
+                  color_labels: bool = False) -> RunSummary:
     """Segments image files into ``out_dir`` (label PNG, overlay PNG, results.jsonl).
 
-    Resumable: images with an ``ok`` record and a label PNG are skipped. One bad image
-    gets an ``error`` record and never stops the others.
+    Resumable: an image is skipped when the folder has an ``ok`` record for its source
+    (resolved file path or dataset id) under the same config digest, and its label map
+    (see ``outputs.py``). One bad image gets an ``error`` record and never stops the
+    others.
 
     Args:
-      inputs: image files and/or folders, or ``(name, loader)`` pairs where
-        ``loader()`` returns an (H, W, 3) array (datasets).
+      inputs: image files and/or folders, ``DatasetInput`` items, or ``(name, loader)``
+        pairs where ``loader()`` returns an (H, W, 3) array (the name is the source).
       out_dir: output folder (created).
       config: a Config.
       scale: resize images by this factor before segmenting; label maps are resized
         back (nearest neighbour) to the input size.
       progress: progress bar on stderr (default: when stderr is a terminal).
-      log: where one-line error messages go (default: stderr).
+      log: where one-line messages go (default: above the progress bar, on stderr).
+      overwrite: replace the results of another config in ``out_dir`` instead of
+        refusing (``OutputFolderError``).
+      color_labels: write label maps as 8-bit palette PNGs (coloured in viewers, at
+        most 256 labels) instead of 16-bit grayscale.
     """
+    from tqdm.auto import tqdm
+
     t_start = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.jsonl"
-    log = log or (lambda msg: print(msg, file=sys.stderr))
     if progress is None:
         progress = sys.stderr.isatty()
+    # One line per finished image where no bar shows it (a batch job's log).
+    per_image_lines = not sys.stdout.isatty()
+    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     summary = RunSummary()
+    folder = OutputFolder.open(out_dir, config, scale, overwrite=overwrite,
+                               resolved=resolve_config(config))
+    try:
+        if folder.dropped_bytes:
+            log(f"warning: {folder.results_path}: dropped a torn last line ({folder.dropped_bytes} bytes) "
+                f"left by an interrupted run")
+        _run_files(inputs, folder, config, scale, progress, per_image_lines, log, summary,
+                   color_labels)
+    finally:
+        folder.close()
+    summary.seconds = time.perf_counter() - t_start
+    return summary
+
+
+def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progress: bool,
+               per_image_lines: bool, log, summary: RunSummary, color_labels: bool) -> None:
+    out = folder.path
+    cfg = resolve_config(config)
 
     def record(entry: dict):
-        imio.append_jsonl(results_path, entry)
+        folder.append(entry)
         if entry["status"] == "ok":
             summary.ok += 1
+            if per_image_lines:
+                print(f"{entry['file']}: {entry['iterations']} iterations, {entry['clusters']} clusters, "
+                      f"{entry['seconds']:.1f} s", flush=True)
         else:
             summary.failed += 1
             summary.errors.append(entry["error"])
             log(f"error: {entry['error']}")
 
-    def error_entry(name, err, stem=None):
-        return {"file": str(name), "stem": stem, "status": "error", "error": str(err),
-                "height": None, "width": None, "iterations": None, "clusters": None,
-                "k_min": None, "seconds": None}
+    def error_entry(name, err, stem=None, source=None, iterations=None):
+        return {"file": str(name), "source": source, "stem": stem, "status": "error",
+                "error": str(err), "height": None, "width": None, "iterations": iterations,
+                "clusters": None, "k_min": None, "seconds": None}
 
-    # Resolve inputs to (name, stem, loader, size_hint) jobs.
-    jobs, stems = [], {}
-    file_inputs = [x for x in inputs if not isinstance(x, tuple)]
+    # Resolve inputs to (name, source, stem, loader) jobs.
+    jobs = []
+    file_inputs = [x for x in inputs if isinstance(x, (str, os.PathLike))]
     paths, problems = find_images(file_inputs)
     for p, msg in problems:
         record(error_entry(p, msg))
     for p in paths:
-        jobs.append((str(p), p.stem, p))
-    for name, loader in (x for x in inputs if isinstance(x, tuple)):
-        jobs.append((str(name), Path(str(name)).stem, loader))
+        jobs.append((str(p), str(p.resolve()), p.stem, p))
+    for x in inputs:
+        if isinstance(x, DatasetInput):
+            jobs.append((x.name, x.source, Path(x.name).stem, x.load))
+        elif isinstance(x, tuple):
+            name, loader = x
+            jobs.append((str(name), str(name), Path(str(name)).stem, loader))
 
-    done_files = {r["file"] for r in imio.read_jsonl(results_path)
-                  if r.get("status") == "ok" and (out / f"{r.get('stem')}.png").exists()}
-    todo = []
-    for name, stem, src in jobs:
-        if stem in stems:
-            record(error_entry(name, f"{name}: output name {stem}.png is already used by {stems[stem]}", stem))
-            continue
-        stems[stem] = name
-        if name in done_files:
+    done = folder.done_sources()
+    stems = {stem: source for source, stem in done.items()}  # outputs already in the folder
+    todo, queued = [], set()
+    for name, source, stem, src in jobs:
+        if source in done:
             summary.skipped += 1
             continue
-        todo.append((name, stem, src))
+        if source in queued:
+            continue  # the same file given twice (e.g. a folder and a file in it)
+        if stems.get(stem, source) != source:
+            record(error_entry(name, f"{name}: output name {stem}.png is already used by {stems[stem]}",
+                               stem, source))
+            continue
+        stems[stem] = source
+        queued.add(source)
+        todo.append((name, source, stem, src))
 
-    engine = Engine(config)
-    cfg = engine.config
+    if not todo:
+        return
+    engine = Engine(config)  # built only when there is work: it compiles the initial network
     kstar = KStarEstimator(cfg, engine.params)
 
     def size_of(job):
-        _, _, src = job
+        src = job[3]
         try:
             h, w = imio.image_size(src) if isinstance(src, Path) else (0, 0)
         except imio.ImageError:
@@ -265,7 +321,7 @@ def segment_files(inputs: Sequence, out_dir: str | os.PathLike, config: Config, 
     todo.sort(key=size_of)
 
     def prepare(job):
-        name, stem, src = job
+        name, _, _, src = job
         original = imio.load_image(src, cfg.max_pixels) if isinstance(src, Path) else \
             imio.as_float_image(src(), name)
         image = original
@@ -275,38 +331,40 @@ def segment_files(inputs: Sequence, out_dir: str | os.PathLike, config: Config, 
         return original, image, kstar(image)
 
     meta = {}
+    bar = _progress(len(todo), progress)
 
     def items():
         for job, prepared in _prefetch(todo, prepare):
-            name, stem, _ = job
+            name, source, stem, _ = job
             if isinstance(prepared, Exception):
                 msg = str(prepared)
                 if not isinstance(prepared, ValueError) or name not in msg:
                     msg = f"{name}: {type(prepared).__name__}: {prepared}"
-                record(error_entry(name, msg, stem))
+                record(error_entry(name, msg, stem, source))
                 bar.update(1)
                 continue
             original, image, k = prepared
-            meta[name] = (stem, original)
+            meta[name] = (source, stem, original)
             yield WorkItem(key=name, image=image, k_min=k)
 
-    bar = _progress(len(todo), progress)
     for r in engine.run(items()):
-        stem, original = meta.pop(r.key)
+        source, stem, original = meta.pop(r.key)
         try:
+            if r.error:
+                record(error_entry(r.key, f"{r.key}: {r.error}", stem, source, r.iterations))
+                bar.update(1)
+                continue
             labels = r.labels
             if labels.shape != original.shape[:2]:
                 labels = resize_prediction(labels, original.shape[:2])
             labels = imio.renumber(labels)
-            imio.save_labels(out / f"{stem}.png", labels)
+            imio.save_labels(out / f"{stem}.png", labels, color=color_labels)
             imio.save_overlay(out / f"{stem}_overlay.png", original, labels)
-            record({"file": r.key, "stem": stem, "status": "ok", "error": None,
+            record({"file": r.key, "source": source, "stem": stem, "status": "ok", "error": None,
                     "height": int(original.shape[0]), "width": int(original.shape[1]),
                     "iterations": r.iterations, "clusters": int(labels.max()) + 1,
                     "k_min": r.k_min, "seconds": round(r.seconds, 4)})
-        except OSError as e:
-            record(error_entry(r.key, f"{r.key}: cannot write outputs: {e}", stem))
+        except (OSError, ValueError) as e:
+            record(error_entry(r.key, f"{r.key}: cannot write outputs: {e}", stem, source))
         bar.update(1)
     bar.close()
-    summary.seconds = time.perf_counter() - t_start
-    return summary

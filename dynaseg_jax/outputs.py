@@ -1,0 +1,202 @@
+"""The output folder of ``dynaseg segment``: lock, config record, results file, resume.
+
+A folder holds the results of ONE config. ``OutputFolder.open``:
+
+1. takes an exclusive lock on ``OUT/.dynaseg.lock`` for the whole run, so two runs
+   into one folder cannot interleave or truncate each other's lines;
+2. repairs ``results.jsonl``: a run killed in the middle of an append leaves a last
+   line without its newline, and the next append would be glued onto it; that torn
+   tail is truncated away (under the lock, so never another run's line);
+3. compares the folder's config digest (``config.toml``'s header and every record)
+   with this run's: a different config is an error unless ``overwrite``, which
+   deletes the old records and the label maps and overlays they name;
+4. writes ``config.toml`` (the config as TOML, with its digest and scale).
+
+An image is done when an ``ok`` record carries its source (resolved file path or
+dataset id) and this config's digest, and its label map exists.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+from . import images as imio
+from .config import Config, ConfigError, config_digest, to_toml
+
+try:  # POSIX; elsewhere the folder is not locked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+RESULTS = "results.jsonl"
+CONFIG = "config.toml"
+LOCK = ".dynaseg.lock"
+_DIGEST_LINE = re.compile(r"^# config digest: ([0-9a-f]+)\s*$", re.MULTILINE)
+
+
+class OutputFolderError(ConfigError):
+    """An output folder that this run may not write into (exit code 2, like a bad config)."""
+
+
+def drop_torn_tail(path: str | os.PathLike) -> int:
+    """Truncates a file after its last newline; returns the number of bytes dropped.
+
+    Appends write whole lines, so only the last line of a results file can be torn
+    (the process died inside ``write``). Call with the folder lock held.
+    """
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return 0
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return 0
+            # Search backwards in blocks for the last newline.
+            pos, block = size, 1 << 16
+            keep = 0
+            while pos > 0:
+                start = max(0, pos - block)
+                f.seek(start)
+                chunk = f.read(pos - start)
+                i = chunk.rfind(b"\n")
+                if i >= 0:
+                    keep = start + i + 1
+                    break
+                pos = start
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+            return size - keep
+    except FileNotFoundError:
+        return 0
+
+
+@dataclasses.dataclass
+class OutputFolder:
+    """An open, locked output folder. Use ``OutputFolder.open``; ``close()`` unlocks."""
+
+    path: Path
+    digest: str
+    records: list          # this config's records already in results.jsonl
+    dropped_bytes: int     # size of the torn tail removed on open (0 if none)
+    _lock_fd: int | None = None
+
+    @property
+    def results_path(self) -> Path:
+        return self.path / RESULTS
+
+    @classmethod
+    def open(cls, out_dir: str | os.PathLike, config: Config, scale: float = 1.0,
+             overwrite: bool = False, resolved: Config | None = None) -> "OutputFolder":
+        """Creates/locks/repairs the folder and checks that it holds this config's results.
+
+        Args:
+          out_dir: the output folder (created with its parents).
+          config: the run's Config (its digest keys the resume).
+          scale: the run's ``--scale`` (part of the digest).
+          overwrite: replace results of another config instead of refusing.
+          resolved: optionally the backend-resolved config, noted in config.toml.
+
+        Raises:
+          OutputFolderError: ``out_dir`` is a file, is locked by another run, or holds
+            results of another config (without ``overwrite``).
+        """
+        path = Path(out_dir)
+        if path.exists() and not path.is_dir():
+            raise OutputFolderError(f"--out {path}: exists and is not a folder")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputFolderError(f"--out {path}: cannot create folder ({e.strerror})") from None
+        lock_fd = _lock(path)
+        try:
+            digest = config_digest(config, scale)
+            dropped = drop_torn_tail(path / RESULTS)
+            records = imio.read_jsonl(path / RESULTS)
+            found = _folder_digests(path, records)
+            if found - {digest}:
+                if not overwrite:
+                    old = ", ".join(sorted(d or "none (older dynaseg)" for d in found - {digest}))
+                    raise OutputFolderError(
+                        f"--out {path}: holds results of another config (digest {old}; this run: "
+                        f"{digest}; see {path / CONFIG}); use --overwrite to replace them, "
+                        f"or another --out")
+            if overwrite:
+                _delete_results(path, records)
+                records = []
+            header = (f"Written by dynaseg segment: the config of every result in this folder.\n"
+                      f"config digest: {digest}\n"
+                      f"scale: {float(scale)!r} (--scale; part of the digest)\n")
+            if resolved is not None:
+                auto = ", ".join(f"{k} = {getattr(resolved, k)!r}" for k in
+                                 ("strategy", "conv_impl", "batch", "sync_every"))
+                header += f"resolved on the machine that wrote it: {auto}\n"
+            imio.write_text_atomic(path / CONFIG, to_toml(config, header))
+            return cls(path, digest, records, dropped, lock_fd)
+        except BaseException:
+            _unlock(lock_fd)
+            raise
+
+    def done_sources(self) -> dict[str, str]:
+        """{source: stem} of images finished under this config whose label map exists."""
+        return {r["source"]: r["stem"] for r in self.records
+                if r.get("status") == "ok" and r.get("config") == self.digest
+                and r.get("source") and (self.path / f"{r.get('stem')}.png").exists()}
+
+    def append(self, record: dict) -> None:
+        """Appends one record (with this folder's config digest) and flushes it to disk."""
+        imio.append_jsonl(self.results_path, {**record, "config": self.digest})
+
+    def close(self) -> None:
+        _unlock(self._lock_fd)
+        self._lock_fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _folder_digests(path: Path, records: list) -> set:
+    """Config digests found in the folder: config.toml's header and every record's
+    (None for records without one, written before digests existed)."""
+    found = {r.get("config") for r in records if r.get("status") in ("ok", "error")}
+    try:
+        m = _DIGEST_LINE.search((path / CONFIG).read_text(encoding="utf-8"))
+        found.add(m.group(1) if m else None)
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError):
+        found.add(None)
+    return found
+
+
+def _delete_results(path: Path, records: list) -> None:
+    for r in records:
+        stem = r.get("stem")
+        if isinstance(stem, str) and stem and "/" not in stem and stem not in (".", ".."):
+            for name in (f"{stem}.png", f"{stem}_overlay.png"):
+                (path / name).unlink(missing_ok=True)
+    (path / RESULTS).unlink(missing_ok=True)
+
+
+def _lock(path: Path) -> int | None:
+    if fcntl is None:
+        return None
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise OutputFolderError(f"--out {path}: another dynaseg run is writing into this folder "
+                                f"(it holds {path / LOCK}); wait for it or choose another --out") from None
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
