@@ -262,3 +262,18 @@ def test_light_commands_do_not_import_jax():
             "import dynaseg_jax.runner; assert callable(dynaseg_jax.segment), dynaseg_jax.segment")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_errors_are_written_above_the_progress_bar(tmp_path, capsys, tiny_config):
+    from dynaseg_jax.runner import segment_files
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "bad.jpg").write_text("not a jpeg")
+    summary = segment_files([d], tmp_path / "out", tiny_config, progress=True)
+    assert summary.failed == 1
+    err = capsys.readouterr().err
+    assert "%|" in err  # the bar was drawn
+    i = err.index("error: ")
+    # tqdm.write clears the bar's line first: the message starts a line of its own
+    # instead of being glued after the bar's text ("...img/s]error: ...").
+    assert err[i - 1] in "\r\n", repr(err[max(0, i - 40): i + 20])
