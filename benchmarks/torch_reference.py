@@ -67,10 +67,18 @@ class TorchDynaSeg(nn.Module):
         self.classifier = nn.Conv2d(channels, n_clusters, kernel_size=1)
         self.bn_out = nn.BatchNorm2d(n_clusters, eps=BN_EPS, track_running_stats=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x (N, 3, H, W). Returns: r' (N, q, H, W)."""
-        for conv, bn in zip(self.convs, self.bns):
-            x = bn(F.relu(conv(x)))
+    def forward(self, x: torch.Tensor, relu_masks=None) -> torch.Tensor:
+        """Args: x (N, 3, H, W). Returns: r' (N, q, H, W).
+
+        ``relu_masks`` (optional, one 0/1 tensor shaped like each conv output) replaces
+        ReLU's own choice of which pre-activations pass: ``y * mask`` instead of
+        ``relu(y)``. ReLU's derivative jumps at 0, so a float64 "truth" of a float32 step
+        must take the float32 run's choice where rounding put a pre-activation on the
+        other side of 0; where the choices agree the value is relu(y) exactly.
+        """
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            y = conv(x)
+            x = bn(F.relu(y) if relu_masks is None else y * relu_masks[i])
         return self.bn_out(self.classifier(x))
 
 
@@ -100,37 +108,58 @@ def make_schedule(config: Config) -> Callable[[int, int], float]:
     raise ValueError(f"unknown schedule {config.schedule!r}; use fixed, fsf or scf")
 
 
-def loss_terms(response: torch.Tensor, schedule: Callable[[int, int], float], step: int):
-    """The DynaSeg loss of one forward pass.
+def loss_terms(response: torch.Tensor, schedule: Callable[[int, int], float], step: int,
+               labels: torch.Tensor | None = None, con_signs=None):
+    """The DynaSeg loss of one forward pass (in the response's dtype: float32 or float64).
 
     Args:
       response: r' of one image, (1, q, H, W).
       schedule: mu as a function of (q', step).
       step: the iteration index t (0-based).
+      labels: optional (H*W,) labels to use instead of argmax r' (and to count q' from).
+        The argmax is discontinuous: a float64 "truth" of a float32 step must take the
+        float32 run's labels, or a near-tie decided the other way changes the loss.
+      con_signs: optional (vertical (H-1, W, q), horizontal (H, W-1, q)) signs s of the
+        differences d in L_con, which then uses s * d in place of |d|: |d|'s derivative
+        jumps at d = 0, so a float64 truth takes a float32 run's signs where rounding
+        decided them the other way (torch's L1Loss takes the subgradient 0 at d = 0).
 
     Returns:
       (loss tensor, dict with l_sim, l_con tensors, mu float, n_clusters int, labels (H*W,)).
     """
     r = response[0].permute(1, 2, 0)  # (H, W, q): pixels first, as the reference flattens
     flat = r.reshape(-1, r.shape[-1])
-    labels = flat.argmax(dim=1)  # c; integer, so no gradient flows through it
+    if labels is None:
+        labels = flat.argmax(dim=1)  # c; integer, so no gradient flows through it
+    else:
+        labels = torch.as_tensor(labels, device=flat.device).reshape(-1).long()
     # q' from this forward pass, before the update (a host sync, as in the reference).
     n_clusters = int(torch.unique(labels).numel())
     l_sim = F.cross_entropy(flat, labels)
     # L1 towards a zero target of the vertical / horizontal differences, each a mean.
-    l_con = F.l1_loss(r[1:], r[:-1]) + F.l1_loss(r[:, 1:], r[:, :-1])
+    if con_signs is None:
+        l_con = F.l1_loss(r[1:], r[:-1]) + F.l1_loss(r[:, 1:], r[:, :-1])
+    else:
+        sv, sh = (torch.as_tensor(s, dtype=r.dtype, device=r.device) for s in con_signs)
+        l_con = (sv * (r[1:] - r[:-1])).mean() + (sh * (r[:, 1:] - r[:, :-1])).mean()
     mu = schedule(n_clusters, step)
     loss = l_sim + mu * l_con
     return loss, {"l_sim": l_sim, "l_con": l_con, "mu": mu, "n_clusters": n_clusters,
                   "labels": labels}
 
 
-def image_to_tensor(image: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Float RGB (H, W, 3) in [0, 1] -> float32 tensor (1, 3, H, W) on ``device``."""
+def image_to_tensor(image: np.ndarray, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Float RGB (H, W, 3) in [0, 1] -> tensor (1, 3, H, W) on ``device``.
+
+    The pixels are rounded to float32 first, also for ``dtype=torch.float64``: a float64
+    run then sees exactly the float32 image that a float32 run sees.
+    """
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)[None])).to(device)
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)[None]))
+    return x.to(device=device, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -262,14 +291,15 @@ def jax_params_to_torch_state_dict(params: Mapping) -> dict[str, torch.Tensor]:
     return sd
 
 
-def torch_state_dict_to_jax_params(state_dict: Mapping) -> dict:
+def torch_state_dict_to_jax_params(state_dict: Mapping, dtype=np.float32) -> dict:
     """A ``TorchDynaSeg`` state dict -> our flax parameters ``{'params': {...}}``.
 
     Conv weights go from OIHW to HWIO; BN weight/bias become scale/bias. Buffers
     (running statistics, if a model has them) are ignored: they never affect the output.
-    Leaves are float32 numpy arrays (``jax.tree.map(jnp.asarray, ...)`` moves them).
+    Leaves are numpy arrays of ``dtype`` (float32; float64 keeps a float64 model's values
+    exact); ``jax.tree.map(jnp.asarray, ...)`` moves float32 ones to JAX.
     """
-    sd = {k: _to_numpy(v).astype(np.float32) for k, v in state_dict.items()}
+    sd = {k: _to_numpy(v).astype(dtype) for k, v in state_dict.items()}
     n_conv = len({k.split(".")[1] for k in sd if k.startswith("convs.")})
     p = {}
     for i in range(n_conv):
