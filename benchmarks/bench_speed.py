@@ -84,7 +84,7 @@ class JaxRunner:
 
     def __init__(self, config, h, w, batch):
         self.engine = Engine(config.replace(batch=batch, max_iters=10 ** 9))
-        bucket = bucket_shape(h, w, self.engine.config)
+        bucket = bucket_shape(h, w, self.engine.config, self.engine.model)
         self.group = _SlotGroup(self.engine, bucket[:2])
         t = time.perf_counter()
         for i in range(batch):

@@ -43,7 +43,7 @@ class TorchDynaSeg(nn.Module):
     """``n_conv`` x (conv3x3 pad 1 -> ReLU -> BN), then conv1x1 -> BN: the response r'.
 
     Convolutions keep PyTorch's default initialisation, which is what the reference
-    uses (and what ``dynaseg_jax.model.torch_uniform_init`` reproduces). BatchNorm is
+    uses (and what ``dynaseg_jax.models.layers.torch_uniform_init`` reproduces). BatchNorm is
     built without running statistics, so it normalises with the batch (= this image's)
     statistics in train and eval mode alike: the reference never leaves train mode, and
     its running statistics are never read (SPEC section 1).

@@ -19,7 +19,7 @@ _EXPORTS = {
     "ImageError": "images", "load_image": "images",
     "continuity_loss": "losses", "count_clusters": "losses", "labels_from_response": "losses",
     "similarity_loss": "losses",
-    "DynaSegCNN": "model", "MaskedBatchNorm": "model", "build_model": "model",
+    "DynaSegCNN": "models.cnn", "MaskedBatchNorm": "models.layers", "build_model": "models",
     "fixed": "schedules", "fsf": "schedules", "make_schedule": "schedules", "scf": "schedules",
     "segment": "runner", "segment_files": "runner",
     "estimate_k": "silhouette",

@@ -17,6 +17,7 @@ Strategies:
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections import Counter
 from typing import Any, Iterable, Iterator
@@ -27,7 +28,7 @@ import numpy as np
 
 from . import train
 from .config import Config
-from .model import build_model, default_conv_impl
+from .models import build_model, default_conv_impl
 
 
 def resolve_config(config: Config, backend: str | None = None) -> Config:
@@ -46,13 +47,23 @@ def resolve_config(config: Config, backend: str | None = None) -> Config:
     return dataclasses.replace(config, **changes) if changes else config
 
 
-def bucket_shape(height: int, width: int, config: Config) -> tuple[int, int, bool]:
+def bucket_shape(height: int, width: int, config: Config, model=None) -> tuple[int, int, bool]:
     """(bucket_h, bucket_w, transposed) for an image: a function of its own shape only,
-    so its result never depends on the other images of a run."""
-    transposed = bool(config.transpose_portrait and height > width)
+    so its result never depends on the other images of a run.
+
+    Args:
+      height, width: the image's size.
+      config: gives ``bucket_multiple`` and ``transpose_portrait``.
+      model: the network (models/__init__.py contract): sides are rounded to a multiple
+        of both ``bucket_multiple`` and its ``input_multiple``, and a portrait image is
+        transposed only if the model is ``transposable``. None: a stride-free,
+        transposable model (the CNN).
+    """
+    transposable = getattr(model, "transposable", True)
+    transposed = bool(config.transpose_portrait and transposable and height > width)
     if transposed:
         height, width = width, height
-    m = config.bucket_multiple
+    m = math.lcm(config.bucket_multiple, getattr(model, "input_multiple", 1))
     return -(-height // m) * m, -(-width // m) * m, transposed
 
 
@@ -101,15 +112,17 @@ class Engine:
     Args:
       config: a Config; 'auto' strategy/conv_impl are resolved for the default backend.
       params: initial network parameters (default: ``train.init_params(config)``).
+      model: the network, built once and shared with the train step and predict
+        (default: ``build_model(config)``).
 
     ``run(items)`` yields a SlotResult per WorkItem, in completion order.
     ``trace_counts`` counts how often each (strategy, bucket) step was traced.
     """
 
-    def __init__(self, config: Config, params=None):
+    def __init__(self, config: Config, params=None, model=None):
         self.config = resolve_config(config)
-        self.model = build_model(self.config)
-        self.params = params if params is not None else train.init_params(self.config)
+        self.model = model or build_model(self.config)
+        self.params = params if params is not None else train.init_params(self.config, model=self.model)
         self.fresh_state = train.init_state(self.config, self.params)
         self.trace_counts: Counter = Counter()
         # Chunks of sync_every steps as a fori_loop (accelerators) or unrolled (CPU).
@@ -184,7 +197,7 @@ class Engine:
                         exhausted = True
                         break
                 h, w, _ = pending.image.shape
-                bucket = bucket_shape(h, w, self.config)
+                bucket = bucket_shape(h, w, self.config, self.model)
                 group = groups.get(bucket[:2])
                 if group is None:
                     # Free the slot memory of drained buckets before opening a new one.

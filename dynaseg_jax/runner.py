@@ -22,7 +22,7 @@ from . import silhouette
 from .config import Config, load_config
 from .engine import Engine, WorkItem, bucket_shape, pad_to_bucket, resolve_config
 from .metrics import resize_prediction
-from .model import build_model
+from .models import build_model
 from .outputs import OutputFolder
 
 
@@ -41,20 +41,24 @@ class KStarEstimator:
     ``bucket_multiple`` with a validity mask (exact: BatchNorm statistics are masked),
     so a folder of mixed sizes compiles the feature function once per padded shape,
     not once per image size. ``trace_count`` counts those compilations.
+
+    Args:
+      config: a Config.
+      params: the initial network parameters the images start from.
+      model: the network (the engine's; default: ``build_model(config)``).
     """
 
-    def __init__(self, config: Config, params):
+    def __init__(self, config: Config, params, model=None):
         self.config = config
         self.trace_count = 0
         self._features = None
+        self._model = model = model or build_model(config)
         # Features of the image as given: padded, never transposed.
         self._pad_config = dataclasses.replace(config, transpose_portrait=False)
         if config.k_min == "silhouette" and config.silhouette_features == "network":
-            model = build_model(config)
-
             def features(img, mask):
                 self.trace_count += 1  # runs at trace time only
-                return model.apply(params, img, mask, return_features=True)
+                return model.apply(params, img, mask, method="features")
 
             self._features = jax.jit(features)
 
@@ -64,7 +68,7 @@ class KStarEstimator:
         if self._features is None:
             return silhouette.color_position_features(image, c.silhouette_position_scale)
         h, w, _ = image.shape
-        padded, mask = pad_to_bucket(image, bucket_shape(h, w, self._pad_config))
+        padded, mask = pad_to_bucket(image, bucket_shape(h, w, self._pad_config, self._model))
         feats = np.asarray(self._features(jnp.asarray(padded), jnp.asarray(mask)))[:h, :w]
         return feats.reshape(h * w, -1)
 
@@ -125,8 +129,9 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
             imio.check_size(*arr.shape[:2], config.max_pixels, f"images[{i}]")
             arrays.append(arr)
     engine = Engine(config)
-    kstar = KStarEstimator(engine.config, engine.params)
-    order = sorted(range(len(arrays)), key=lambda i: _bucket_order(arrays[i].shape, engine.config))
+    kstar = KStarEstimator(engine.config, engine.params, engine.model)
+    order = sorted(range(len(arrays)),
+                   key=lambda i: _bucket_order(arrays[i].shape, engine.config, engine.model))
 
     def items():
         for i, k in _prefetch(order, lambda i: kstar(arrays[i])):
@@ -145,8 +150,8 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
     return out
 
 
-def _bucket_order(shape, config):
-    return bucket_shape(shape[0], shape[1], config)[:2]
+def _bucket_order(shape, config, model):
+    return bucket_shape(shape[0], shape[1], config, model)[:2]
 
 
 def _progress(total: int, enabled: bool):
@@ -307,7 +312,7 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
     if not todo:
         return
     engine = Engine(config)  # built only when there is work: it compiles the initial network
-    kstar = KStarEstimator(cfg, engine.params)
+    kstar = KStarEstimator(cfg, engine.params, engine.model)
 
     def size_of(job):
         src = job[3]
@@ -316,7 +321,7 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
         except imio.ImageError:
             h, w = 0, 0
         h, w = max(1, round(h * scale)), max(1, round(w * scale))
-        return _bucket_order((h, w), cfg)
+        return _bucket_order((h, w), cfg, engine.model)
 
     todo.sort(key=size_of)
 

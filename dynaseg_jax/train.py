@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from . import losses
-from .model import build_model
+from .models import build_model
 from .schedules import make_schedule
 
 INIT_SHAPE = (8, 8)  # parameter shapes do not depend on the image size
@@ -35,11 +35,17 @@ def make_optimizer(config) -> optax.GradientTransformation:
                        optax.sgd(config.lr, momentum=config.momentum or None))
 
 
-def init_params(config, key: jax.Array | None = None):
-    """Initial network parameters (PyTorch-default init) from ``key`` (default: config.seed)."""
+def init_params(config, key: jax.Array | None = None, model=None):
+    """Initial network parameters (PyTorch-default init) from ``key`` (default: config.seed).
+
+    Args:
+      config: a Config.
+      key: PRNG key; default ``PRNGKey(config.seed)``.
+      model: the network (default: ``build_model(config)``).
+    """
     if key is None:
         key = jax.random.PRNGKey(config.seed)
-    model = build_model(config)
+    model = model or build_model(config)
     dummy = jnp.zeros(INIT_SHAPE + (3,), jnp.float32)
     # jit: eager flax init dispatches op by op and takes seconds on CPU.
     return jax.jit(model.init)(key, dummy, jnp.ones(INIT_SHAPE, jnp.float32))

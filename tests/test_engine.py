@@ -88,3 +88,16 @@ def test_diverged_image_is_reported(engine):
     assert r.error.startswith("diverged: non-finite loss or parameters at iteration 2")
     assert r.iterations == 2
     assert all(r.error is None for r in run(engine, IMAGES[:2]).values())
+
+
+def test_bucket_shape_consults_the_model(tiny_config):
+    from types import SimpleNamespace
+    strided = SimpleNamespace(input_multiple=32, transposable=False)  # e.g. a pretrained trunk
+    # Sides rounded to a multiple of both bucket_multiple (8) and the model's 32 ...
+    assert bucket_shape(13, 18, tiny_config, strided) == (32, 32, False)
+    assert bucket_shape(40, 70, tiny_config.replace(bucket_multiple=48), strided) == (96, 96, False)
+    # ... and a portrait image keeps its own orientation when the model forbids transposing.
+    assert bucket_shape(70, 40, tiny_config, strided) == (96, 64, False)
+    from dynaseg_jax.models import build_model
+    cnn = build_model(tiny_config)
+    assert bucket_shape(18, 13, tiny_config, cnn) == bucket_shape(18, 13, tiny_config) == (16, 24, True)

@@ -1,15 +1,24 @@
 """The network: PyTorch init, masked BatchNorm, conv formulations, exact padding."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynaseg_jax.model import DynaSegCNN, MaskedBatchNorm, conv3x3_im2col, conv3x3_winograd
+from dynaseg_jax.models.cnn import DynaSegCNN
+from dynaseg_jax.models.conv3x3 import CONV3X3, conv3x3_im2col, conv3x3_winograd
+from dynaseg_jax.models.layers import Conv, MaskedBatchNorm
 from tests.conftest import smooth_image
 
 
+def cnn_conv(impl, precision=None):
+    """The conv layer the CNN is given for a formulation, as ``models.cnn.build`` makes it."""
+    return functools.partial(Conv, conv3x3=CONV3X3[impl], precision=precision)
+
+
 def test_torch_default_init_bounds():
-    model = DynaSegCNN(channels=20, n_clusters=10, n_conv=2)
+    model = DynaSegCNN(channels=20, max_clusters=10, n_conv=2)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((8, 8, 3)), jnp.ones((8, 8)))["params"]
     for name, fan_in in [("conv0", 27), ("conv1", 180), ("classifier", 20)]:
         bound = 1 / np.sqrt(fan_in)
@@ -90,7 +99,7 @@ def test_winograd_gradients_under_vmap_match_direct():
 
 @pytest.mark.parametrize("impl", ["lax", "im2col", "winograd"])
 def test_padding_does_not_change_response(impl):
-    model = DynaSegCNN(channels=8, n_clusters=6, n_conv=2, conv_impl=impl)
+    model = DynaSegCNN(channels=8, max_clusters=6, n_conv=2, conv=cnn_conv(impl))
     img = smooth_image(10, 13, 0)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((8, 8, 3)), jnp.ones((8, 8)))
     want = model.apply(params, jnp.asarray(img), jnp.ones((10, 13)))
@@ -118,7 +127,7 @@ def test_matmul_precision_reaches_every_product(impl):
     # learned weights use the fast default, only the Winograd transforms stay exact.
     kinds = {}
     for precision in ("float32", "bfloat16"):
-        model = DynaSegCNN(channels=16, n_clusters=8, conv_impl=impl, precision=precision)
+        model = DynaSegCNN(channels=16, max_clusters=8, conv=cnn_conv(impl, precision))
         params = model.init(jax.random.PRNGKey(0), jnp.zeros((8, 8, 3)), jnp.ones((8, 8)))
         kinds[precision] = _product_precisions(model, params)
     assert all(p == ["HIGHEST", "HIGHEST"] for p in kinds["float32"])

@@ -35,7 +35,7 @@ def test_network_features_compile_once_per_padded_shape(tiny_config):
     import jax.numpy as jnp
 
     from dynaseg_jax import train
-    from dynaseg_jax.model import build_model
+    from dynaseg_jax.models import build_model
     from dynaseg_jax.runner import KStarEstimator
     from tests.conftest import smooth_image
 
@@ -46,7 +46,7 @@ def test_network_features_compile_once_per_padded_shape(tiny_config):
     model = build_model(config)
     for h, w in [(13, 17), (15, 20)]:  # both pad to 16 x 24
         img = smooth_image(h, w, h)
-        feats = model.apply(params, jnp.asarray(img), jnp.ones((h, w)), return_features=True)
+        feats = model.apply(params, jnp.asarray(img), jnp.ones((h, w)), method="features")
         feats = np.asarray(feats).reshape(h * w, -1)
         np.testing.assert_allclose(estimator.features(img), feats, rtol=1e-4, atol=1e-4)
         want, _ = estimate_k(feats, config.silhouette_k_range, config.silhouette_samples, config.seed)

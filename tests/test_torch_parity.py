@@ -51,10 +51,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from dynaseg_jax import model as model_lib  # noqa: E402
+from dynaseg_jax.models import conv3x3 as conv3x3_lib  # noqa: E402
+from dynaseg_jax.models.layers import MaskedBatchNorm  # noqa: E402
 from dynaseg_jax import train  # noqa: E402
 from dynaseg_jax.config import load_config  # noqa: E402
-from dynaseg_jax.model import build_model  # noqa: E402
+from dynaseg_jax.models import build_model  # noqa: E402
 from dynaseg_jax.schedules import make_schedule  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,8 +114,8 @@ def winograd_error_factor() -> float:
     the rest of the backward pass) do not grow, so kappa * torch's error is generous.
     """
     ones3, ones6 = np.ones(3), np.ones(6)
-    f = np.abs(model_lib._WINO_AT) @ ((np.abs(model_lib._WINO_G) @ ones3)
-                                      * (np.abs(model_lib._WINO_BT) @ ones6))
+    f = np.abs(conv3x3_lib._WINO_AT) @ ((np.abs(conv3x3_lib._WINO_G) @ ones3)
+                                      * (np.abs(conv3x3_lib._WINO_BT) @ ones6))
     return float(np.mean(f ** 2) / 3.0 ** 2)
 
 
@@ -217,7 +218,7 @@ def init_weights():
     return state_dict, _to_jax(ref.torch_state_dict_to_jax_params(state_dict))
 
 
-def make_forward(config):
+def make_forward(config, model=None):
     """``forward(params, image, mask) -> (r', (y_0, ..., y_{n_conv-1}))``: the response and
     the pre-activations of the 3x3 convs, whose signs are the ReLU pattern of a step.
 
@@ -226,7 +227,7 @@ def make_forward(config):
     a pre-activation within rounding of 0, the check would fail with a jump-sized,
     ~1e-3 relative, error, not pass silently.)
     """
-    model = build_model(config)
+    model = model or build_model(config)
     convs = {f"conv{i}" for i in range(config.n_conv)}
 
     def forward(params, image, mask):
@@ -668,11 +669,10 @@ def _buggy_eps_step(start, forward):
     del forward  # the buggy model has its own
     state = jax_state(start)
     x, mask = jnp.zeros(TINY + (3,), jnp.float32), jnp.ones(TINY, jnp.float32)
-    with pytest.MonkeyPatch.context() as mp:  # DynaSegCNN looks the class up when traced
-        mp.setattr(model_lib, "MaskedBatchNorm",
-                   functools.partial(model_lib.MaskedBatchNorm, eps=1e-3))
-        step = jax.jit(train.make_train_step(CONFIG)).lower(state, x, mask).compile()
-        forward = jax.jit(make_forward(CONFIG)).lower(state["params"], x, mask).compile()
+    # The CNN takes its normalisation as an injected layer: inject the wrong eps.
+    buggy = build_model(CONFIG).clone(norm=functools.partial(MaskedBatchNorm, eps=1e-3))
+    step = jax.jit(train.make_train_step(CONFIG, model=buggy)).lower(state, x, mask).compile()
+    forward = jax.jit(make_forward(CONFIG, buggy)).lower(state["params"], x, mask).compile()
     return step, forward, None
 
 

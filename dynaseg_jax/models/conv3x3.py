@@ -1,67 +1,31 @@
-"""The DynaSeg CNN: feature extractor, 1x1 classifier and per-image BatchNorm.
+"""3x3 convolution formulations: the same function, three costs.
 
-All modules work on ONE image, shaped ``(H, W, C)``, with a validity mask ``(H, W)``
-(1 for real pixels, 0 for bucket padding). Batches of images, each with its own
-parameters, are made with ``jax.vmap`` over ``init``/``apply`` (see ``engine.py``).
+Each maps ``x (H, W, Cin)`` and a kernel ``(3, 3, Cin, Cout)`` (HWIO) to the stride-1,
+zero-padding-1 correlation ``(H, W, Cout)``, as ``torch.nn.Conv2d(padding=1)`` computes
+it (without bias). ``precision`` is the precision of the products with the kernel
+(``MATMUL_PRECISIONS``; None: JAX's default).
 
-Padding is exact: padded pixels are zeroed before every 3x3 convolution (so a conv
-sees the zeros PyTorch's ``padding=1`` would), and BatchNorm statistics are taken
-over real pixels only.
+* ``lax``: ``lax.conv_general_dilated``; under ``vmap`` over per-image kernels it
+  becomes a grouped convolution (slow backward on CPU and GPU);
+* ``im2col``: nine shifted copies and one matmul (a batched matmul under vmap);
+* ``winograd``: F(4x4, 3x3), 36 batched tile matmuls, with a hand-written VJP.
 """
 from __future__ import annotations
 
 import functools
-import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-BN_EPS = 1e-5  # torch.nn.BatchNorm2d default
+MATMUL_PRECISIONS = ("float32", "tensorfloat32", "bfloat16")
 
 
-def torch_uniform_init(fan_in: int):
-    """PyTorch's default Conv2d init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-
-    ``kaiming_uniform_(a=sqrt(5))`` has gain sqrt(2/(1+5)) and bound
-    gain*sqrt(3/fan_in) = 1/sqrt(fan_in); the bias uses the same bound
-    (torch/nn/modules/conv.py, ``reset_parameters``).
-    """
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def masked_batch_norm_stats(x: jax.Array, mask: jax.Array):
-    """Mean and biased variance over the real pixels of ``x`` (H, W, C)."""
-    m = mask[..., None].astype(x.dtype)
-    n = jnp.maximum(jnp.sum(m), 1.0)
-    mean = jnp.sum(x * m, axis=(0, 1)) / n
-    var = jnp.sum(jnp.square(x - mean) * m, axis=(0, 1)) / n
-    return mean, var
-
-
-class MaskedBatchNorm(nn.Module):
-    """BatchNorm in training mode over one image's real pixels (no running stats).
-
-    The reference never leaves train mode, so only batch statistics are ever used
-    (docs/algorithm.md section 1.3); torch normalises with the biased variance.
-    """
-
-    eps: float = BN_EPS
-
-    @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,))
-        bias = self.param("bias", nn.initializers.zeros, (c,))
-        mean, var = masked_batch_norm_stats(x, mask)
-        inv = jax.lax.rsqrt(var + self.eps) * scale
-        return (x - mean) * inv + bias
+def conv3x3_lax(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
+    """3x3 conv, stride 1, explicit zero padding ((1, 1), (1, 1)), by ``lax.conv``."""
+    return jax.lax.conv_general_dilated(
+        x[None], kernel, window_strides=(1, 1), padding=((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)[0]
 
 
 def conv3x3_im2col(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
@@ -173,88 +137,21 @@ def _conv3x3_winograd_bwd(precision, residuals, dy):
 conv3x3_winograd.defvjp(_conv3x3_winograd_fwd, _conv3x3_winograd_bwd)
 
 
-CONV_IMPLS = ("lax", "im2col", "winograd")
-MATMUL_PRECISIONS = ("float32", "tensorfloat32", "bfloat16")
+# Below this many input channels (the RGB layer) Winograd's 36 x Cout product tiles cost
+# more memory traffic than the tiny im2col matmul they would save.
 WINOGRAD_MIN_CIN = 16
 
 
-class Conv(nn.Module):
-    """Stride-1 conv with PyTorch init and explicit zero padding (k // 2).
-
-    ``impl`` picks the formulation of the 3x3 conv: ``"lax"``
-    (``lax.conv_general_dilated``), ``"im2col"`` (shifted copies + one matmul) or
-    ``"winograd"`` (F(4x4, 3x3)). All compute the same function; the parameter layout
-    (kernel HWIO, bias) is identical. ``precision`` is the matmul/conv precision of the
-    learned-weight products (``MATMUL_PRECISIONS``; None: JAX's default).
-    """
-
-    features: int
-    kernel_size: int = 3
-    impl: str = "lax"
-    precision: str | None = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        k, cin = self.kernel_size, x.shape[-1]
-        init = torch_uniform_init(cin * k * k)
-        kernel = self.param("kernel", init, (k, k, cin, self.features))
-        bias = self.param("bias", init, (self.features,))
-        precision = self.precision
-        if k == 1:
-            y = jnp.dot(x, kernel[0, 0], precision=precision)
-        elif self.impl == "im2col" and k == 3:
-            y = conv3x3_im2col(x, kernel, precision)
-        elif self.impl == "winograd" and k == 3 and cin < WINOGRAD_MIN_CIN:
-            # Few input channels (the RGB layer): Winograd's 36 x Cout product tiles cost
-            # more memory traffic than the tiny im2col matmul they would save.
-            y = conv3x3_im2col(x, kernel, precision)
-        elif self.impl == "winograd" and k == 3:
-            y = conv3x3_winograd(x, kernel, precision)
-        elif self.impl in CONV_IMPLS:
-            p = k // 2
-            y = jax.lax.conv_general_dilated(
-                x[None], kernel, window_strides=(1, 1), padding=((p, p), (p, p)),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)[0]
-        else:
-            raise ValueError(f"unknown conv impl {self.impl!r}; use one of {CONV_IMPLS}")
-        return y + bias
+def conv3x3_winograd_layer(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
+    """Winograd, except im2col for layers with fewer than WINOGRAD_MIN_CIN inputs."""
+    if x.shape[-1] < WINOGRAD_MIN_CIN:
+        return conv3x3_im2col(x, kernel, precision)
+    return conv3x3_winograd(x, kernel, precision)
 
 
-class DynaSegCNN(nn.Module):
-    """``n_conv`` x (conv3x3 -> ReLU -> BN), then conv1x1 -> BN: the response r'.
-
-    Args (attributes):
-      channels: p, the width of the feature extractor.
-      n_clusters: q, the number of output channels (maximum number of labels).
-      n_conv: number of conv3x3 blocks (reference BSD script: 2; paper: 3).
-      conv_impl: ``"lax"``, ``"im2col"`` or ``"winograd"`` (same function, different speed).
-      precision: ``"float32"`` (exact), ``"tensorfloat32"`` or ``"bfloat16"`` for the
-        products with learned weights (speed on GPU/TPU; no effect on CPU), or None for
-        JAX's default (``jax_default_matmul_precision``).
-
-    Call with ``(image (H, W, 3), mask (H, W))``; returns r' of shape (H, W, q).
-    Pass ``return_features=True`` to get the p-dim feature map instead.
-    """
-
-    channels: int = 100
-    n_clusters: int = 100
-    n_conv: int = 2
-    conv_impl: str = "lax"
-    precision: str | None = None
-
-    @nn.compact
-    def __call__(self, image: jax.Array, mask: jax.Array, return_features: bool = False):
-        m = mask[..., None].astype(image.dtype)
-        x = image * m
-        for i in range(self.n_conv):
-            x = Conv(self.channels, 3, self.conv_impl, self.precision, name=f"conv{i}")(x)
-            x = nn.relu(x)
-            # Zero the padding so the next conv sees torch's zero border.
-            x = MaskedBatchNorm(name=f"bn{i}")(x, mask) * m
-        if return_features:
-            return x
-        x = Conv(self.n_clusters, 1, precision=self.precision, name="classifier")(x)
-        return MaskedBatchNorm(name="bn_out")(x, mask)
+# conv_impl name -> the function a Conv layer is given.
+CONV3X3 = {"lax": conv3x3_lax, "im2col": conv3x3_im2col, "winograd": conv3x3_winograd_layer}
+CONV_IMPLS = tuple(CONV3X3)
 
 
 def default_conv_impl(backend: str | None = None) -> str:
@@ -267,10 +164,3 @@ def default_conv_impl(backend: str | None = None) -> str:
     """
     del backend
     return "winograd"
-
-
-def build_model(config) -> DynaSegCNN:
-    """The network a config describes (``conv_impl="auto"`` resolved for the default backend)."""
-    impl = default_conv_impl() if config.conv_impl == "auto" else config.conv_impl
-    return DynaSegCNN(channels=config.channels, n_clusters=config.n_clusters,
-                      n_conv=config.n_conv, conv_impl=impl, precision=config.matmul_precision)

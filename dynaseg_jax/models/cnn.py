@@ -1,0 +1,65 @@
+"""The DynaSeg CNN (docs/algorithm.md section 1.2): ``n_conv`` x (conv3x3 -> ReLU -> BN),
+then conv1x1 -> BN, the response r'. Full resolution throughout (no strides), so any
+input size works and a transposed image is as good an input as any."""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import flax.linen as nn
+import jax
+
+from .conv3x3 import CONV3X3, default_conv_impl
+from .layers import Conv, MaskedBatchNorm
+
+
+class DynaSegCNN(nn.Module):
+    """The CNN of the authors' BSDS500 script.
+
+    Attributes:
+      channels: p, the width of the feature extractor.
+      max_clusters: q, output channels = the most labels (clusters) an image can get.
+      n_conv: number of conv3x3 blocks (reference BSD script: 2; paper: 3).
+      conv: the conv layer, ``conv(features, kernel_size, name=...)``; default ``Conv``
+        with ``lax.conv``; ``build`` injects the configured formulation and precision.
+      norm: the normalisation, ``norm(name=...)(x, mask)``; default ``MaskedBatchNorm``.
+
+    Call with ``(image (H, W, 3), mask (H, W))``; returns r' of shape (H, W, q).
+    ``features`` (``apply(..., method="features")``) gives the p-dim feature map.
+    """
+
+    channels: int = 100
+    max_clusters: int = 100
+    n_conv: int = 2
+    conv: Callable = Conv
+    norm: Callable = MaskedBatchNorm
+
+    # The model contract (models/__init__.py): no strides, and transposition is harmless.
+    input_multiple = 1
+    transposable = True
+
+    def setup(self):
+        self.convs = [self.conv(self.channels, 3, name=f"conv{i}") for i in range(self.n_conv)]
+        self.norms = [self.norm(name=f"bn{i}") for i in range(self.n_conv)]
+        self.classifier = self.conv(self.max_clusters, 1, name="classifier")
+        self.norm_out = self.norm(name="bn_out")
+
+    def features(self, image: jax.Array, mask: jax.Array) -> jax.Array:
+        """The p-dim feature map (H, W, p) before the classifier, zero on padding."""
+        m = mask[..., None].astype(image.dtype)
+        x = image * m
+        for conv, norm in zip(self.convs, self.norms):
+            # Zero the padding after each block so the next conv sees torch's zero border.
+            x = norm(nn.relu(conv(x)), mask) * m
+        return x
+
+    def __call__(self, image: jax.Array, mask: jax.Array) -> jax.Array:
+        return self.norm_out(self.classifier(self.features(image, mask)), mask)
+
+
+def build(config) -> DynaSegCNN:
+    """The CNN a config describes (``conv_impl="auto"`` resolved for the default backend)."""
+    impl = default_conv_impl() if config.conv_impl == "auto" else config.conv_impl
+    conv = functools.partial(Conv, conv3x3=CONV3X3[impl], precision=config.matmul_precision)
+    return DynaSegCNN(channels=config.channels, max_clusters=config.n_clusters,
+                      n_conv=config.n_conv, conv=conv)

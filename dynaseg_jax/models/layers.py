@@ -1,0 +1,96 @@
+"""Layers shared by the model family: PyTorch-default init, masked BatchNorm, a conv
+that takes its 3x3 formulation as an injected function.
+
+Every layer works on ONE image ``(H, W, C)``; a validity mask ``(H, W)`` (1 on real
+pixels, 0 on bucket padding) keeps padded pixels out of every statistic
+(docs/algorithm.md section 1.10). Batches of images, each with its own parameters, are
+made with ``jax.vmap`` over ``init``/``apply``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .conv3x3 import conv3x3_lax
+
+BN_EPS = 1e-5  # torch.nn.BatchNorm2d default
+
+
+def torch_uniform_init(fan_in: int):
+    """PyTorch's default Conv2d init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    ``kaiming_uniform_(a=sqrt(5))`` has gain sqrt(2/(1+5)) and bound
+    gain*sqrt(3/fan_in) = 1/sqrt(fan_in); the bias uses the same bound
+    (torch/nn/modules/conv.py, ``reset_parameters``).
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def masked_batch_norm_stats(x: jax.Array, mask: jax.Array):
+    """Mean and biased variance over the real pixels of ``x`` (H, W, C)."""
+    m = mask[..., None].astype(x.dtype)
+    n = jnp.maximum(jnp.sum(m), 1.0)
+    mean = jnp.sum(x * m, axis=(0, 1)) / n
+    var = jnp.sum(jnp.square(x - mean) * m, axis=(0, 1)) / n
+    return mean, var
+
+
+class MaskedBatchNorm(nn.Module):
+    """BatchNorm in training mode over one image's real pixels (no running stats).
+
+    The reference never leaves train mode, so only batch statistics are ever used
+    (docs/algorithm.md section 1.3); torch normalises with the biased variance.
+    """
+
+    eps: float = BN_EPS
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        mean, var = masked_batch_norm_stats(x, mask)
+        inv = jax.lax.rsqrt(var + self.eps) * scale
+        return (x - mean) * inv + bias
+
+
+class Conv(nn.Module):
+    """Stride-1 conv with PyTorch's default init and torch's zero padding (k // 2).
+
+    Attributes:
+      features: output channels.
+      kernel_size: 1 or 3.
+      conv3x3: the 3x3 formulation, ``f(x, kernel, precision) -> y`` (``conv3x3.CONV3X3``);
+        all compute the same function, and the parameter layout (kernel HWIO, bias) is
+        the same for each.
+      precision: precision of the products with the learned kernel
+        (``conv3x3.MATMUL_PRECISIONS``; None: JAX's default).
+    """
+
+    features: int
+    kernel_size: int = 3
+    conv3x3: Callable = conv3x3_lax
+    precision: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, cin = self.kernel_size, x.shape[-1]
+        init = torch_uniform_init(cin * k * k)
+        kernel = self.param("kernel", init, (k, k, cin, self.features))
+        bias = self.param("bias", init, (self.features,))
+        if k == 1:
+            y = jnp.dot(x, kernel[0, 0], precision=self.precision)
+        elif k == 3:
+            y = self.conv3x3(x, kernel, self.precision)
+        else:
+            raise ValueError(f"Conv: kernel_size {k} is not supported (1 or 3)")
+        return y + bias
