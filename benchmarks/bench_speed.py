@@ -52,9 +52,9 @@ def model_flops(h: int, w: int, config) -> float:
     weight gradient of every conv plus the input gradient of every conv but the first
     (the image needs none): about 3x forward minus the first conv's input gradient.
     """
-    p, q, hw = config.channels, config.n_clusters, h * w
+    p, q, hw = config.model.channels, config.model.max_clusters, h * w
     first = 2 * hw * 27 * p
-    others = (config.n_conv - 1) * 2 * hw * 9 * p * p
+    others = (config.model.n_conv - 1) * 2 * hw * 9 * p * p
     classifier = 2 * hw * p * q
     return 2 * first + 3 * (others + classifier)
 
@@ -83,7 +83,7 @@ class JaxRunner:
     """``batch`` engine slots of one bucket, all busy (k_min = 0 never stops)."""
 
     def __init__(self, config, h, w, batch):
-        self.engine = Engine(config.replace(batch=batch, max_iters=10 ** 9))
+        self.engine = Engine(config.replace({"engine.batch": batch, "stop.max_iters": 10 ** 9}))
         bucket = bucket_shape(h, w, self.engine.config, self.engine.model)
         self.group = _SlotGroup(self.engine, bucket[:2])
         t = time.perf_counter()
@@ -100,13 +100,13 @@ class JaxRunner:
 
     def time_iters(self, iters: int) -> float:
         """Seconds per image-iteration, host loop exactly as the engine runs it."""
-        n_calls = max(1, iters // self.engine.config.sync_every)
+        n_calls = max(1, iters // self.engine.config.engine.sync_every)
         t = time.perf_counter()
         for _ in range(n_calls):
             self.group.advance()
             list(self.group.collect())  # reads the done flags, as the engine does
         self._block()
-        return (time.perf_counter() - t) / (n_calls * self.engine.config.sync_every * self.batch)
+        return (time.perf_counter() - t) / (n_calls * self.engine.config.engine.sync_every * self.batch)
 
 
 class TorchRunner:
@@ -119,8 +119,8 @@ class TorchRunner:
         self.config = config
         torch.manual_seed(config.seed)
         self.model = tr.build_model(config).to(device).train()
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
-                                   weight_decay=config.weight_decay)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=config.optim.lr, momentum=config.optim.momentum,
+                                   weight_decay=config.optim.weight_decay)
         self.schedule = tr.make_schedule(config)
         self.x = tr.image_to_tensor(synthetic_image(h, w, 0), device)
         self.t = 0
@@ -160,7 +160,7 @@ def peak_memory_mb(device: str) -> dict:
 
 
 def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_cache):
-    cfg = config.replace(strategy=strategy, conv_impl=conv_impl)
+    cfg = config.replace({"engine.strategy": strategy, "model.conv_impl": conv_impl})
     jr = JaxRunner(cfg, h, w, batch)
     jr.time_iters(args.warmup)
     tkey = (h, w)
@@ -176,9 +176,9 @@ def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_c
     flops = model_flops(h, w, cfg)
     row = {
         "size": f"{w}x{h}", "height": h, "width": w, "batch": batch,
-        "strategy": jr.engine.config.strategy,
-        "conv_impl": jr.engine.config.conv_impl, "sync_every": jr.engine.config.sync_every,
-        "tf32": args.tf32, "matmul_precision": jr.engine.config.matmul_precision,
+        "strategy": jr.engine.config.engine.strategy,
+        "conv_impl": jr.engine.config.model.conv_impl, "sync_every": jr.engine.config.engine.sync_every,
+        "tf32": args.tf32, "matmul_precision": jr.engine.config.model.matmul_precision,
         "jax_ms_per_image_iter": jax_ms, "torch_ms_per_image_iter": torch_ms,
         "ratio": jax_ms / torch_ms if torch_ms else None,
         "jax_images_per_s_at_iters": 1e3 / (jax_ms * args.iters),
@@ -202,16 +202,16 @@ def full_run(config, args) -> dict:
     imgs = [load_image(p) for p in paths]
     if args.full_scale != 1.0:
         imgs = [resize_image(im, args.full_scale) for im in imgs]
-    engine = Engine(config.replace(batch=args.full_batch, strategy=args.strategy[0],
-                                   conv_impl=args.conv_impl[0]))
+    engine = Engine(config.replace({"engine.batch": args.full_batch, "engine.strategy": args.strategy[0],
+                                    "model.conv_impl": args.conv_impl[0]}))
     warm = list(engine.run([WorkItem(-1, imgs[0], 10 ** 6)]))  # compile (stops after 1 step)
     t = time.perf_counter()
-    res = list(engine.run(WorkItem(i, im, config.k_min) for i, im in enumerate(imgs)))
+    res = list(engine.run(WorkItem(i, im, config.stop.k_min) for i, im in enumerate(imgs)))
     jax_s = time.perf_counter() - t
     out = {"images": len(imgs), "scale": args.full_scale, "size": "x".join(map(str, imgs[0].shape[1::-1])),
            "jax_seconds": jax_s, "jax_images_per_s": len(imgs) / jax_s,
-           "jax_iterations": sorted(r.iterations for r in res), "strategy": engine.config.strategy,
-           "conv_impl": engine.config.conv_impl, "sync_every": engine.config.sync_every,
+           "jax_iterations": sorted(r.iterations for r in res), "strategy": engine.config.engine.strategy,
+           "conv_impl": engine.config.model.conv_impl, "sync_every": engine.config.engine.sync_every,
            "batch": args.full_batch}
     del warm
     if not args.no_torch:
@@ -299,8 +299,8 @@ def main(argv=None) -> int:
     if args.device == "cpu" and jax.default_backend() != "cpu":
         jax.config.update("jax_platform_name", "cpu")
     # --tf32 reaches the model through its config (it names its precision explicitly).
-    precision = ["matmul_precision=tensorfloat32"] if args.tf32 else []
-    config = load_config(args.config, precision + args.overrides + ["bucket_multiple=1"])
+    precision = ["model.matmul_precision=tensorfloat32"] if args.tf32 else []
+    config = load_config(args.config, precision + args.overrides + ["engine.bucket_multiple=1"])
     jax.config.update("jax_default_matmul_precision", "tensorfloat32" if args.tf32 else "float32")
     if not args.no_torch:
         import torch

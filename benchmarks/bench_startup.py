@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-TINY = ["--set", "channels=8", "--set", "n_clusters=8", "--set", "max_iters=2"]
+TINY = ["--set", "model.channels=8", "--set", "model.max_clusters=8", "--set", "stop.max_iters=2"]
 
 
 def dynaseg(*args: str) -> list[str]:

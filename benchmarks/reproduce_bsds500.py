@@ -51,7 +51,7 @@ Examples::
     python benchmarks/reproduce_bsds500.py --out runs/bsds_val --limit 20 --scale 0.5
     python benchmarks/reproduce_bsds500.py --out runs/bsds_val --methods kmeans felzenszwalb dynaseg_fsf
     python benchmarks/reproduce_bsds500.py --out runs/tiny --limit 2 --scale 0.15 \\
-        --set max_iters=5 --set channels=16 --set n_clusters=16
+        --set stop.max_iters=5 --set model.channels=16 --set model.max_clusters=16
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dynaseg_jax import images as imio  # noqa: E402
-from dynaseg_jax.config import ConfigError, load_config  # noqa: E402
+from dynaseg_jax.config import LAYOUT_FIELDS, ConfigError, load_config  # noqa: E402
 from dynaseg_jax.datasets import open_dataset, read_rgb  # noqa: E402
 from dynaseg_jax.evaluate import evaluate_predictions  # noqa: E402
 from dynaseg_jax.metrics import resize_prediction  # noqa: E402
@@ -97,10 +97,9 @@ PAPER_NAMES = {"kmeans": "k-means", "felzenszwalb": "graph-based", "kim_mu5": "K
 MODES = ("all", "fine", "coarse", "mean")
 
 # Config fields that change how fast the engine runs but not the labels it produces
-# (README: labels do not depend on the batch, the slot or the order). They are left out
-# of the resume check, so a rerun may use another batch size without recomputing.
-ENGINE_ONLY = ("strategy", "conv_impl", "batch", "sync_every", "bucket_multiple",
-               "transpose_portrait", "max_pixels")
+# (the config digest's layout fields). They are left out of the resume check, so a
+# rerun may use another batch size without recomputing.
+ENGINE_ONLY = LAYOUT_FIELDS
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -206,11 +205,11 @@ def dynaseg_settings(method: str, config, args) -> dict:
     the silhouette phase, mu or alpha for the other schedule) are left out, so that a
     shared ``--set`` meant for another preset does not invalidate this one's predictions.
     """
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in ENGINE_ONLY}
-    if config.k_min != "silhouette":
-        for k in [k for k in fields if k.startswith("silhouette_")] + ["mu_uses_kstar"]:
+    fields = {k: v for k, v in config.flat().items() if k not in ENGINE_ONLY}
+    if config.stop.k_min != "silhouette":
+        for k in [k for k in fields if k.startswith("silhouette.")] + ["schedule.uses_kstar"]:
             fields.pop(k)
-    fields.pop("alpha" if config.schedule == "fixed" else "mu")
+    fields.pop("schedule.alpha" if config.schedule.kind == "fixed" else "schedule.mu")
     return {"method": method, "split": args.split, "scale": args.scale, "config": fields}
 
 
@@ -229,7 +228,7 @@ def run_dynaseg(method: str, config, ds, ids: list[str], out: Path, args) -> dic
     # The loader reads only the image file: ds.load() would also parse the .mat ground truth.
     # oriented=False: ground truth is aligned with the stored pixels, whatever EXIF says.
     inputs = [DatasetInput(i, f"bsds500:{args.split}:{i}",
-                           (lambda p=ds.image_path(i): imio.load_image(p, config.max_pixels, oriented=False)))
+                           (lambda p=ds.image_path(i): imio.load_image(p, config.engine.max_pixels, oriented=False)))
               for i in todo]
     summary = segment_files(inputs, out, config, scale=args.scale, progress=None,
                             log=lambda msg: print(f"  {method}: {msg}", file=sys.stderr))
@@ -343,11 +342,12 @@ def describe(method: str, settings: dict, args) -> str:
                 f"(full size {args.fz_scale:g} / {args.fz_sigma:g} / {args.fz_min_size}; scale and min_size "
                 f"x s^2, sigma x s for --scale s)")
     c = settings["config"]
-    mu = f"mu={c['mu']:g}" if c["schedule"] == "fixed" else f"{c['schedule'].upper()} alpha={c['alpha']:g}"
-    text = (f"{mu}, k_min={c['k_min']}, max_iters={c['max_iters']}, p={c['channels']}, q={c['n_clusters']}, "
-            f"n_conv={c['n_conv']}")
-    if c["k_min"] == "silhouette":
-        text += f", features={c['silhouette_features']}, k in {list(c['silhouette_k_range'])}"
+    kind = c["schedule.kind"]
+    mu = f"mu={c['schedule.mu']:g}" if kind == "fixed" else f"{kind.upper()} alpha={c['schedule.alpha']:g}"
+    text = (f"{mu}, k_min={c['stop.k_min']}, max_iters={c['stop.max_iters']}, p={c['model.channels']}, "
+            f"q={c['model.max_clusters']}, n_conv={c['model.n_conv']}")
+    if c["stop.k_min"] == "silhouette":
+        text += f", features={c['silhouette.features']}, k in {list(c['silhouette.k_range'])}"
     return text
 
 
@@ -523,7 +523,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"methods to run, in this order (default all: {' '.join(METHODS)})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field of every DynaSeg method; repeat for more "
-                        "(e.g. --set max_iters=300 --set batch=8)")
+                        "(e.g. --set stop.max_iters=300 --set engine.batch=8)")
     p.add_argument("--kmeans-k", type=int, default=5, help="k of the k-means baseline, the same for every image")
     p.add_argument("--fz-scale", type=float, default=100.0, help="Felzenszwalb scale at full size")
     p.add_argument("--fz-sigma", type=float, default=0.5, help="Felzenszwalb sigma at full size")

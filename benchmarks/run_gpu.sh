@@ -25,12 +25,12 @@ timeout 120 $bench --size 240x160 481x321 --batch 1 32 64 \
 timeout 80 $bench --tf32 --size 240x160 481x321 --batch 1 32 \
   --json "$OUT/speed_gpu_tf32.json" 2>&1 | tee -a "$OUT/log.txt"
 # bfloat16 products in JAX against the reference in strict float32 (labels may differ more).
-timeout 60 $bench --set matmul_precision=bfloat16 --size 240x160 481x321 --batch 32 \
+timeout 60 $bench --set model.matmul_precision=bfloat16 --size 240x160 481x321 --batch 32 \
   --json "$OUT/speed_gpu_bf16.json" 2>&1 | tee -a "$OUT/log.txt"
 # Half size (240x160): at full size 1000 steps of 32 slots take about 160 s (4.9 ms per
 # image-iteration measured on an H200), more than this part's share of the session.
 timeout 120 $bench --size 240x160 --batch 32 --iters 1 --repeats 1 --warmup 1 \
   --full-run 32 --full-batch 32 --full-scale 0.5 --full-torch 4 --json "$OUT/full_run_gpu.json" 2>&1 | tee -a "$OUT/log.txt"
 timeout 150 python benchmarks/reproduce_bsds500.py --root "$DATA" --split val --scale 0.5 \
-  --limit "$LIMIT" --out "$REPRO" --methods dynaseg_scf --set batch="$LIMIT" --no-plots 2>&1 | tail -4 | tee -a "$OUT/log.txt"
+  --limit "$LIMIT" --out "$REPRO" --methods dynaseg_scf --set engine.batch="$LIMIT" --no-plots 2>&1 | tail -4 | tee -a "$OUT/log.txt"
 tar czf "$OUT/repro.tgz" -C "$(dirname "$REPRO")" "$(basename "$REPRO")"

@@ -84,13 +84,13 @@ class TorchDynaSeg(nn.Module):
 
 def build_model(config: Config) -> TorchDynaSeg:
     """The network a config describes (initialised from the current torch RNG state)."""
-    return TorchDynaSeg(3, config.channels, config.n_clusters, config.n_conv)
+    return TorchDynaSeg(3, config.model.channels, config.model.max_clusters, config.model.n_conv)
 
 
 def make_optimizer(model: nn.Module, config: Config) -> torch.optim.SGD:
     """SGD with the config's lr, momentum and (L2, added to the gradient) weight decay."""
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=config.optim.lr, momentum=config.optim.momentum,
+                           weight_decay=config.optim.weight_decay)
 
 
 def make_schedule(config: Config) -> Callable[[int, int], float]:
@@ -99,13 +99,13 @@ def make_schedule(config: Config) -> Callable[[int, int], float]:
     Note the names: we follow SPEC section 1 (fsf: q'/alpha, scf: alpha/q'); the
     authors' script labels its ``nLabels/15`` line "SCF", the opposite way round.
     """
-    if config.schedule == "fixed":
-        return lambda q, step: float(config.mu)
-    if config.schedule == "fsf":
-        return lambda q, step: q / float(config.alpha)
-    if config.schedule == "scf":
-        return lambda q, step: float(config.alpha) / max(q, 1)
-    raise ValueError(f"unknown schedule {config.schedule!r}; use fixed, fsf or scf")
+    if config.schedule.kind == "fixed":
+        return lambda q, step: float(config.schedule.mu)
+    if config.schedule.kind == "fsf":
+        return lambda q, step: q / float(config.schedule.alpha)
+    if config.schedule.kind == "scf":
+        return lambda q, step: float(config.schedule.alpha) / max(q, 1)
+    raise ValueError(f"unknown schedule {config.schedule.kind!r}; use fixed, fsf or scf")
 
 
 def loss_terms(response: torch.Tensor, schedule: Callable[[int, int], float], step: int,
@@ -196,7 +196,7 @@ def segment_image(image: np.ndarray, config: Config, device: str | torch.device 
         the weights when ``init_state_dict`` is given.
       init_state_dict: optional initial weights (e.g. from ``jax_params_to_torch_state_dict``).
       record_losses: also return the per-iteration loss terms.
-      k_min: stopping threshold overriding ``config.k_min`` (e.g. a silhouette k*).
+      k_min: stopping threshold overriding ``config.stop.k_min`` (e.g. a silhouette k*).
       tf32: let CUDA use TF32 (torch's cuDNN default, what the authors' script ran with);
         off by default so that the result is plain float32, as on the CPU.
 
@@ -213,10 +213,10 @@ def segment_image(image: np.ndarray, config: Config, device: str | torch.device 
 def _segment(image, config, device, seed, init_state_dict, record_losses, k_min) -> dict:
     """``segment_image``'s body, run under its TF32 setting."""
     if k_min is None:
-        if not isinstance(config.k_min, int):
-            raise ValueError(f"k_min = {config.k_min!r}: the torch reference needs an integer "
+        if not isinstance(config.stop.k_min, int):
+            raise ValueError(f"k_min = {config.stop.k_min!r}: the torch reference needs an integer "
                              "(pass k_min= for a per-image k*)")
-        k_min = config.k_min
+        k_min = config.stop.k_min
     h, w = image.shape[:2]
     x = image_to_tensor(image, device)
     torch.manual_seed(config.seed if seed is None else seed)
@@ -230,7 +230,7 @@ def _segment(image, config, device, seed, init_state_dict, record_losses, k_min)
         if record_losses else None
 
     iterations, q = 0, None
-    for t in range(int(config.max_iters)):
+    for t in range(int(config.stop.max_iters)):
         optimizer.zero_grad(set_to_none=True)
         loss, aux = loss_terms(model(x), schedule, t)
         loss.backward()

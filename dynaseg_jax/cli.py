@@ -18,8 +18,8 @@ from .config import ConfigError, list_presets, load_config
 
 def _add_set(p) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override one config field (value parsed as TOML); repeat for more, "
-                        "e.g. --set max_iters=30 --set k_min=silhouette")
+                   help="override one config field by its dotted path (value parsed as TOML); "
+                        "repeat for more, e.g. --set stop.max_iters=30 --set optim.lr=0.05")
 
 
 def _add_segment(sub) -> None:
@@ -38,7 +38,7 @@ def _add_segment(sub) -> None:
     p.add_argument("--config", default="dynaseg_scf",
                    help=f"preset name ({', '.join(list_presets())}) or a .toml file (default: dynaseg_scf)")
     _add_set(p)
-    p.add_argument("--batch", type=int, help="images optimised at once (config field 'batch')")
+    p.add_argument("--batch", type=int, help="images optimised at once (config field engine.batch)")
     p.add_argument("--seed", type=int, help="seed (config field 'seed')")
     p.add_argument("--scale", type=float, default=1.0,
                    help="resize images by this factor before segmenting (labels are resized back)")
@@ -53,7 +53,7 @@ def _add_segment(sub) -> None:
 def _run_segment(args) -> int:
     overrides = list(args.overrides)
     if args.batch is not None:
-        overrides.append(f"batch={args.batch}")
+        overrides.append(f"engine.batch={args.batch}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     config = load_config(args.config, overrides)

@@ -1,128 +1,284 @@
-"""Run configuration: a flat dataclass, presets as TOML files, ``key=value`` overrides.
+"""Run configuration: sections of fields, presets as TOML files, dotted ``key=value`` overrides.
 
+A config is a tree of frozen dataclasses, one per TOML table::
+
+    seed = 0
+    [model]       the network                      model.name, model.channels, ...
+    [schedule]    mu as a function of q'           schedule.kind, schedule.alpha, ...
+    [optim]       SGD                              optim.lr, optim.momentum, ...
+    [stop]        when an image is finished        stop.k_min, stop.max_iters
+    [silhouette]  the k* phase                     silhouette.features, ...
+    [engine]      how a run is laid out            engine.batch, engine.strategy, ...
+
+A field is named by its dotted path everywhere: in TOML files, in ``--set optim.lr=0.05``,
+in ``Config.replace({"optim.lr": 0.05})``, in the config digest. Each field carries its
+doc (``dataclasses.field`` metadata), which ``to_toml`` writes as a comment above it.
 TOML (not Python) so that a config file received from someone else cannot run code.
-``to_toml`` writes a config back as TOML (with the field docs as comments) that
-``load_config`` reads again; ``config_digest`` fingerprints the fields that decide
-the labels, so an output folder can tell whether a resume uses the same settings.
+``config_digest`` fingerprints the fields that decide the labels, so an output folder
+can tell whether a resume uses the same settings.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import importlib.resources
 import json
 import math
 import tomllib
 from pathlib import Path
-from typing import Any, Union
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Every knob of a DynaSeg run. Field docs are in ``FIELD_DOCS`` and the README."""
-
-    # Algorithm (docs/algorithm.md section 1).
-    schedule: str = "scf"
-    mu: float = 5.0
-    alpha: float = 50.0
-    k_min: Union[int, str] = 3
-    max_iters: int = 1000
-    n_conv: int = 2
-    channels: int = 100
-    n_clusters: int = 100
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    seed: int = 0
-    # Silhouette phase (docs/algorithm.md section 2), used when k_min = "silhouette".
-    silhouette_features: str = "network"
-    silhouette_k_range: tuple = (2, 12)
-    silhouette_samples: int = 3000
-    silhouette_position_scale: float = 1.0
-    mu_uses_kstar: bool = False
-    # Engine.
-    strategy: str = "auto"
-    conv_impl: str = "auto"
-    matmul_precision: str = "float32"
-    batch: int = 0
-    sync_every: int = 0
-    bucket_multiple: int = 16
-    transpose_portrait: bool = True
-    max_pixels: int = 4_000_000
-
-    def replace(self, **changes) -> "Config":
-        return validate(dataclasses.replace(self, **changes))
-
-
-FIELD_DOCS = {
-    "schedule": "mu schedule: 'fixed' (mu constant, Kim et al.), 'fsf' (mu = q'/alpha), 'scf' (mu = alpha/q').",
-    "mu": "the constant mu of the 'fixed' schedule.",
-    "alpha": "alpha of 'fsf' (paper: 15) or 'scf' (paper: 50).",
-    "k_min": "stop once q' <= k_min: an integer, or 'silhouette' to pick k* per image (docs/algorithm.md section 2).",
-    "max_iters": "stop after this many updates at most.",
-    "n_conv": "number of conv3x3-ReLU-BN blocks (reference BSD script: 2).",
-    "channels": "p, width of the feature extractor.",
-    "n_clusters": "q, channels of the classifier = the most labels an image can get.",
-    "lr": "SGD learning rate.",
-    "momentum": "SGD momentum.",
-    "weight_decay": "L2 weight decay added to the gradient (torch SGD semantics).",
-    "seed": "PRNG seed of the initial network (the same for every image) and the silhouette sample.",
-    "silhouette_features": "features for k*: 'network' (initial p-dim feature map) or 'color_position' (RGB + scaled xy).",
-    "silhouette_k_range": "inclusive [low, high] range of k tried by the silhouette phase.",
-    "silhouette_samples": "pixels sampled (seeded) for k-means and the silhouette score.",
-    "silhouette_position_scale": "weight of the (0..1 normalised) xy position in 'color_position' features.",
-    "mu_uses_kstar": "with silhouette: schedules see max(q', k*) instead of q' (as the reference COCO code); "
-                     "it can only change the update on which the run stops (README: Configs).",
-    "strategy": "'per_image' (one jitted step per slot), 'vmap' (one step over all slots), or 'auto' (per_image on CPU, vmap on accelerators).",
-    "conv_impl": "3x3 conv formulation: 'lax', 'im2col', 'winograd' (F(4x4,3x3)), or 'auto' (the measured fastest: winograd).",
-    "matmul_precision": "precision of the network's products with learned weights: 'float32' (exact, as the PyTorch reference's matmuls), 'tensorfloat32' or 'bfloat16' (faster on GPU/TPU; no effect on CPU).",
-    "batch": "number of slots: images optimised at once; 0 = auto: 4 on CPU, 32 on accelerators (measured best on an H200).",
-    "sync_every": "read the done flags every this many steps (finished slots are frozen in between, so results do not change); 0 = auto: 1 on CPU, 10 on accelerators.",
-    "bucket_multiple": "pad image height/width up to a multiple of this, so jit compiles once per bucket (1 = exact shapes).",
-    "transpose_portrait": "optimise portrait images transposed so that they share landscape buckets.",
-    "max_pixels": "images with more pixels than this are rejected with an error (resize them first).",
-}
-
-CHOICES = {
-    "schedule": ("fixed", "fsf", "scf"),
-    "silhouette_features": ("network", "color_position"),
-    "strategy": ("auto", "per_image", "vmap"),
-    "conv_impl": ("auto", "lax", "im2col", "winograd"),
-    "matmul_precision": ("float32", "tensorfloat32", "bfloat16"),
-}
+from typing import Any, Iterator, Mapping, Union
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used."""
 
 
-def validate(config: Config) -> Config:
-    """Checks every field; returns the config (with k_min normalised)."""
-    for name, choices in CHOICES.items():
-        if getattr(config, name) not in choices:
-            raise ConfigError(f"{name} = {getattr(config, name)!r}: choose one of {', '.join(choices)}")
-    k_min = config.k_min
-    if isinstance(k_min, str) and k_min != "silhouette":
-        try:
-            k_min = int(k_min)
-        except ValueError:
-            raise ConfigError(f"k_min = {config.k_min!r}: an integer or 'silhouette'") from None
-        config = dataclasses.replace(config, k_min=k_min)
-    if isinstance(k_min, int) and k_min < 1:
-        raise ConfigError(f"k_min = {k_min}: must be >= 1")
-    for name in ("sync_every", "batch"):
-        if getattr(config, name) < 0:
-            raise ConfigError(f"{name} = {getattr(config, name)}: must be >= 0 (0 = auto)")
-    positive = ("max_iters", "n_conv", "channels", "n_clusters",
-                "bucket_multiple", "silhouette_samples", "max_pixels")
-    for name in positive:
-        if int(getattr(config, name)) < 1:
-            raise ConfigError(f"{name} = {getattr(config, name)}: must be >= 1")
-    lo, hi = config.silhouette_k_range
-    if not 2 <= lo <= hi:
-        raise ConfigError(f"silhouette_k_range = {config.silhouette_k_range}: need 2 <= low <= high")
-    _check_optimiser(config)
-    return config
+def _field(default, doc: str, choices: tuple | None = None):
+    return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices})
+
+
+# Model names of the registry (dynaseg_jax/models); kept here so that reading a config
+# does not import jax (tests check that the two agree).
+MODEL_NAMES = ("cnn",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The network (docs/algorithm.md section 1.2)."""
+
+    name: str = _field("cnn", "network from the model registry: 'cnn' (the authors' BSDS500 CNN).",
+                       MODEL_NAMES)
+    n_conv: int = _field(2, "number of conv3x3-ReLU-BN blocks (reference BSD script: 2).")
+    channels: int = _field(100, "p, width of the feature extractor.")
+    max_clusters: int = _field(100, "q, channels of the classifier = the most clusters (labels) an image "
+                                    "can get (q', the number present, falls during the optimisation).")
+    conv_impl: str = _field("auto", "3x3 conv formulation: 'lax', 'im2col', 'winograd' (F(4x4,3x3)), or "
+                                    "'auto' (the measured fastest: winograd).",
+                            ("auto", "lax", "im2col", "winograd"))
+    matmul_precision: str = _field("float32", "precision of the network's products with learned weights: "
+                                              "'float32' (exact, as the PyTorch reference's matmuls), "
+                                              "'tensorfloat32' or 'bfloat16' (faster on GPU/TPU; no effect "
+                                              "on CPU).", ("float32", "tensorfloat32", "bfloat16"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """mu, the weight of the continuity loss, as a function of q' (docs/algorithm.md section 1.7)."""
+
+    kind: str = _field("scf", "'fixed' (mu constant, Kim et al.), 'fsf' (mu = q'/alpha) or 'scf' "
+                              "(mu = alpha/q').", ("fixed", "fsf", "scf"))
+    alpha: float = _field(50.0, "alpha of 'fsf' (paper: 15) or 'scf' (paper: 50).")
+    mu: float = _field(5.0, "the constant mu of 'fixed'.")
+    uses_kstar: bool = _field(False, "with stop.k_min = 'silhouette': the schedule sees max(q', k*) instead "
+                                     "of q' (as the reference COCO code); it can only change the update on "
+                                     "which the run stops (docs/algorithm.md section 2.3).")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """SGD with momentum, torch semantics (docs/algorithm.md section 1.8)."""
+
+    lr: float = _field(0.1, "learning rate (> 0).")
+    momentum: float = _field(0.9, "momentum, in [0, 1).")
+    weight_decay: float = _field(0.0, "L2 weight decay added to the gradient before the momentum (>= 0).")
+
+
+@dataclasses.dataclass(frozen=True)
+class StopConfig:
+    """When an image is finished (docs/algorithm.md section 1.9)."""
+
+    k_min: Union[int, str] = _field(3, "stop once q' <= k_min: an integer, or 'silhouette' to pick k* per "
+                                       "image (docs/algorithm.md section 2).")
+    max_iters: int = _field(1000, "stop after this many updates at most.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SilhouetteConfig:
+    """The k* phase, used when stop.k_min = 'silhouette' (docs/algorithm.md section 2)."""
+
+    features: str = _field("network", "features for k*: 'network' (initial p-dim feature map) or "
+                                      "'color_position' (RGB + scaled xy).", ("network", "color_position"))
+    k_range: tuple = _field((2, 12), "inclusive [low, high] range of k tried.")
+    samples: int = _field(3000, "pixels sampled (seeded) for k-means and the silhouette score.")
+    position_scale: float = _field(1.0, "weight of the (0..1 normalised) xy position in 'color_position' "
+                                        "features.")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How a run is laid out: slots, buckets, host syncs (README: How the engine works)."""
+
+    strategy: str = _field("auto", "'per_image' (one jitted step per slot), 'vmap' (one step over all "
+                                   "slots), or 'auto' (per_image on CPU, vmap on accelerators).",
+                           ("auto", "per_image", "vmap"))
+    batch: int = _field(0, "number of slots: images optimised at once; 0 = auto: 4 on CPU, 32 on "
+                           "accelerators (measured best on an H200).")
+    sync_every: int = _field(0, "read the done flags every this many steps (finished slots are frozen in "
+                                "between, so results do not change); 0 = auto: 1 on CPU, 10 on "
+                                "accelerators.")
+    bucket_multiple: int = _field(16, "pad image height/width up to a multiple of this, so jit compiles "
+                                      "once per bucket (1 = exact shapes).")
+    transpose_portrait: bool = _field(True, "optimise portrait images transposed so that they share "
+                                            "landscape buckets (changes their labels: the initial kernels "
+                                            "meet the image transposed).")
+    max_pixels: int = _field(4_000_000, "images with more pixels than this are rejected with an error "
+                                        "(resize them first).")
+
+
+SECTIONS = {"model": ModelConfig, "schedule": ScheduleConfig, "optim": OptimConfig, "stop": StopConfig,
+            "silhouette": SilhouetteConfig, "engine": EngineConfig}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every knob of a DynaSeg run, in sections; fields are named by dotted paths.
+
+    ``Config()`` is the default run (the ``dynaseg_scf`` preset). Change fields with
+    ``config.replace({"optim.lr": 0.05, "engine.batch": 8})``; read them as
+    ``config.optim.lr``. Every path and its doc: ``dynaseg config``.
+    """
+
+    seed: int = _field(0, "PRNG seed of the initial network (the same for every image) and of the "
+                          "silhouette sample.")
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    stop: StopConfig = dataclasses.field(default_factory=StopConfig)
+    silhouette: SilhouetteConfig = dataclasses.field(default_factory=SilhouetteConfig)
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+
+    def replace(self, changes: Mapping[str, Any] | None = None, /, **sections) -> "Config":
+        """A validated copy with fields changed.
+
+        Args:
+          changes: ``{dotted path: value}``, e.g. ``{"optim.lr": 0.05}`` (values are
+            checked and coerced as from TOML).
+          **sections: whole sections or top-level fields, e.g. ``seed=1`` or
+            ``optim=OptimConfig(lr=0.05)``.
+        """
+        config = dataclasses.replace(self, **sections) if sections else self
+        if changes:
+            config = _apply(config, dict(changes), "replace")
+        return validate(config)
+
+    def get(self, path: str) -> Any:
+        """The value at a dotted path, e.g. ``config.get("optim.lr")``."""
+        node = self
+        for part in path.split("."):
+            node = getattr(node, part)
+        return node
+
+    def flat(self) -> dict[str, Any]:
+        """``{dotted path: value}`` of every field, in declaration order."""
+        return {path: self.get(path) for path in field_paths()}
+
+
+def _leaves(cls, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field]]:
+    for f in dataclasses.fields(cls):
+        if f.name in SECTIONS and cls is Config:
+            yield from _leaves(SECTIONS[f.name], f"{f.name}.")
+        else:
+            yield prefix + f.name, f
+
+
+def field_paths() -> list[str]:
+    """Every dotted field path, in declaration order."""
+    return [path for path, _ in _leaves(Config)]
+
+
+def field_doc(path: str) -> str:
+    """The doc of a dotted field path."""
+    return _FIELDS[path].metadata["doc"]
+
+
+_FIELDS = dict(_leaves(Config))
+_DEFAULTS = Config()
+# Flat names of earlier releases -> their dotted path (for "did you mean").
+_RENAMED = {"schedule": "schedule.kind", "mu_uses_kstar": "schedule.uses_kstar",
+            "n_clusters": "model.max_clusters", "silhouette_features": "silhouette.features",
+            "silhouette_k_range": "silhouette.k_range", "silhouette_samples": "silhouette.samples",
+            "silhouette_position_scale": "silhouette.position_scale"}
+
+
+def _suggest(key: str) -> str:
+    """' (did you mean optim.lr?)' for an unknown key, or ''."""
+    if key in _RENAMED:
+        return f" (did you mean {_RENAMED[key]}?)"
+    by_leaf = [p for p in _FIELDS if p.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+    if by_leaf:
+        return f" (did you mean {' or '.join(by_leaf)}?)"
+    close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _coerce(path: str, value: Any) -> Any:
+    default = _FIELDS[path].default
+    if path == "stop.k_min":
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{path} = {value!r}: an integer or 'silhouette'")
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} = {value!r}: expected true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} = {value!r}: expected an integer")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} = {value!r}: expected a number")
+        return float(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(default):
+            raise ConfigError(f"{path} = {value!r}: expected a list of {len(default)} items")
+        return tuple(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{path} = {value!r}: expected a string")
+    return value
+
+
+def _flatten(values: Mapping, source: str, prefix: str = "") -> dict[str, Any]:
+    """A TOML-style nested dict -> {dotted path: value}; unknown keys are errors."""
+    flat = {}
+    for key, value in values.items():
+        path = prefix + str(key)
+        if path in SECTIONS and prefix == "":
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: {path} = {value!r} is a section ([{path}]), not a value"
+                                  f"{_suggest(path)}")
+            flat.update(_flatten(value, source, f"{path}."))
+        elif path in _FIELDS:
+            flat[path] = value
+        else:
+            raise ConfigError(f"{source}: unknown field {path}{_suggest(path)}")
+    return flat
+
+
+def _apply(config: Config, changes: Mapping[str, Any], source: str) -> Config:
+    """``config`` with ``{dotted path: value}`` (or nested dicts) applied, coerced."""
+    nested = {}
+    for key, value in changes.items():
+        node = nested
+        *parents, leaf = str(key).split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: {key} conflicts with another value")
+        node[leaf] = value
+    flat = _flatten(nested, source)
+    try:
+        coerced = {path: _coerce(path, value) for path, value in flat.items()}
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    top = {p: v for p, v in coerced.items() if "." not in p}
+    sections = {}
+    for name in SECTIONS:
+        fields = {p.split(".", 1)[1]: v for p, v in coerced.items() if p.startswith(f"{name}.")}
+        if fields:
+            sections[name] = dataclasses.replace(getattr(config, name), **fields)
+    return dataclasses.replace(config, **top, **sections)
 
 
 # The largest finite float32: mu, alpha and lr are float32 inside the step, so a value
@@ -130,60 +286,53 @@ def validate(config: Config) -> Config:
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
-def _check_optimiser(config: Config) -> None:
-    def finite_positive(name):
-        v = getattr(config, name)
+def validate(config: Config) -> Config:
+    """Checks every field; returns the config (with stop.k_min normalised).
+
+    Raises:
+      ConfigError: the first field out of its range, named by its dotted path.
+    """
+    for path, f in _FIELDS.items():
+        choices = f.metadata["choices"]
+        if choices and config.get(path) not in choices:
+            raise ConfigError(f"{path} = {config.get(path)!r}: choose one of {', '.join(choices)}")
+    k_min = config.stop.k_min
+    if isinstance(k_min, str) and k_min != "silhouette":
+        try:
+            k_min = int(k_min)
+        except ValueError:
+            raise ConfigError(f"stop.k_min = {k_min!r}: an integer or 'silhouette'") from None
+        config = dataclasses.replace(config, stop=dataclasses.replace(config.stop, k_min=k_min))
+    if isinstance(k_min, int) and k_min < 1:
+        raise ConfigError(f"stop.k_min = {k_min}: must be >= 1")
+    for path in ("engine.sync_every", "engine.batch"):
+        if config.get(path) < 0:
+            raise ConfigError(f"{path} = {config.get(path)}: must be >= 0 (0 = auto)")
+    for path in ("stop.max_iters", "model.n_conv", "model.channels", "model.max_clusters",
+                 "engine.bucket_multiple", "silhouette.samples", "engine.max_pixels"):
+        if int(config.get(path)) < 1:
+            raise ConfigError(f"{path} = {config.get(path)}: must be >= 1")
+    lo, hi = config.silhouette.k_range
+    if not 2 <= lo <= hi:
+        raise ConfigError(f"silhouette.k_range = {list(config.silhouette.k_range)}: need 2 <= low <= high")
+    for path in ("optim.lr", "schedule.mu", "schedule.alpha"):
+        # mu and alpha are read by the schedule that uses them only, but a preset that
+        # carries a nonsense value is refused even when another schedule is chosen.
+        v = config.get(path)
         if not (math.isfinite(v) and 0 < v <= _FLOAT32_MAX):
-            raise ConfigError(f"{name} = {v}: must be finite and > 0 (at most {_FLOAT32_MAX:.3g}, float32)")
-
-    finite_positive("lr")
-    # mu and alpha are read by the schedule that uses them only, but a preset that
-    # carries a nonsense value is checked even when another schedule is chosen.
-    finite_positive("mu")
-    finite_positive("alpha")
-    if not (math.isfinite(config.momentum) and 0 <= config.momentum < 1):
-        raise ConfigError(f"momentum = {config.momentum}: must be in [0, 1)")
-    if not (math.isfinite(config.weight_decay) and 0 <= config.weight_decay <= _FLOAT32_MAX):
-        raise ConfigError(f"weight_decay = {config.weight_decay}: must be finite and >= 0")
+            raise ConfigError(f"{path} = {v}: must be finite and > 0 (at most {_FLOAT32_MAX:.3g}, float32)")
+    if not (math.isfinite(config.optim.momentum) and 0 <= config.optim.momentum < 1):
+        raise ConfigError(f"optim.momentum = {config.optim.momentum}: must be in [0, 1)")
+    wd = config.optim.weight_decay
+    if not (math.isfinite(wd) and 0 <= wd <= _FLOAT32_MAX):
+        raise ConfigError(f"optim.weight_decay = {wd}: must be finite and >= 0")
+    return config
 
 
-def _coerce(name: str, value: Any) -> Any:
-    field = {f.name: f for f in dataclasses.fields(Config)}[name]
-    default = field.default
-    if name == "k_min":
-        return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} = {value!r}: expected true or false")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} = {value!r}: expected an integer")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name} = {value!r}: expected a number")
-        return float(value)
-    if isinstance(default, tuple):
-        if not isinstance(value, (list, tuple)) or len(value) != len(default):
-            raise ConfigError(f"{name} = {value!r}: expected a list of {len(default)} items")
-        return tuple(value)
-    if not isinstance(value, str):
-        raise ConfigError(f"{name} = {value!r}: expected a string")
-    return value
-
-
-def from_dict(values: dict, base: Config | None = None, source: str = "config") -> Config:
-    """A Config from ``base`` (default: defaults) with ``values`` applied."""
-    known = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    try:
-        coerced = {k: _coerce(k, v) for k, v in values.items()}
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    return validate(dataclasses.replace(base or Config(), **coerced))
+def from_dict(values: Mapping, base: Config | None = None, source: str = "config") -> Config:
+    """A Config from ``base`` (default: defaults) with ``values`` (nested as in TOML, or
+    ``{dotted path: value}``) applied and validated."""
+    return validate(_apply(base or Config(), values, source))
 
 
 def preset_dir() -> Path:
@@ -198,12 +347,13 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in preset_dir().glob("*.toml"))
 
 
-def load_config(name_or_path: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+def load_config(name_or_path: str | None = None, overrides: list[str] | Mapping | None = None) -> Config:
     """Loads a preset by name (e.g. ``dynaseg_scf``) or a TOML file, then applies overrides.
 
     Args:
       name_or_path: a preset name, a path to a ``.toml`` file, or None for the defaults.
-      overrides: ``["key=value", ...]`` (values parsed as TOML, else as strings) or a dict.
+      overrides: ``["optim.lr=0.05", ...]`` (values parsed as TOML, else as strings) or
+        a ``{dotted path: value}`` dict.
 
     Returns:
       The validated Config. Raises ConfigError with the file and field on bad input.
@@ -224,14 +374,14 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | dict | N
             raise ConfigError(f"{path}: cannot read config: {e}") from None
         config = from_dict(values, config, source=str(path))
     if overrides:
-        if isinstance(overrides, dict):
+        if isinstance(overrides, Mapping):
             values = dict(overrides)
         else:
             values = {}
             for item in overrides:
                 key, sep, raw = item.partition("=")
                 if not sep or not key.strip():
-                    raise ConfigError(f"--set {item!r}: expected key=value")
+                    raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.05")
                 values[key.strip()] = parse_value(raw.strip())
         config = from_dict(values, config, source="--set")
     return config
@@ -270,12 +420,18 @@ def to_toml(config: Config, header: str = "") -> str:
       header: optional comment text put first (each line prefixed with '# ').
 
     Returns:
-      TOML text: one ``name = value`` line per field, its doc as a comment above it.
+      TOML text: top-level fields, then one table per section; every field's doc is the
+      comment above it.
     """
     lines = [f"# {line}".rstrip() for line in header.splitlines()]
-    for f in dataclasses.fields(config):
-        lines.append(f"# {FIELD_DOCS[f.name]}")
-        lines.append(f"{f.name} = {_toml_value(getattr(config, f.name))}")
+    section = None
+    for path in field_paths():
+        name, _, leaf = path.rpartition(".")
+        if name != section and name:
+            section = name
+            lines += ["", f"[{name}]", f"# {SECTIONS[name].__doc__.strip()}"]
+        lines.append(f"# {field_doc(path)}")
+        lines.append(f"{leaf} = {_toml_value(config.get(path))}")
     return "\n".join(lines) + "\n"
 
 
@@ -285,10 +441,12 @@ def to_toml(config: Config, header: str = "") -> str:
 # size still resumes. Padding into buckets is exact (docs/algorithm.md section 1.10),
 # so bucket_multiple changes only float rounding, as batch does. transpose_portrait is
 # NOT layout: the initial kernels meet a transposed image, which changes its labels.
-LAYOUT_FIELDS = ("strategy", "batch", "sync_every", "bucket_multiple", "max_pixels")
+LAYOUT_FIELDS = ("engine.strategy", "engine.batch", "engine.sync_every", "engine.bucket_multiple",
+                 "engine.max_pixels")
 # Bumped whenever the meaning of a field or the algorithm changes the labels of an
-# unchanged config, so that old output folders are not resumed into.
-DIGEST_SCHEMA = 1
+# unchanged config, or the digest's form changes, so that old output folders are not
+# resumed into. 2: fields named by dotted paths.
+DIGEST_SCHEMA = 2
 
 
 def config_digest(config: Config, scale: float = 1.0) -> str:
@@ -299,11 +457,10 @@ def config_digest(config: Config, scale: float = 1.0) -> str:
       scale: the resize factor applied before segmenting (``--scale``).
 
     Returns:
-      16 hex digits of the SHA-256 of the algorithm, model, optimiser, seed and
-      precision fields, the scale and ``DIGEST_SCHEMA``; ``LAYOUT_FIELDS`` are left out.
+      16 hex digits of the SHA-256 of every field's dotted path and value except
+      ``LAYOUT_FIELDS``, the scale and ``DIGEST_SCHEMA``.
     """
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-              if f.name not in LAYOUT_FIELDS}
+    fields = {p: v for p, v in config.flat().items() if p not in LAYOUT_FIELDS}
     payload = {"schema": DIGEST_SCHEMA, "scale": float(scale), "config": fields}
     text = json.dumps(payload, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

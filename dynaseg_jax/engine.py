@@ -36,15 +36,15 @@ def resolve_config(config: Config, backend: str | None = None) -> Config:
     backend = backend or jax.default_backend()
     on_cpu = backend == "cpu"
     changes = {}
-    if config.strategy == "auto":
-        changes["strategy"] = "per_image" if on_cpu else "vmap"
-    if config.conv_impl == "auto":
-        changes["conv_impl"] = default_conv_impl(backend)
-    if config.sync_every == 0:
-        changes["sync_every"] = 1 if on_cpu else 10
-    if config.batch == 0:
-        changes["batch"] = 4 if on_cpu else 32
-    return dataclasses.replace(config, **changes) if changes else config
+    if config.engine.strategy == "auto":
+        changes["engine.strategy"] = "per_image" if on_cpu else "vmap"
+    if config.model.conv_impl == "auto":
+        changes["model.conv_impl"] = default_conv_impl(backend)
+    if config.engine.sync_every == 0:
+        changes["engine.sync_every"] = 1 if on_cpu else 10
+    if config.engine.batch == 0:
+        changes["engine.batch"] = 4 if on_cpu else 32
+    return config.replace(changes) if changes else config
 
 
 def bucket_shape(height: int, width: int, config: Config, model=None) -> tuple[int, int, bool]:
@@ -60,10 +60,10 @@ def bucket_shape(height: int, width: int, config: Config, model=None) -> tuple[i
         transposable model (the CNN).
     """
     transposable = getattr(model, "transposable", True)
-    transposed = bool(config.transpose_portrait and transposable and height > width)
+    transposed = bool(config.engine.transpose_portrait and transposable and height > width)
     if transposed:
         height, width = width, height
-    m = math.lcm(config.bucket_multiple, getattr(model, "input_multiple", 1))
+    m = math.lcm(config.engine.bucket_multiple, getattr(model, "input_multiple", 1))
     return -(-height // m) * m, -(-width // m) * m, transposed
 
 
@@ -107,7 +107,7 @@ def unpad_labels(labels: np.ndarray, shape: tuple[int, int], transposed: bool) -
 
 
 class Engine:
-    """Runs DynaSeg on a stream of images with ``config.batch`` slots.
+    """Runs DynaSeg on a stream of images with ``config.engine.batch`` slots.
 
     Args:
       config: a Config; 'auto' strategy/conv_impl are resolved for the default backend.
@@ -141,7 +141,7 @@ class Engine:
     def step_fn(self, bucket, vectorized: bool):
         tag = ("vmap" if vectorized else "per_image", bucket[:2])
         if tag not in self._fns:
-            n = self.config.sync_every
+            n = self.config.engine.sync_every
             base = jax.vmap(self._train_step) if vectorized else self._train_step
 
             unroll = not self.loop_chunks
@@ -223,8 +223,8 @@ class _SlotGroup:
     def __init__(self, engine: Engine, shape: tuple[int, int]):
         self.engine = engine
         self.shape = shape
-        self.vectorized = engine.config.strategy == "vmap"
-        self.n_slots = engine.config.batch
+        self.vectorized = engine.config.engine.strategy == "vmap"
+        self.n_slots = engine.config.engine.batch
         self.items: list[tuple | None] = [None] * self.n_slots  # (item, transposed, t0)
         bh, bw = shape
         self.step = engine.step_fn(shape + (False,), self.vectorized)
@@ -291,7 +291,7 @@ class _SlotGroup:
             error = None
             if diverged:
                 error = (f"diverged: non-finite loss or parameters at iteration {steps} "
-                         f"(lr = {self.engine.config.lr}; try a smaller lr)")
+                         f"(lr = {self.engine.config.optim.lr}; try a smaller lr)")
             labels = unpad_labels(np.asarray(labels), item.image.shape[:2], transposed)
             self.items[slot] = None
             yield SlotResult(key=item.key, labels=labels, iterations=steps,

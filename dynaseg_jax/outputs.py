@@ -131,8 +131,8 @@ class OutputFolder:
                       f"config digest: {digest}\n"
                       f"scale: {float(scale)!r} (--scale; part of the digest)\n")
             if resolved is not None:
-                auto = ", ".join(f"{k} = {getattr(resolved, k)!r}" for k in
-                                 ("strategy", "conv_impl", "batch", "sync_every"))
+                auto = ", ".join(f"{k} = {resolved.get(k)!r}" for k in
+                                 ("engine.strategy", "model.conv_impl", "engine.batch", "engine.sync_every"))
                 header += f"resolved on the machine that wrote it: {auto}\n"
             imio.write_text_atomic(path / CONFIG, to_toml(config, header))
             return cls(path, digest, records, dropped, lock_fd)

@@ -54,8 +54,8 @@ class KStarEstimator:
         self._features = None
         self._model = model = model or build_model(config)
         # Features of the image as given: padded, never transposed.
-        self._pad_config = dataclasses.replace(config, transpose_portrait=False)
-        if config.k_min == "silhouette" and config.silhouette_features == "network":
+        self._pad_config = config.replace({"engine.transpose_portrait": False})
+        if config.stop.k_min == "silhouette" and config.silhouette.features == "network":
             def features(img, mask):
                 self.trace_count += 1  # runs at trace time only
                 return model.apply(params, img, mask, method="features")
@@ -66,7 +66,7 @@ class KStarEstimator:
         """(H*W, D) per-pixel features of the configured kind for float RGB ``image``."""
         c = self.config
         if self._features is None:
-            return silhouette.color_position_features(image, c.silhouette_position_scale)
+            return silhouette.color_position_features(image, c.silhouette.position_scale)
         h, w, _ = image.shape
         padded, mask = pad_to_bucket(image, bucket_shape(h, w, self._pad_config, self._model))
         feats = np.asarray(self._features(jnp.asarray(padded), jnp.asarray(mask)))[:h, :w]
@@ -74,10 +74,10 @@ class KStarEstimator:
 
     def __call__(self, image: np.ndarray) -> int:
         c = self.config
-        if c.k_min != "silhouette":
-            return int(c.k_min)
-        k, _ = silhouette.estimate_k(self.features(image), c.silhouette_k_range,
-                                     c.silhouette_samples, c.seed)
+        if c.stop.k_min != "silhouette":
+            return int(c.stop.k_min)
+        k, _ = silhouette.estimate_k(self.features(image), c.silhouette.k_range,
+                                     c.silhouette.samples, c.seed)
         return k
 
 
@@ -108,7 +108,7 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
     Args:
       images: arrays ((H, W, 3) uint8/uint16/float in [0, 1], or (H, W)) or file paths.
       config: a Config, a preset name (``"dynaseg_scf"``) or a TOML path; default Config().
-      batch: number of slots (images optimised at once); default ``config.batch``.
+      batch: number of slots (images optimised at once); default ``config.engine.batch``.
       progress: show a progress bar on stderr.
 
     Returns:
@@ -119,14 +119,14 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
     """
     config = _as_config(config)
     if batch is not None:
-        config = config.replace(batch=batch)
+        config = config.replace({"engine.batch": batch})
     arrays = []
     for i, img in enumerate(images):
         if isinstance(img, (str, os.PathLike)):
-            arrays.append(imio.load_image(img, config.max_pixels))
+            arrays.append(imio.load_image(img, config.engine.max_pixels))
         else:
             arr = imio.as_float_image(img, name=f"images[{i}]")
-            imio.check_size(*arr.shape[:2], config.max_pixels, f"images[{i}]")
+            imio.check_size(*arr.shape[:2], config.engine.max_pixels, f"images[{i}]")
             arrays.append(arr)
     engine = Engine(config)
     kstar = KStarEstimator(engine.config, engine.params, engine.model)
@@ -327,12 +327,12 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
 
     def prepare(job):
         name, _, _, src = job
-        original = imio.load_image(src, cfg.max_pixels) if isinstance(src, Path) else \
+        original = imio.load_image(src, cfg.engine.max_pixels) if isinstance(src, Path) else \
             imio.as_float_image(src(), name)
         image = original
         if scale != 1.0:
             image = imio.resize_image(original, scale)
-            imio.check_size(*image.shape[:2], cfg.max_pixels, f"{name} (scaled by {scale})")
+            imio.check_size(*image.shape[:2], cfg.engine.max_pixels, f"{name} (scaled by {scale})")
         return original, image, kstar(image)
 
     meta = {}

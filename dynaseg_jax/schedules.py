@@ -43,8 +43,8 @@ SCHEDULES = {"fixed": fixed, "fsf": fsf, "scf": scf}
 
 def make_schedule(config):
     """The schedule a config names (``schedule`` = fixed | fsf | scf)."""
-    if config.schedule == "fixed":
-        return fixed(config.mu)
-    if config.schedule in ("fsf", "scf"):
-        return SCHEDULES[config.schedule](config.alpha)
-    raise ValueError(f"unknown schedule {config.schedule!r}; use one of {sorted(SCHEDULES)}")
+    if config.schedule.kind == "fixed":
+        return fixed(config.schedule.mu)
+    if config.schedule.kind in ("fsf", "scf"):
+        return SCHEDULES[config.schedule.kind](config.schedule.alpha)
+    raise ValueError(f"unknown schedule {config.schedule.kind!r}; use one of {sorted(SCHEDULES)}")

@@ -31,8 +31,8 @@ INIT_SHAPE = (8, 8)  # parameter shapes do not depend on the image size
 def make_optimizer(config) -> optax.GradientTransformation:
     """torch.optim.SGD(lr, momentum, weight_decay): decay is added to the gradient
     before the momentum trace, and the first trace equals the first gradient."""
-    return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.sgd(config.lr, momentum=config.momentum or None))
+    return optax.chain(optax.add_decayed_weights(config.optim.weight_decay),
+                       optax.sgd(config.optim.lr, momentum=config.optim.momentum or None))
 
 
 def init_params(config, key: jax.Array | None = None, model=None):
@@ -57,7 +57,7 @@ def init_state(config, params=None, k_min: int | jax.Array | None = None) -> dic
     if params is None:
         params = init_params(config)
     if k_min is None:
-        k_min = config.k_min if isinstance(config.k_min, int) else 1
+        k_min = config.stop.k_min if isinstance(config.stop.k_min, int) else 1
     return {
         "params": params,
         "opt_state": make_optimizer(config).init(params),
@@ -107,8 +107,8 @@ def make_train_step(config, schedule: Callable | None = None, model=None):
     model = model or build_model(config)
     schedule = schedule or make_schedule(config)
     optimizer = make_optimizer(config)
-    max_iters = int(config.max_iters)
-    mu_uses_kstar = bool(config.mu_uses_kstar)
+    max_iters = int(config.stop.max_iters)
+    mu_uses_kstar = bool(config.schedule.uses_kstar)
 
     def train_step(state, image, mask):
         def loss_fn(params):

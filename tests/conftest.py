@@ -15,8 +15,10 @@ BSDS = SHARED / "data" / "bsds500"
 @pytest.fixture(scope="session")
 def tiny_config() -> Config:
     """Small network and few iterations: the algorithm unchanged, the cost tiny."""
-    return Config(channels=16, n_clusters=16, n_conv=2, max_iters=12, k_min=3,
-                  schedule="scf", alpha=50.0, batch=3, bucket_multiple=8, conv_impl="lax")
+    return Config().replace({"model.channels": 16, "model.max_clusters": 16, "model.n_conv": 2,
+                             "model.conv_impl": "lax", "stop.max_iters": 12, "stop.k_min": 3,
+                             "schedule.kind": "scf", "schedule.alpha": 50.0, "engine.batch": 3,
+                             "engine.bucket_multiple": 8})
 
 
 def smooth_image(h: int, w: int, seed: int) -> np.ndarray:

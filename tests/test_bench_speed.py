@@ -14,7 +14,7 @@ import bench_speed  # noqa: E402
 def test_json_contract(tmp_path):
     out = tmp_path / "speed.json"
     code = bench_speed.main(["--size", "24x16", "--batch", "1", "--iters", "2", "--repeats", "1",
-                             "--warmup", "1", "--set", "channels=8", "--set", "n_clusters=8", "--json", str(out)])
+                             "--warmup", "1", "--set", "model.channels=8", "--set", "model.max_clusters=8", "--json", str(out)])
     assert code == 0
     row = json.loads(out.read_text())
     for key in ("jax_ms_per_image_iter", "torch_ms_per_image_iter", "ratio", "strategy", "device"):
@@ -22,7 +22,7 @@ def test_json_contract(tmp_path):
     assert row["ratio"] == pytest.approx(row["jax_ms_per_image_iter"] / row["torch_ms_per_image_iter"])
     assert row["strategy"] in ("per_image", "vmap") and row["device"] == "cpu"
     # 24x16: 2 * (2*384*27*8) + 3 * (2*384*9*8*8 + 2*384*8*8) algorithmic FLOPs
-    assert bench_speed.model_flops(16, 24, bench_speed.load_config("dynaseg_scf", ["channels=8", "n_clusters=8"])) \
+    assert bench_speed.model_flops(16, 24, bench_speed.load_config("dynaseg_scf", ["model.channels=8", "model.max_clusters=8"])) \
         == 2 * (2 * 384 * 27 * 8) + 3 * (2 * 384 * 9 * 64 + 2 * 384 * 64)
 
 
@@ -31,7 +31,7 @@ def test_full_run_scaled_with_fewer_torch_images(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_speed, "BSDS_VAL", bsds_val_images(2)[0].parent)
     out = tmp_path / "full.json"
     code = bench_speed.main(["--size", "24x16", "--batch", "1", "--iters", "1", "--repeats", "1",
-                             "--warmup", "1", "--set", "channels=8", "--set", "n_clusters=8", "--set", "max_iters=3",
+                             "--warmup", "1", "--set", "model.channels=8", "--set", "model.max_clusters=8", "--set", "stop.max_iters=3",
                              "--full-run", "2", "--full-batch", "2", "--full-scale", "0.1",
                              "--full-torch", "1", "--json", str(out)])
     assert code == 0

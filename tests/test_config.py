@@ -1,50 +1,86 @@
-"""Configs: presets, overrides, and clear errors."""
+"""Configs: sections and dotted paths, presets, overrides, TOML round trips, ranges, digest."""
+import math
+import re
+import tomllib
+
 import pytest
 
-from dynaseg_jax.config import FIELD_DOCS, Config, ConfigError, list_presets, load_config
+from dynaseg_jax.config import (LAYOUT_FIELDS, MODEL_NAMES, SECTIONS, Config, ConfigError, config_digest,
+                                field_doc, field_paths, list_presets, load_config, to_toml)
 
 
 def test_presets():
     assert {"kim_mu5", "dynaseg_fsf", "dynaseg_scf", "dynaseg_fsf_silhouette",
             "dynaseg_scf_silhouette"} <= set(list_presets())
     kim = load_config("kim_mu5")
-    assert (kim.schedule, kim.mu, kim.k_min) == ("fixed", 5.0, 3)
-    assert (load_config("dynaseg_fsf").schedule, load_config("dynaseg_fsf").alpha) == ("fsf", 15.0)
-    assert (load_config("dynaseg_scf").schedule, load_config("dynaseg_scf").alpha) == ("scf", 50.0)
-    assert load_config("dynaseg_scf_silhouette").k_min == "silhouette"
+    assert (kim.schedule.kind, kim.schedule.mu, kim.stop.k_min) == ("fixed", 5.0, 3)
+    fsf = load_config("dynaseg_fsf")
+    assert (fsf.schedule.kind, fsf.schedule.alpha) == ("fsf", 15.0)
+    assert load_config("dynaseg_scf") == Config()  # the default run is the scf preset
+    assert load_config("dynaseg_scf_silhouette").stop.k_min == "silhouette"
 
 
-def test_overrides():
-    c = load_config("dynaseg_scf", ["max_iters=30", "k_min=silhouette", "lr=0.05",
-                                    "silhouette_k_range=[2, 8]", "transpose_portrait=false"])
-    assert (c.max_iters, c.k_min, c.lr, c.silhouette_k_range, c.transpose_portrait) == \
-        (30, "silhouette", 0.05, (2, 8), False)
-    assert load_config(None, {"k_min": "5"}).k_min == 5
+def test_dotted_overrides():
+    c = load_config("dynaseg_scf", ["stop.max_iters=30", "stop.k_min=silhouette", "optim.lr=0.05",
+                                    "silhouette.k_range=[2, 8]", "engine.transpose_portrait=false",
+                                    "seed=4"])
+    assert (c.stop.max_iters, c.stop.k_min, c.optim.lr, c.silhouette.k_range, c.engine.transpose_portrait,
+            c.seed) == (30, "silhouette", 0.05, (2, 8), False, 4)
+    assert load_config(None, {"stop.k_min": "5"}).stop.k_min == 5
+    # One namespace: replace() takes the same dotted paths; get() reads them.
+    d = Config().replace({"optim.lr": 0.05, "engine.batch": 3}, seed=2)
+    assert (d.get("optim.lr"), d.get("engine.batch"), d.seed) == (0.05, 3, 2)
+    assert d.flat()["optim.lr"] == 0.05 and list(d.flat()) == field_paths()
 
 
-def test_every_field_documented():
-    import dataclasses
-    assert {f.name for f in dataclasses.fields(Config)} == set(FIELD_DOCS)
+def test_every_field_documented_and_in_a_section():
+    paths = field_paths()
+    assert len(paths) == len(set(paths))
+    assert {p.split(".")[0] for p in paths if "." in p} == set(SECTIONS)
+    for p in paths:
+        assert len(field_doc(p)) > 10, p
+
+
+def test_registry_names_agree():
+    from dynaseg_jax.models import MODELS
+    assert set(MODELS) == set(MODEL_NAMES)
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["nonsense=1"], "unknown field"),
-    (["max_iters=abc"], "expected an integer"),
-    (["schedule=cosine"], "choose one of"),
-    (["k_min=often"], "k_min"),
-    (["max_iters"], "key=value"),
-    (["batch=-1"], "must be >= 0"),
-    (["channels=0"], "must be >= 1"),
+    (["nonsense=1"], "unknown field nonsense"),
+    (["optim.nonsense=1"], "unknown field optim.nonsense"),
+    (["stop.max_iters=abc"], "expected an integer"),
+    (["schedule.kind=cosine"], "choose one of"),
+    (["stop.k_min=often"], "stop.k_min"),
+    (["stop.max_iters"], "key=value"),
+    (["engine.batch=-1"], "must be >= 0"),
+    (["model.channels=0"], "must be >= 1"),
+    (["model.name=vgg"], "model.name = 'vgg': choose one of cnn"),
 ])
 def test_bad_overrides(overrides, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("dynaseg_scf", overrides)
+
+
+@pytest.mark.parametrize("old, new", [("lr", "optim.lr"), ("max_iters", "stop.max_iters"),
+                                      ("batch", "engine.batch"), ("n_clusters", "model.max_clusters"),
+                                      ("mu_uses_kstar", "schedule.uses_kstar"),
+                                      ("silhouette_k_range", "silhouette.k_range"),
+                                      ("schedule", "schedule.kind"), ("optim.lrr", "optim.lr")])
+def test_flat_keys_of_earlier_releases_get_a_suggestion(old, new):
+    with pytest.raises(ConfigError, match=re.escape(f"did you mean {new}?")):
+        load_config("dynaseg_scf", [f"{old}=1"])
 
 
 def test_config_file(tmp_path):
     good = tmp_path / "mine.toml"
-    good.write_text('schedule = "fsf"\nalpha = 12.0\nmax_iters = 7\n')
-    assert load_config(str(good)).alpha == 12.0
+    good.write_text('[schedule]\nkind = "fsf"\nalpha = 12.0\n[stop]\nmax_iters = 7\n')
+    c = load_config(str(good))
+    assert (c.schedule.alpha, c.stop.max_iters) == (12.0, 7)
+    flat = tmp_path / "flat.toml"
+    flat.write_text('alpha = 12.0\n')
+    with pytest.raises(ConfigError, match=r"flat.toml: unknown field alpha \(did you mean schedule.alpha\?\)"):
+        load_config(str(flat))
     bad = tmp_path / "bad.toml"
     bad.write_text("schedule = \n")
     with pytest.raises(ConfigError, match="bad.toml"):
@@ -55,58 +91,54 @@ def test_config_file(tmp_path):
 
 # --- TOML output, ranges, digest ---------------------------------------------------------
 
-import dataclasses  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
-import tomllib  # noqa: E402
-
-from dynaseg_jax.config import LAYOUT_FIELDS, config_digest, to_toml  # noqa: E402
-
 
 @pytest.mark.parametrize("name", list_presets())
 def test_every_preset_round_trips_through_toml(name, tmp_path):
     config = load_config(name)
     text = to_toml(config, header=f"preset {name}")
-    parsed = tomllib.loads(text)  # valid TOML, every field present
-    assert set(parsed) == {f.name for f in dataclasses.fields(Config)}
+    parsed = tomllib.loads(text)  # valid TOML, every field present, sections as tables
+    assert set(parsed) == {"seed", *SECTIONS}
+    assert sum(len(v) if isinstance(v, dict) else 1 for v in parsed.values()) == len(field_paths())
     path = tmp_path / f"{name}.toml"
     path.write_text(text)
     assert load_config(str(path)) == config
-    for f in dataclasses.fields(Config):  # each field's doc is the comment above it
-        assert f"# {FIELD_DOCS[f.name]}\n{f.name} = " in text
+    for p in field_paths():  # each field's doc is the comment above it
+        assert f"# {field_doc(p)}\n{p.rsplit('.', 1)[-1]} = " in text
 
 
 def test_toml_round_trip_of_unusual_values(tmp_path):
-    config = load_config(None, ["k_min=silhouette", "lr=1e-05", "alpha=3", "mu=0.1",
-                                "silhouette_k_range=[3, 7]", "transpose_portrait=false"])
+    config = load_config(None, ["stop.k_min=silhouette", "optim.lr=1e-05", "schedule.alpha=3",
+                                "schedule.mu=0.1", "silhouette.k_range=[3, 7]",
+                                "engine.transpose_portrait=false"])
     path = tmp_path / "c.toml"
     path.write_text(to_toml(config))
     again = load_config(str(path))
-    assert again == config and isinstance(again.alpha, float) and again.lr == 1e-05
+    assert again == config and isinstance(again.schedule.alpha, float) and again.optim.lr == 1e-05
 
 
 def test_cli_config_output_is_loadable(tmp_path, capsys):
     from dynaseg_jax.cli import main
-    assert main(["config", "dynaseg_fsf_silhouette", "--set", "max_iters=7", "--set", "lr=0.05"]) == 0
+    assert main(["config", "dynaseg_fsf_silhouette", "--set", "stop.max_iters=7",
+                 "--set", "optim.lr=0.05"]) == 0
     path = tmp_path / "mine.toml"
     path.write_text(capsys.readouterr().out)
     c = load_config(str(path))
-    assert c == load_config("dynaseg_fsf_silhouette", ["max_iters=7", "lr=0.05"])
+    assert c == load_config("dynaseg_fsf_silhouette", ["stop.max_iters=7", "optim.lr=0.05"])
 
 
 @pytest.mark.parametrize("override, message", [
-    ("lr=-1", "lr = -1.0: must be finite and > 0"),
-    ("lr=0", "lr = 0.0: must be finite and > 0"),
-    ("lr=inf", "lr = inf"),
-    ("lr=nan", "lr = nan"),
-    ("momentum=2", "momentum = 2.0: must be in [0, 1)"),
-    ("momentum=1", "momentum = 1.0"),
-    ("momentum=-0.1", "momentum"),
-    ("weight_decay=-5", "weight_decay = -5.0: must be finite and >= 0"),
-    ("alpha=1e308", "alpha = 1e+308"),  # finite in float64, inf in float32
-    ("alpha=0", "alpha = 0.0"),
-    ("mu=-1", "mu = -1.0"),
-    ("mu=1e39", "mu = 1e+39"),
+    ("optim.lr=-1", "optim.lr = -1.0: must be finite and > 0"),
+    ("optim.lr=0", "optim.lr = 0.0: must be finite and > 0"),
+    ("optim.lr=inf", "optim.lr = inf"),
+    ("optim.lr=nan", "optim.lr = nan"),
+    ("optim.momentum=2", "optim.momentum = 2.0: must be in [0, 1)"),
+    ("optim.momentum=1", "optim.momentum = 1.0"),
+    ("optim.momentum=-0.1", "optim.momentum"),
+    ("optim.weight_decay=-5", "optim.weight_decay = -5.0: must be finite and >= 0"),
+    ("schedule.alpha=1e308", "schedule.alpha = 1e+308"),  # finite in float64, inf in float32
+    ("schedule.alpha=0", "schedule.alpha = 0.0"),
+    ("schedule.mu=-1", "schedule.mu = -1.0"),
+    ("schedule.mu=1e39", "schedule.mu = 1e+39"),
 ])
 def test_nonsense_optimiser_settings_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -114,8 +146,9 @@ def test_nonsense_optimiser_settings_are_config_errors(override, message):
 
 
 def test_range_edges_are_accepted():
-    c = load_config("dynaseg_scf", ["momentum=0", "weight_decay=0", "lr=1e-30", "alpha=3.4e38"])
-    assert c.momentum == 0 and math.isfinite(c.alpha)
+    c = load_config("dynaseg_scf", ["optim.momentum=0", "optim.weight_decay=0", "optim.lr=1e-30",
+                                    "schedule.alpha=3.4e38"])
+    assert c.optim.momentum == 0 and math.isfinite(c.schedule.alpha)
 
 
 def test_digest_covers_labels_not_layout():
@@ -123,17 +156,21 @@ def test_digest_covers_labels_not_layout():
     d = config_digest(base)
     assert len(d) == 16 and d == config_digest(load_config("dynaseg_scf"))
     # Layout: same digest.
-    layout = {"strategy": "vmap", "batch": 9, "sync_every": 5, "bucket_multiple": 32, "max_pixels": 10}
+    layout = {"engine.strategy": "vmap", "engine.batch": 9, "engine.sync_every": 5,
+              "engine.bucket_multiple": 32, "engine.max_pixels": 10}
     assert set(layout) == set(LAYOUT_FIELDS)
-    for name, value in layout.items():
-        assert config_digest(base.replace(**{name: value})) == d, name
+    for path, value in layout.items():
+        assert config_digest(base.replace({path: value})) == d, path
     # Everything else: a different digest, field by field, and the scale too.
-    changed = {"schedule": "fsf", "mu": 4.0, "alpha": 15.0, "k_min": 4, "max_iters": 10, "n_conv": 3,
-               "channels": 64, "n_clusters": 50, "lr": 0.05, "momentum": 0.5, "weight_decay": 1e-4,
-               "seed": 1, "silhouette_features": "color_position", "silhouette_k_range": (2, 9),
-               "silhouette_samples": 100, "silhouette_position_scale": 2.0, "mu_uses_kstar": True,
-               "conv_impl": "lax", "matmul_precision": "bfloat16", "transpose_portrait": False}
-    assert set(changed) | set(layout) == {f.name for f in dataclasses.fields(Config)}
-    for name, value in changed.items():
-        assert config_digest(base.replace(**{name: value})) != d, name
+    changed = {"seed": 1, "model.n_conv": 3, "model.channels": 64, "model.max_clusters": 50,
+               "model.conv_impl": "lax", "model.matmul_precision": "bfloat16", "schedule.kind": "fsf",
+               "schedule.alpha": 15.0, "schedule.mu": 4.0, "schedule.uses_kstar": True, "optim.lr": 0.05,
+               "optim.momentum": 0.5, "optim.weight_decay": 1e-4, "stop.k_min": 4, "stop.max_iters": 10,
+               "silhouette.features": "color_position", "silhouette.k_range": (2, 9),
+               "silhouette.samples": 100, "silhouette.position_scale": 2.0,
+               "engine.transpose_portrait": False}
+    # model.name has one choice so far; every other field is covered.
+    assert set(changed) | set(layout) | {"model.name"} == set(field_paths())
+    for path, value in changed.items():
+        assert config_digest(base.replace({path: value})) != d, path
     assert config_digest(base, scale=0.5) != d

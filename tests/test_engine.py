@@ -15,7 +15,7 @@ def run(engine, images, keys=None):
 
 @pytest.fixture(scope="module", params=["per_image", "vmap"])
 def engine(request, tiny_config):
-    return Engine(tiny_config.replace(strategy=request.param, batch=3))
+    return Engine(tiny_config.replace({"engine.strategy": request.param, "engine.batch": 3}))
 
 
 def test_batch_independence(engine):
@@ -26,7 +26,7 @@ def test_batch_independence(engine):
         for other in (together[i], reversed_[i]):
             np.testing.assert_array_equal(other.labels, alone[i].labels)
             assert other.iterations == alone[i].iterations
-    assert {r.iterations for r in alone.values()} <= set(range(1, engine.config.max_iters + 1))
+    assert {r.iterations for r in alone.values()} <= set(range(1, engine.config.stop.max_iters + 1))
 
 
 def test_compiles_once_per_bucket(engine):
@@ -47,15 +47,15 @@ def test_portrait_image_is_transposed_exactly(engine):
 def test_bucket_shape(tiny_config):
     assert bucket_shape(13, 18, tiny_config) == (16, 24, False)
     assert bucket_shape(18, 13, tiny_config) == (16, 24, True)
-    assert bucket_shape(321, 481, tiny_config.replace(bucket_multiple=1)) == (321, 481, False)
-    assert bucket_shape(481, 321, tiny_config.replace(bucket_multiple=1)) == (321, 481, True)
-    assert bucket_shape(481, 321, tiny_config.replace(transpose_portrait=False, bucket_multiple=1)) == (481, 321, False)
+    assert bucket_shape(321, 481, tiny_config.replace({"engine.bucket_multiple": 1})) == (321, 481, False)
+    assert bucket_shape(481, 321, tiny_config.replace({"engine.bucket_multiple": 1})) == (321, 481, True)
+    assert bucket_shape(481, 321, tiny_config.replace({"engine.transpose_portrait": False, "engine.bucket_multiple": 1})) == (481, 321, False)
 
 
 def test_sync_every_does_not_change_results(tiny_config):
-    a = run(Engine(tiny_config.replace(sync_every=1)), IMAGES[:2])
-    b = run(Engine(tiny_config.replace(sync_every=5)), IMAGES[:2])
-    looped = Engine(tiny_config.replace(sync_every=5))
+    a = run(Engine(tiny_config.replace({"engine.sync_every": 1})), IMAGES[:2])
+    b = run(Engine(tiny_config.replace({"engine.sync_every": 5})), IMAGES[:2])
+    looped = Engine(tiny_config.replace({"engine.sync_every": 5}))
     looped.loop_chunks = True  # the accelerator path: chunks as a fori_loop
     c = run(looped, IMAGES[:2])
     for k in a:
@@ -75,15 +75,15 @@ def test_segment_api_keeps_input_order(tiny_config, tmp_path):
     assert [r["labels"].shape for r in out] == [(16, 24), (24, 16), (16, 24)]
     for r in out:
         np.testing.assert_array_equal(np.unique(r["labels"]), np.arange(r["clusters"]))
-        assert 1 <= r["iterations"] <= tiny_config.max_iters and r["k_min"] == 3
+        assert 1 <= r["iterations"] <= tiny_config.stop.max_iters and r["k_min"] == 3
     # The same image gives the same labels through the API as through the engine.
-    direct = run(Engine(tiny_config.replace(batch=2)), [IMAGES[0]])[0]
+    direct = run(Engine(tiny_config.replace({"engine.batch": 2})), [IMAGES[0]])[0]
     from dynaseg_jax.images import renumber
     np.testing.assert_array_equal(out[0]["labels"], renumber(direct.labels))
 
 
 def test_diverged_image_is_reported(engine):
-    wild = Engine(engine.config.replace(lr=1e30))  # non-finite on the 2nd update (test_train)
+    wild = Engine(engine.config.replace({"optim.lr": 1e30}))  # non-finite on the 2nd update (test_train)
     (r,) = run(wild, IMAGES[:1]).values()
     assert r.error.startswith("diverged: non-finite loss or parameters at iteration 2")
     assert r.iterations == 2
@@ -95,7 +95,7 @@ def test_bucket_shape_consults_the_model(tiny_config):
     strided = SimpleNamespace(input_multiple=32, transposable=False)  # e.g. a pretrained trunk
     # Sides rounded to a multiple of both bucket_multiple (8) and the model's 32 ...
     assert bucket_shape(13, 18, tiny_config, strided) == (32, 32, False)
-    assert bucket_shape(40, 70, tiny_config.replace(bucket_multiple=48), strided) == (96, 96, False)
+    assert bucket_shape(40, 70, tiny_config.replace({"engine.bucket_multiple": 48}), strided) == (96, 96, False)
     # ... and a portrait image keeps its own orientation when the model forbids transposing.
     assert bucket_shape(70, 40, tiny_config, strided) == (96, 64, False)
     from dynaseg_jax.models import build_model

@@ -64,6 +64,6 @@ def test_schedules(q):
 
 
 def test_make_schedule_from_config():
-    np.testing.assert_allclose(float(schedules.make_schedule(Config(schedule="fsf", alpha=10.0))(20, 0)), 2.0)
-    np.testing.assert_allclose(float(schedules.make_schedule(Config(schedule="scf", alpha=40.0))(20, 0)), 2.0)
-    assert float(schedules.make_schedule(Config(schedule="fixed", mu=3.0))(20, 0)) == 3.0
+    np.testing.assert_allclose(float(schedules.make_schedule(Config().replace({"schedule.kind": "fsf", "schedule.alpha": 10.0}))(20, 0)), 2.0)
+    np.testing.assert_allclose(float(schedules.make_schedule(Config().replace({"schedule.kind": "scf", "schedule.alpha": 40.0}))(20, 0)), 2.0)
+    assert float(schedules.make_schedule(Config().replace({"schedule.kind": "fixed", "schedule.mu": 3.0}))(20, 0)) == 3.0

@@ -21,7 +21,7 @@ def test_contract(name, tiny_config):
     img = smooth_image(h, w, 0)
     response = model.apply(params, jnp.asarray(img), jnp.ones((h, w)))
     features = model.apply(params, jnp.asarray(img), jnp.ones((h, w)), method="features")
-    assert response.shape == (h, w, tiny_config.n_clusters)
+    assert response.shape == (h, w, tiny_config.model.max_clusters)
     assert features.shape[:2] == (h, w) and features.ndim == 3
     # Padding with any content, masked out, leaves the real pixels' response unchanged.
     padded = np.random.default_rng(0).random((bh, bw, 3), dtype=np.float32)

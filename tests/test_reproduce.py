@@ -17,9 +17,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 BSDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds500"
 SCRIPT = REPO / "benchmarks" / "reproduce_bsds500.py"
-# conv_impl=lax: on XLA:CPU it compiles faster than im2col, and compilation dominates here.
-TINY = ["max_iters=3", "n_conv=1", "channels=8", "n_clusters=8", "batch=1", "conv_impl=lax",
-        "bucket_multiple=8"]
+# model.conv_impl=lax: on XLA:CPU it compiles faster than im2col, and compilation dominates here.
+TINY = ["stop.max_iters=3", "model.n_conv=1", "model.channels=8", "model.max_clusters=8",
+        "engine.batch=1", "model.conv_impl=lax", "engine.bucket_multiple=8"]
 
 
 def _load_script():

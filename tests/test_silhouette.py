@@ -39,8 +39,7 @@ def test_network_features_compile_once_per_padded_shape(tiny_config):
     from dynaseg_jax.runner import KStarEstimator
     from tests.conftest import smooth_image
 
-    config = tiny_config.replace(k_min="silhouette", silhouette_features="network",
-                                 silhouette_k_range=(2, 6), silhouette_samples=300)
+    config = tiny_config.replace({"stop.k_min": "silhouette", "silhouette.features": "network", "silhouette.k_range": (2, 6), "silhouette.samples": 300})
     params = train.init_params(config)
     estimator = KStarEstimator(config, params)
     model = build_model(config)
@@ -49,6 +48,6 @@ def test_network_features_compile_once_per_padded_shape(tiny_config):
         feats = model.apply(params, jnp.asarray(img), jnp.ones((h, w)), method="features")
         feats = np.asarray(feats).reshape(h * w, -1)
         np.testing.assert_allclose(estimator.features(img), feats, rtol=1e-4, atol=1e-4)
-        want, _ = estimate_k(feats, config.silhouette_k_range, config.silhouette_samples, config.seed)
+        want, _ = estimate_k(feats, config.silhouette.k_range, config.silhouette.samples, config.seed)
         assert estimator(img) == want
     assert estimator.trace_count == 1

@@ -66,8 +66,8 @@ BSDS_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds500" /
 # weight_decay 1e-4 (the paper's COCO setting; the presets use 0): with 0, a decay put
 # in the wrong place of the optimizer would be invisible. It moves a parameter by
 # lr * 1e-4 = 1e-5 of itself per step, far below what the losses move it.
-CONFIG = load_config("dynaseg_fsf", {"max_iters": 60, "conv_impl": "lax",
-                                     "weight_decay": 1e-4})
+CONFIG = load_config("dynaseg_fsf", {"stop.max_iters": 60, "model.conv_impl": "lax",
+                                     "optim.weight_decay": 1e-4})
 IMPLS = ("lax", "im2col", "winograd")
 TINY = (24, 32)
 REAL = (48, 72)  # BSDS500 (321 x 481) downscaled ~6.7x, to keep the test fast on 2 cores
@@ -228,13 +228,13 @@ def make_forward(config, model=None):
     ~1e-3 relative, error, not pass silently.)
     """
     model = model or build_model(config)
-    convs = {f"conv{i}" for i in range(config.n_conv)}
+    convs = {f"conv{i}" for i in range(config.model.n_conv)}
 
     def forward(params, image, mask):
         r, state = model.apply(params, image, mask, mutable=["intermediates"],
                                capture_intermediates=lambda m, name: m.name in convs)
         inter = state["intermediates"]
-        return r, tuple(inter[f"conv{i}"]["__call__"][0] for i in range(config.n_conv))
+        return r, tuple(inter[f"conv{i}"]["__call__"][0] for i in range(config.model.n_conv))
 
     return forward
 
@@ -245,7 +245,7 @@ def jax_fns():
     Module-scoped so that each (impl, image shape) compiles once for the whole file."""
     fns = {}
     for impl in IMPLS:
-        config = CONFIG.replace(conv_impl=impl)
+        config = CONFIG.replace({"model.conv_impl": impl})
         fns[impl] = (jax.jit(train.make_train_step(config)),
                      jax.jit(train.make_predict(config)), jax.jit(make_forward(config)))
     return fns
@@ -435,11 +435,11 @@ def truth_step(start: dict, image: np.ndarray, branch: dict, config=CONFIG) -> d
     floor_m, floor_p = {}, {}
     for k in params:
         floor_g = sum_floor(n, np.abs(grads[k]) + np.sqrt(squares[k]))
-        carried = config.momentum * norm(prev[k]) if prev is not None else 0.0
+        carried = config.optim.momentum * norm(prev[k]) if prev is not None else 0.0
         floor_m[k] = floor_g + 2 * U32 * (carried + norm(grads[k])
-                                          + config.weight_decay * norm(before[k]))
-        floor_p[k] = config.lr * floor_m[k] + 2 * U32 * (norm(before[k])
-                                                        + config.lr * norm(momentum[k]))
+                                          + config.optim.weight_decay * norm(before[k]))
+        floor_p[k] = config.optim.lr * floor_m[k] + 2 * U32 * (norm(before[k])
+                                                        + config.optim.lr * norm(momentum[k]))
 
     r = _hwc(response)
     h, w, q = r.shape
@@ -608,7 +608,7 @@ def test_converters_round_trip_and_match_our_layout(init_weights):
 
 @pytest.mark.parametrize("schedule", ["fixed", "fsf", "scf"])
 def test_schedules_match(schedule):
-    config = CONFIG.replace(schedule=schedule, alpha=15.0 if schedule == "fsf" else 50.0)
+    config = CONFIG.replace({"schedule.kind": schedule, "schedule.alpha": 15.0 if schedule == "fsf" else 50.0})
     ours, theirs = make_schedule(config), ref.make_schedule(config)
     for q in (1, 3, 7, 50, 100):
         # mu rounded to float32: relative error <= U32 = 6e-8.
@@ -681,8 +681,8 @@ def _decay_after_momentum_optimizer(config):
     p' = p - lr (m' + wd p). A step's update is the same as torch's from the same
     (p, m), but the trace lacks wd p (1e-4 * |p|: 1e-3 for a BN scale of norm 10), and
     every later update inherits that."""
-    return optax.chain(optax.trace(decay=config.momentum),
-                       optax.add_decayed_weights(config.weight_decay), optax.scale(-config.lr))
+    return optax.chain(optax.trace(decay=config.optim.momentum),
+                       optax.add_decayed_weights(config.optim.weight_decay), optax.scale(-config.optim.lr))
 
 
 def _buggy_decay_step(start, forward):
@@ -737,7 +737,7 @@ def free_refs(init_weights, request):
     @functools.cache
     def get(kind):
         image = get_image(kind, request)
-        result = ref.segment_image(image, CONFIG.replace(max_iters=N_STEPS), k_min=0,
+        result = ref.segment_image(image, CONFIG.replace({"stop.max_iters": N_STEPS}), k_min=0,
                                    init_state_dict=state_dict, record_losses=True)
         return image, result, torch_losses(state_dict, image, EXACT_STEPS, torch.float64)
 
@@ -800,11 +800,11 @@ def test_whole_runs_real_images(real_images, init_weights, jax_fns):
     """Whole runs (real stop rule) on BSDS500 val images: similar stop iterations and labels."""
     state_dict, params = init_weights
     step, predict, _ = jax_fns["im2col"]  # CPU's default formulation
-    config = CONFIG.replace(k_min=WHOLE_RUN_K_MIN)
+    config = CONFIG.replace({"stop.k_min": WHOLE_RUN_K_MIN})
     mask = jnp.ones(REAL, jnp.float32)
     stop_rel, passage_rel, agreement, stopped_early = [], [], [], 0
     print(f"\nwhole runs at {REAL[0]}x{REAL[1]}, fsf, k_min {WHOLE_RUN_K_MIN}, "
-          f"max_iters {config.max_iters}:")
+          f"max_iters {config.stop.max_iters}:")
     for name, image in real_images:
         result = ref.segment_image(image, config, init_state_dict=state_dict, record_losses=True)
         x = jnp.asarray(image)
@@ -816,7 +816,7 @@ def test_whole_runs_real_images(real_images, init_weights, jax_fns):
         labels_j = np.asarray(predict(state["params"], x, mask))
         iters_t, iters_j = result["iterations"], int(state["step"])
         stop_rel.append(abs(iters_j - iters_t) / iters_t)
-        stopped_early += iters_t < config.max_iters and iters_j < config.max_iters
+        stopped_early += iters_t < config.stop.max_iters and iters_j < config.stop.max_iters
         # Same initial network, so cluster ids are comparable pixel by pixel.
         agreement.append(float(np.mean(labels_j == result["labels"])))
         passages = []

@@ -27,7 +27,7 @@ def run_steps(step, config, image, mask, n):
 
 
 def test_padding_is_exact_step_for_step(tiny_config, step):
-    config = tiny_config.replace(k_min=1)  # never stop early
+    config = tiny_config.replace({"stop.k_min": 1})  # never stop early
     img = smooth_image(13, 18, 3)
     padded = np.zeros((16, 24, 3), np.float32)
     padded[:13, :18] = img
@@ -55,23 +55,23 @@ def test_compiles_once_per_shape(tiny_config):
 def test_stop_rule_and_frozen_state(tiny_config, step):
     img, mask = jnp.asarray(smooth_image(16, 16, 1)), jnp.ones((16, 16))
     # k_min >= n_clusters: q' <= k_min holds at once, so the first update is the last.
-    state = train.init_state(tiny_config, k_min=tiny_config.n_clusters)
+    state = train.init_state(tiny_config, k_min=tiny_config.model.max_clusters)
     state, _ = step(state, img, mask)
     assert bool(state["done"]) and int(state["step"]) == 1
     frozen, _ = step(state, img, mask)
     chex.assert_trees_all_equal(frozen, state)
     # k_min = 1 on a busy image: stops at max_iters.
     state = train.init_state(tiny_config, k_min=1)
-    for t in range(tiny_config.max_iters):
+    for t in range(tiny_config.stop.max_iters):
         assert not bool(state["done"])
         state, _ = step(state, img, mask)
-    assert bool(state["done"]) and int(state["step"]) == tiny_config.max_iters
+    assert bool(state["done"]) and int(state["step"]) == tiny_config.stop.max_iters
 
 
 def test_optimizer_is_torch_sgd():
     # torch.optim.SGD: buf = momentum * buf + (g + wd * p); p -= lr * buf; first buf = g + wd * p
     from dynaseg_jax.config import Config
-    cfg = Config(lr=0.1, momentum=0.9, weight_decay=0.01)
+    cfg = Config().replace({"optim.lr": 0.1, "optim.momentum": 0.9, "optim.weight_decay": 0.01})
     opt = train.make_optimizer(cfg)
     p = jnp.array([1.0, -2.0])
     state = opt.init(p)
@@ -91,7 +91,7 @@ def test_mu_uses_kstar_changes_only_the_stopping_update(tiny_config):
     # same step: the option can change the final update, never the trajectory before it.
     img = jnp.asarray(smooth_image(12, 16, 3))
     mask = jnp.ones((12, 16))
-    steps = {flag: jax.jit(train.make_train_step(tiny_config.replace(mu_uses_kstar=flag)))
+    steps = {flag: jax.jit(train.make_train_step(tiny_config.replace({"schedule.uses_kstar": flag})))
              for flag in (False, True)}
     states = {flag: train.init_state(tiny_config, k_min=1) for flag in (False, True)}
     for _ in range(4):  # k* = 1: q' < k* never holds, the option is inert
@@ -110,8 +110,8 @@ def test_mu_uses_kstar_changes_only_the_stopping_update(tiny_config):
         assert bool(states[flag]["done"])
     q_now = int(metrics[False]["n_clusters"])
     assert q_now < k_star
-    assert float(metrics[False]["mu"]) == pytest.approx(tiny_config.alpha / q_now)
-    assert float(metrics[True]["mu"]) == pytest.approx(tiny_config.alpha / k_star)
+    assert float(metrics[False]["mu"]) == pytest.approx(tiny_config.schedule.alpha / q_now)
+    assert float(metrics[True]["mu"]) == pytest.approx(tiny_config.schedule.alpha / k_star)
 
 
 def test_nonfinite_update_marks_divergence(tiny_config, step):
@@ -122,7 +122,7 @@ def test_nonfinite_update_marks_divergence(tiny_config, step):
         assert not bool(state["diverged"])
     # lr 1e30: the first update leaves finite parameters of size ~1e30, whose squares in
     # BatchNorm's variance overflow float32 (max 3.4e38) on the second forward pass.
-    config = tiny_config.replace(k_min=1, lr=1e30)
+    config = tiny_config.replace({"stop.k_min": 1, "optim.lr": 1e30})
     wild = jax.jit(train.make_train_step(config))
     state = train.init_state(config)
     state, metrics = wild(state, img, mask)
