@@ -26,8 +26,9 @@ from .layers import Conv, MaskedBatchNorm
 MODELS: dict[str, Callable] = {"cnn": cnn.build}
 
 
-def build_model(config, name: str = "cnn"):
-    """The network a config describes, from the registry."""
+def build_model(config, name: str | None = None):
+    """The network a config describes: the registry's ``name`` (default: ``config.model.name``)."""
+    name = name or config.model.name
     try:
         builder = MODELS[name]
     except KeyError:
