@@ -82,6 +82,89 @@ class TorchDynaSeg(nn.Module):
         return self.bn_out(self.classifier(x))
 
 
+def import_torchvision():
+    """torchvision, imported so that its ``resnet18`` works beside the CPU build of torch.
+
+    The registry's torchvision 0.28.0 fails to import beside torch 2.13.0+cpu
+    (``operator torchvision::nms does not exist``, raised while registering the meta
+    kernels of its compiled ops); the models need none of them, so that module is stubbed.
+    """
+    import importlib
+    import types
+    try:
+        return importlib.import_module("torchvision")
+    except RuntimeError:
+        for name in [m for m in sys.modules if m.startswith("torchvision")]:
+            del sys.modules[name]
+        sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+        return importlib.import_module("torchvision")
+
+
+class TorchResNet18FPN(nn.Module):
+    """``resnet18_fpn`` in PyTorch (docs/algorithm.md section 3), for parity tests.
+
+    torchvision's ResNet-18 trunk in train mode (per-image BatchNorm statistics), lateral
+    1x1 convs to p channels, top-down nearest x2 upsampling cropped to each lateral's size
+    and added, a 3x3 smoothing conv on the stride-4 map, bilinear x4 upsampling
+    (align_corners=False) cropped to the image, then classifier 1x1 + BatchNorm.
+    """
+
+    def __init__(self, channels: int = 100, max_clusters: int = 100):
+        super().__init__()
+        tv = import_torchvision()
+        self.trunk = tv.models.resnet18(weights=None)
+        self.laterals = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in (64, 128, 256, 512))
+        self.smooth = nn.Conv2d(channels, channels, 3, padding=1)
+        self.classifier = nn.Conv2d(channels, max_clusters, 1)
+        self.bn_out = nn.BatchNorm2d(max_clusters, eps=BN_EPS, track_running_stats=False)
+
+    def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """C2..C5 of an ImageNet-normalised (N, 3, H, W) input."""
+        t = self.trunk
+        x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
+        out = []
+        for layer in (t.layer1, t.layer2, t.layer3, t.layer4):
+            x = layer(x)
+            out.append(x)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (N, 3, H, W) RGB in [0, 1]. Returns: r' (N, q, H, W)."""
+        h, w = x.shape[-2:]
+        mean = torch.tensor((0.485, 0.456, 0.406), dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor((0.229, 0.224, 0.225), dtype=x.dtype).view(1, 3, 1, 1)
+        c = self.stages((x - mean) / std)
+        p = self.laterals[3](c[3])
+        for level in (2, 1, 0):
+            lateral = self.laterals[level](c[level])
+            up = F.interpolate(p, scale_factor=2, mode="nearest")[..., :lateral.shape[-2], :lateral.shape[-1]]
+            p = lateral + up
+        p = self.smooth(p)
+        p = F.interpolate(p, scale_factor=4, mode="bilinear", align_corners=False)[..., :h, :w]
+        return self.bn_out(self.classifier(p))
+
+
+def torch_fpn_to_jax_params(model: TorchResNet18FPN, dtype=np.float32) -> dict:
+    """A ``TorchResNet18FPN``'s weights in the layout of ``dynaseg_jax.models.resnet.ResNet18FPN``."""
+    from dynaseg_jax.models.resnet import torchvision_state_dict_to_params
+
+    sd = model.state_dict()
+    trunk = {k[len("trunk."):]: v for k, v in sd.items() if k.startswith("trunk.")}
+    params = torchvision_state_dict_to_params(trunk, dtype=dtype)
+
+    def conv(name):
+        return {"kernel": _to_numpy(sd[f"{name}.weight"]).transpose(2, 3, 1, 0).astype(dtype),
+                "bias": _to_numpy(sd[f"{name}.bias"]).astype(dtype)}
+
+    for i in range(4):
+        params[f"lateral{i + 2}"] = conv(f"laterals.{i}")
+    params["smooth2"] = conv("smooth")
+    params["classifier"] = conv("classifier")
+    params["bn_out"] = {"scale": _to_numpy(sd["bn_out.weight"]).astype(dtype),
+                        "bias": _to_numpy(sd["bn_out.bias"]).astype(dtype)}
+    return {"params": params}
+
+
 def build_model(config: Config) -> TorchDynaSeg:
     """The network a config describes (initialised from the current torch RNG state)."""
     return TorchDynaSeg(3, config.model.channels, config.model.max_clusters, config.model.n_conv)

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import cnn
+from . import cnn, resnet
 from .conv3x3 import CONV_IMPLS, MATMUL_PRECISIONS, default_conv_impl
 from .layers import Conv, MaskedBatchNorm
 
 # model name -> builder(config) -> flax module
-MODELS: dict[str, Callable] = {"cnn": cnn.build}
+MODELS: dict[str, Callable] = {"cnn": cnn.build, "resnet18_fpn": resnet.build_fpn}
 
 
 def build_model(config, name: str | None = None):
@@ -37,4 +37,4 @@ def build_model(config, name: str | None = None):
 
 
 __all__ = ["MODELS", "build_model", "Conv", "MaskedBatchNorm", "CONV_IMPLS", "MATMUL_PRECISIONS",
-           "default_conv_impl", "cnn"]
+           "default_conv_impl", "cnn", "resnet"]

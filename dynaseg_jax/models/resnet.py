@@ -1,0 +1,286 @@
+"""ResNet-18 + FPN (docs/algorithm.md section 3): the paper's second feature extractor.
+
+The trunk is torchvision's ResNet-18 (conv1 7x7/2, max-pool 3x3/2, layer1-4 of two
+BasicBlocks each), with PyTorch's padding reproduced exactly (explicit amounts, never
+'SAME'); an FPN over C2..C5 (lateral 1x1 convs to p channels, top-down x2 nearest
+upsampling and addition, a 3x3 smoothing conv on the stride-4 map); that map upsampled
+bilinearly by the fixed factor 4 and cropped; then the classifier 1x1 + BatchNorm of
+section 1.
+
+Padding is exact, as for the CNN. The bucket is a multiple of 32 (``input_multiple``),
+so every stride-2 layer halves it exactly, and the validity mask is subsampled with it
+(``mask[::2, ::2]``: an output is real iff the input pixel at its window's centre is):
+
+* every conv and pool output is multiplied by its mask before the next layer reads it
+  (a strided window just past the real image still overlaps it, so its output is not
+  zero by itself), so each window sees zeros beyond the real image, as torch's zero
+  padding; the max-pool's bucket padding is zeros where torch pads with -inf, but its
+  inputs follow a ReLU (>= 0), so the maximum is the same;
+* BatchNorm statistics (per-image batch statistics, the authors' train mode) count the
+  real positions of each stride only: those are exactly the positions torch computes
+  on the unpadded image (ceil(H / s) rows);
+* the top-down x2 upsampling repeats each position (index i // 2), so it does not
+  depend on the bucket; the final x4 bilinear upsampling clamps its source indices at
+  the last real row and column, as torch clamps at the border of the unpadded map.
+
+A pretrained trunk's features are not transpose-invariant: ``transposable = False``.
+Weights: ``torchvision_state_dict_to_params`` converts a torchvision ResNet-18 state dict.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .layers import MaskedBatchNorm, torch_uniform_init
+
+# ImageNet statistics of torchvision's ResNet weights (RGB, for inputs in [0, 1]).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESNET18_STAGES = (64, 128, 256, 512)  # channels of C2..C5
+
+
+def kaiming_fan_out_init(k: int, features: int):
+    """torchvision's ResNet conv init: normal(0, sqrt(2 / fan_out)), fan_out = k*k*Cout."""
+    std = math.sqrt(2.0 / (k * k * features))
+
+    def init(key, shape, dtype=jnp.float32):
+        return std * jax.random.normal(key, shape, dtype)
+
+    return init
+
+
+class TorchConv(nn.Module):
+    """A ``torch.nn.Conv2d`` with explicit symmetric padding and optional stride/bias.
+
+    Attributes:
+      features, kernel_size, stride, padding: as torch's (``padding`` on every side).
+      use_bias: torch's ``bias``; a biased conv gets torch's default uniform init, an
+        unbiased one (the ResNet trunk) torchvision's kaiming fan-out init.
+      precision: precision of the products with the kernel.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    use_bias: bool = False
+    precision: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, cin = self.kernel_size, x.shape[-1]
+        init = (torch_uniform_init(cin * k * k) if self.use_bias
+                else kaiming_fan_out_init(k, self.features))
+        kernel = self.param("kernel", init, (k, k, cin, self.features))
+        p = self.padding
+        y = jax.lax.conv_general_dilated(
+            x[None], kernel, window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)[0]
+        if self.use_bias:
+            y = y + self.param("bias", torch_uniform_init(cin * k * k), (self.features,))
+        return y
+
+
+def subsample(mask: jax.Array, stride: int) -> jax.Array:
+    """The mask of a stride-``stride`` map: real where the window's centre pixel is."""
+    return mask[::stride, ::stride]
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """torch ``MaxPool2d(3, 2, padding=1)``: padded with -inf, as torch (the -inf init
+    value is also what makes ``reduce_window`` a differentiable max-pool in JAX)."""
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (3, 3, 1), (2, 2, 1),
+                                 ((1, 1), (1, 1), (0, 0)))
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock: conv3x3-BN-ReLU-conv3x3-BN, plus the (downsampled)
+    input, then ReLU. Takes and returns (x, mask) at the block's output stride."""
+
+    features: int
+    stride: int = 1
+    precision: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array):
+        out_mask = subsample(mask, self.stride)
+        m = out_mask[..., None]
+        y = TorchConv(self.features, 3, self.stride, 1, precision=self.precision, name="conv1")(x)
+        y = nn.relu(MaskedBatchNorm(name="bn1")(y, out_mask)) * m
+        y = TorchConv(self.features, 3, 1, 1, precision=self.precision, name="conv2")(y)
+        y = MaskedBatchNorm(name="bn2")(y, out_mask)
+        if self.stride != 1 or x.shape[-1] != self.features:
+            x = TorchConv(self.features, 1, self.stride, 0, precision=self.precision,
+                          name="downsample_conv")(x)
+            x = MaskedBatchNorm(name="downsample_bn")(x, out_mask)
+        return nn.relu(y + x) * m, out_mask
+
+
+class ResNet18Trunk(nn.Module):
+    """torchvision ResNet-18 without its pooling and classifier: (image, mask) -> C2..C5.
+
+    BatchNorm normalises with each image's own statistics over its real positions
+    (the authors' train mode). The image is normalised with the ImageNet mean/std.
+    """
+
+    precision: str | None = None
+
+    @nn.compact
+    def __call__(self, image: jax.Array, mask: jax.Array) -> list[jax.Array]:
+        x = (image - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+        x = x * mask[..., None]
+        mask = subsample(mask, 2)
+        x = TorchConv(64, 7, 2, 3, precision=self.precision, name="conv1")(x)
+        x = nn.relu(MaskedBatchNorm(name="bn1")(x, mask)) * mask[..., None]
+        # The pool's first padded output can still see the last real row: zero it.
+        mask = subsample(mask, 2)
+        x = max_pool_3x3_s2(x) * mask[..., None]
+        stages = []
+        for i, features in enumerate(RESNET18_STAGES):
+            for j in range(2):
+                stride = 2 if (i > 0 and j == 0) else 1
+                x, mask = BasicBlock(features, stride, self.precision, name=f"layer{i + 1}_{j}")(x, mask)
+            stages.append(x)
+        return stages
+
+
+def upsample_nearest_2x(x: jax.Array) -> jax.Array:
+    return jnp.repeat(jnp.repeat(x, 2, axis=0), 2, axis=1)
+
+
+def _bilinear_taps(n_out: int, factor: int, n_real: jax.Array):
+    """Source rows and weights of torch's bilinear upsampling (align_corners=False) by a
+    fixed factor, clamped at the last real row ``n_real - 1`` (torch clamps at the border
+    of the unpadded map)."""
+    src = (np.arange(n_out) + 0.5) / factor - 0.5
+    src = np.maximum(src, 0.0)
+    i0 = np.floor(src).astype(np.int32)
+    frac = jnp.asarray((src - i0).astype(np.float32))
+    last = n_real - 1
+    lo = jnp.minimum(jnp.asarray(i0), last)
+    hi = jnp.minimum(jnp.asarray(i0 + 1), last)
+    return lo, hi, frac
+
+
+def upsample_bilinear(x: jax.Array, factor: int, mask: jax.Array) -> jax.Array:
+    """Bilinear x``factor`` (torch ``interpolate(..., mode='bilinear', align_corners=False)``)
+    of the real part of ``x`` (a top-left rectangle given by ``mask``), padded size kept."""
+    n_rows = jnp.sum(mask[:, 0]).astype(jnp.int32)
+    n_cols = jnp.sum(mask[0, :]).astype(jnp.int32)
+    h, w, _ = x.shape
+    lo, hi, f = _bilinear_taps(h * factor, factor, jnp.maximum(n_rows, 1))
+    x = x[lo] * (1 - f)[:, None, None] + x[hi] * f[:, None, None]
+    lo, hi, f = _bilinear_taps(w * factor, factor, jnp.maximum(n_cols, 1))
+    return x[:, lo] * (1 - f)[None, :, None] + x[:, hi] * f[None, :, None]
+
+
+class ResNet18FPN(nn.Module):
+    """ResNet-18 trunk + FPN + classifier: ``(image, mask) -> r' (H, W, q)``.
+
+    Attributes:
+      channels: p, the FPN width.
+      max_clusters: q, classifier channels.
+      precision: precision of the products with learned weights.
+    """
+
+    channels: int = 100
+    max_clusters: int = 100
+    precision: str | None = None
+
+    # The model contract (models/__init__.py).
+    input_multiple = 32
+    transposable = False
+
+    def setup(self):
+        self.trunk = ResNet18Trunk(self.precision)
+        self.laterals = [TorchConv(self.channels, 1, use_bias=True, precision=self.precision,
+                                   name=f"lateral{i + 2}") for i in range(4)]
+        self.smooth = TorchConv(self.channels, 3, 1, 1, use_bias=True, precision=self.precision,
+                                name="smooth2")
+        self.classifier = TorchConv(self.max_clusters, 1, use_bias=True, precision=self.precision,
+                                    name="classifier")
+        self.norm_out = MaskedBatchNorm(name="bn_out")
+
+    def features(self, image: jax.Array, mask: jax.Array) -> jax.Array:
+        """The p-dim FPN map upsampled to the image (H, W, p), zero on padding."""
+        c2, c3, c4, c5 = self.trunk(image, mask)
+        masks = [subsample(mask, s) for s in (4, 8, 16, 32)]
+        p = self.laterals[3](c5) * masks[3][..., None]
+        for level in (2, 1, 0):  # C4, C3, C2: top-down x2 and add
+            lateral = self.laterals[level]((c2, c3, c4)[level])
+            h, w, _ = lateral.shape  # in a bucket exactly twice p's; cropped for any other size
+            p = (lateral + upsample_nearest_2x(p)[:h, :w]) * masks[level][..., None]
+        p = self.smooth(p) * masks[0][..., None]
+        h, w = mask.shape
+        return upsample_bilinear(p, 4, masks[0])[:h, :w] * mask[..., None]
+
+    def __call__(self, image: jax.Array, mask: jax.Array) -> jax.Array:
+        x = self.classifier(self.features(image, mask))
+        return self.norm_out(x, mask)
+
+
+def build_fpn(config) -> ResNet18FPN:
+    """``resnet18_fpn`` from a config (model.channels = p, model.max_clusters = q)."""
+    return ResNet18FPN(channels=config.model.channels, max_clusters=config.model.max_clusters,
+                       precision=config.model.matmul_precision)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def torchvision_state_dict_to_params(state_dict, prefix: str | None = "trunk", dtype=np.float32) -> dict:
+    """A torchvision ResNet-18 state dict (name -> array) -> our trunk parameters.
+
+    Conv weights go from OIHW to HWIO; BatchNorm weight/bias become scale/bias; running
+    statistics and ``fc`` are dropped (BatchNorm uses per-image statistics).
+
+    Args:
+      state_dict: ``torchvision.models.resnet18().state_dict()`` or a checkpoint's dict;
+        values are torch tensors or numpy arrays.
+      prefix: the trunk's name inside the model's ``params`` (``"trunk"`` in
+        ``ResNet18FPN``; ``None`` for a bare ``ResNet18Trunk``).
+      dtype: of the numpy leaves (float64 keeps a float64 model's values exact).
+
+    Returns:
+      ``{prefix: {...}}`` (or the bare tree).
+    """
+    def arr(name):
+        v = state_dict[name]
+        v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+        return v.astype(dtype)
+
+    def conv(name):
+        return {"kernel": arr(f"{name}.weight").transpose(2, 3, 1, 0)}
+
+    def bn(name):
+        return {"scale": arr(f"{name}.weight"), "bias": arr(f"{name}.bias")}
+
+    tree = {"conv1": conv("conv1"), "bn1": bn("bn1")}
+    for i in range(1, 5):
+        for j in range(2):
+            src, block = f"layer{i}.{j}", {}
+            block["conv1"], block["bn1"] = conv(f"{src}.conv1"), bn(f"{src}.bn1")
+            block["conv2"], block["bn2"] = conv(f"{src}.conv2"), bn(f"{src}.bn2")
+            if f"{src}.downsample.0.weight" in state_dict:
+                block["downsample_conv"] = conv(f"{src}.downsample.0")
+                block["downsample_bn"] = bn(f"{src}.downsample.1")
+            tree[f"layer{i}_{j}"] = block
+    return {prefix: tree} if prefix else tree
+
+
+def stage_shapes(height: int, width: int) -> Sequence[tuple[int, int]]:
+    """(h, w) of C2..C5 for an unpadded image, as torch computes them."""
+    def down(n, k, s, p):
+        return (n + 2 * p - k) // s + 1
+    h, w = down(height, 7, 2, 3), down(width, 7, 2, 3)
+    h, w = down(h, 3, 2, 1), down(w, 3, 2, 1)
+    shapes = [(h, w)]
+    for _ in range(3):
+        h, w = down(h, 3, 2, 1), down(w, 3, 2, 1)
+        shapes.append((h, w))
+    return shapes
