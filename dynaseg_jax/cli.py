@@ -110,6 +110,15 @@ def _run_config(args) -> int:
     return 0
 
 
+def _run_weights(args) -> int:
+    from .weights import read_state_dict, write_npz
+    state_dict = read_state_dict(args.src)
+    write_npz(args.out, state_dict)
+    n = sum(int(v.size) for v in state_dict.values())
+    print(f"wrote {args.out}: {len(state_dict)} arrays, {n} values (from {args.src})")
+    return 0
+
+
 def _add_evaluate(sub) -> None:
     from .evaluate import add_evaluate_arguments
     p = sub.add_parser("evaluate", help="score a predictions folder against a dataset's ground truth",
@@ -137,10 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "that --config reads back: dynaseg config dynaseg_scf > my.toml")
     p.add_argument("name", nargs="?", default=None, help="preset name or .toml file (default: defaults)")
     _add_set(p)
+    p = sub.add_parser("weights", help="convert a checkpoint into this project's weights format",
+                       description="dynaseg weights convert SRC --out FILE.npz: read a PyTorch .pth "
+                                   "(without running code: tensors only), a .safetensors or an .npz "
+                                   "file and write its arrays as .npz, which needs neither torch nor "
+                                   "pickle to read.")
+    p.add_argument("action", choices=("convert",))
+    p.add_argument("src", help="checkpoint file (.pth, .pt, .safetensors, .npz)")
+    p.add_argument("--out", required=True, help="output .npz file")
     return parser
 
 
-COMMANDS = {"segment": _run_segment, "evaluate": _run_evaluate, "sample": _run_sample, "config": _run_config}
+COMMANDS = {"segment": _run_segment, "evaluate": _run_evaluate, "sample": _run_sample, "config": _run_config,
+            "weights": _run_weights}
 # Commands that train networks: only they pay for the huge-page restart (runtime.py).
 TRAINING_COMMANDS = ("segment",)
 

@@ -57,6 +57,9 @@ class ModelConfig:
     conv_impl: str = _field("auto", "3x3 conv formulation: 'lax', 'im2col', 'winograd' (F(4x4,3x3)), or "
                                     "'auto' (the measured fastest: winograd).",
                             ("auto", "lax", "im2col", "winograd"))
+    weights: str = _field("", "pretrained weights of models that have them (resnet18_fpn: its trunk): a "
+                              "checkpoint file (.pth, .safetensors, .npz); '' = the torchvision file in "
+                              "PyTorch's hub cache (never downloaded); 'random' = no pretrained weights.")
     matmul_precision: str = _field("float32", "precision of the network's products with learned weights: "
                                               "'float32' (exact, as the PyTorch reference's matmuls), "
                                               "'tensorfloat32' or 'bfloat16' (faster on GPU/TPU; no effect "

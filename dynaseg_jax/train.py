@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from . import losses
-from .models import build_model
+from .models import build_model, load_pretrained
 from .schedules import make_schedule
 
 INIT_SHAPE = (8, 8)  # parameter shapes do not depend on the image size
@@ -46,9 +46,11 @@ def init_params(config, key: jax.Array | None = None, model=None):
     if key is None:
         key = jax.random.PRNGKey(config.seed)
     model = model or build_model(config)
-    dummy = jnp.zeros(INIT_SHAPE + (3,), jnp.float32)
+    shape = (max(INIT_SHAPE[0], model.input_multiple),) * 2  # strided models need a minimum size
+    dummy = jnp.zeros(shape + (3,), jnp.float32)
     # jit: eager flax init dispatches op by op and takes seconds on CPU.
-    return jax.jit(model.init)(key, dummy, jnp.ones(INIT_SHAPE, jnp.float32))
+    params = jax.jit(model.init)(key, dummy, jnp.ones(shape, jnp.float32))
+    return load_pretrained(config, params)
 
 
 def init_state(config, params=None, k_min: int | jax.Array | None = None) -> dict:

@@ -125,8 +125,8 @@ def test_bilinear_upsampling_clamps_at_the_real_edge():
 def test_resnet18_fpn_through_the_engine(tiny_config):
     from dynaseg_jax.engine import Engine, WorkItem
     from tests.conftest import smooth_image
-    config = tiny_config.replace({"model.name": "resnet18_fpn", "stop.max_iters": 3, "stop.k_min": 1,
-                                  "engine.batch": 2})
+    config = tiny_config.replace({"model.name": "resnet18_fpn", "model.weights": "random",
+                                  "stop.max_iters": 3, "stop.k_min": 1, "engine.batch": 2})
     engine = Engine(config)
     assert engine.model.input_multiple == 32 and not engine.model.transposable
     images = {"landscape": smooth_image(40, 56, 0), "portrait": smooth_image(56, 40, 1),

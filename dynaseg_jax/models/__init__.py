@@ -24,6 +24,23 @@ from .layers import Conv, MaskedBatchNorm
 
 # model name -> builder(config) -> flax module
 MODELS: dict[str, Callable] = {"cnn": cnn.build, "resnet18_fpn": resnet.build_fpn}
+# model name -> loader(params, checkpoint path) -> params with the pretrained part set
+PRETRAINED: dict[str, Callable] = {"resnet18_fpn": resnet.load_trunk}
+
+
+def load_pretrained(config, params):
+    """``params`` with the model's pretrained part read from ``config.model.weights``.
+
+    Unchanged for models without pretrained weights and for ``model.weights = "random"``.
+
+    Raises:
+      WeightsError: the checkpoint is missing, unreadable, or does not fit the model.
+    """
+    loader = PRETRAINED.get(config.model.name)
+    if loader is None or config.model.weights == "random":
+        return params
+    from ..weights import find_checkpoint
+    return loader(params, find_checkpoint(config.model.weights or None))
 
 
 def build_model(config, name: str | None = None):
@@ -36,5 +53,5 @@ def build_model(config, name: str | None = None):
     return builder(config)
 
 
-__all__ = ["MODELS", "build_model", "Conv", "MaskedBatchNorm", "CONV_IMPLS", "MATMUL_PRECISIONS",
+__all__ = ["MODELS", "PRETRAINED", "build_model", "load_pretrained", "Conv", "MaskedBatchNorm", "CONV_IMPLS", "MATMUL_PRECISIONS",
            "default_conv_impl", "cnn", "resnet"]

@@ -273,6 +273,29 @@ def torchvision_state_dict_to_params(state_dict, prefix: str | None = "trunk", d
     return {prefix: tree} if prefix else tree
 
 
+def load_trunk(params, path) -> dict:
+    """``params`` of a ResNet18FPN with its trunk replaced by a torchvision checkpoint's.
+
+    Raises:
+      WeightsError: the file cannot be read or is not a ResNet-18 (missing names or
+        other shapes), naming the file.
+    """
+    import jax
+
+    from ..weights import WeightsError, read_state_dict
+
+    sd = read_state_dict(path)
+    try:
+        trunk = torchvision_state_dict_to_params(sd, prefix=None)
+    except KeyError as e:
+        raise WeightsError(f"{path}: not a torchvision ResNet-18 checkpoint (no {e.args[0]})") from None
+    want = jax.tree.map(lambda a: tuple(a.shape), params["params"]["trunk"])
+    got = jax.tree.map(lambda a: tuple(a.shape), trunk)
+    if want != got:
+        raise WeightsError(f"{path}: not a ResNet-18 checkpoint (parameter shapes differ)")
+    return {**params, "params": {**params["params"], "trunk": jax.tree.map(jax.numpy.asarray, trunk)}}
+
+
 def stage_shapes(height: int, width: int) -> Sequence[tuple[int, int]]:
     """(h, w) of C2..C5 for an unpadded image, as torch computes them."""
     def down(n, k, s, p):

@@ -1,0 +1,227 @@
+"""Pretrained weights, offline: find a checkpoint file, read it into numpy, convert it.
+
+Nothing is ever downloaded. A checkpoint is looked for at the configured path
+(``model.weights``), then in PyTorch's hub cache (``$TORCH_HOME/hub/checkpoints``,
+``$XDG_CACHE_HOME/torch/hub/checkpoints``, ``~/.cache/torch/hub/checkpoints``).
+
+Formats read (``read_state_dict``), each into ``{name: numpy array}``:
+
+* PyTorch ``.pth``/``.pt`` (the zip format ``torch.save`` writes): with torch installed,
+  ``torch.load(weights_only=True)``; without torch, a reader of the zip archive whose
+  unpickler accepts only the globals that rebuild tensors (a ``.pth`` file is a pickle,
+  and an unrestricted unpickler would run any code the file names);
+* ``.safetensors`` (timm), read here from its header and raw bytes, bfloat16 included
+  (numpy has no bfloat16: its bits are widened to float32 exactly);
+* ``.npz``: this project's own format (``dynaseg weights convert``).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .config import ConfigError
+
+RESNET18_FILE = "resnet18-f37072fd.pth"
+RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+
+
+class WeightsError(ConfigError):
+    """A checkpoint that is missing or cannot be read; the message names the file
+    (a config problem to the command line: exit code 2)."""
+
+
+def hub_dirs() -> list[Path]:
+    """PyTorch's hub checkpoint folders, in the order torch itself would use them."""
+    dirs = []
+    if os.environ.get("TORCH_HOME"):
+        dirs.append(Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints")
+    if os.environ.get("XDG_CACHE_HOME"):
+        dirs.append(Path(os.environ["XDG_CACHE_HOME"]) / "torch" / "hub" / "checkpoints")
+    dirs.append(Path.home() / ".cache" / "torch" / "hub" / "checkpoints")
+    return dirs
+
+
+def find_checkpoint(path: str | os.PathLike | None, filename: str = RESNET18_FILE,
+                    url: str = RESNET18_URL) -> Path:
+    """The checkpoint file to read: ``path`` if given, else ``filename`` in the hub cache.
+
+    Raises:
+      WeightsError: the file does not exist (one line naming it and where it is published).
+    """
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise WeightsError(f"{p}: no such weights file")
+        return p
+    for d in hub_dirs():
+        if (d / filename).is_file():
+            return d / filename
+    where = ", ".join(str(d) for d in hub_dirs())
+    raise WeightsError(f"{filename}: pretrained weights not found (looked in {where}); download "
+                       f"{url} into one of them, or set model.weights=FILE; nothing is downloaded "
+                       f"at run time")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """``{name: array}`` of a checkpoint (``.pth``/``.pt``, ``.safetensors`` or ``.npz``).
+
+    Raises:
+      WeightsError: unreadable or unsupported files, with the file named.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            return read_safetensors(path)
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        if suffix in (".pth", ".pt", ".bin", ".ckpt"):
+            return _read_torch(path)
+    except WeightsError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise WeightsError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+    raise WeightsError(f"{path}: unknown weights format {suffix!r}; use .pth, .safetensors or .npz")
+
+
+def _read_torch(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        return read_torch_zip(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{path}: refused: the file needs more than tensors to load ({first})") from None
+    except RuntimeError as e:  # torch's own reader on a damaged archive
+        raise WeightsError(f"{path}: cannot read weights ({str(e).splitlines()[0]})") from None
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+            for k, v in sd.items() if hasattr(v, "numpy")}
+
+
+# ------------------------------------------------------------- torch zip, without torch
+
+# storage type name -> numpy dtype ("BFloat16Storage" is read as raw 16-bit words).
+_STORAGE_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+                   "BFloat16Storage": np.uint16, "LongStorage": np.int64, "IntStorage": np.int32,
+                   "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
+                   "BoolStorage": np.bool_}
+
+
+class _StorageType:
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_):
+    """torch._utils._rebuild_tensor_v2: a strided view of a flat storage."""
+    array, dtype_name = storage
+    itemsize = array.dtype.itemsize
+    view = np.lib.stride_tricks.as_strided(array[offset:], shape=tuple(size),
+                                           strides=tuple(s * itemsize for s in stride))
+    view = np.array(view)  # own the memory, contiguous
+    if dtype_name == "BFloat16Storage":
+        view = (view.astype(np.uint32) << 16).view(np.float32)
+    return view
+
+
+def _rebuild_parameter(data, *_):
+    return data
+
+
+class _TensorOnlyUnpickler(pickle.Unpickler):
+    """Resolves only the globals that rebuild tensors; anything else is refused."""
+
+    ALLOWED = {("collections", "OrderedDict"): collections.OrderedDict,
+               ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+               ("torch._utils", "_rebuild_parameter"): _rebuild_parameter}
+
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(file)
+        self.archive, self.prefix = archive, prefix
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return self.ALLOWED[(module, name)]
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a weights file")
+
+    def persistent_load(self, pid):
+        # ('storage', storage type, key, location, numel)
+        kind, storage_type, key, _, _ = pid
+        if kind != "storage" or not isinstance(storage_type, _StorageType):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+        raw = self.archive.read(f"{self.prefix}/data/{key}")
+        return np.frombuffer(raw, dtype=_STORAGE_DTYPES[storage_type.name]), storage_type.name
+
+
+def read_torch_zip(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A ``torch.save`` zip checkpoint read without torch (tensors only)."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        raise WeightsError(f"{path}: not a zip-format torch checkpoint (an old-format .pth needs torch "
+                           f"to read: pip install torch)")
+    with zipfile.ZipFile(path) as archive:
+        pkl = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+        if not pkl:
+            raise WeightsError(f"{path}: no data.pkl in the archive")
+        prefix = pkl[0][: -len("/data.pkl")]
+        with archive.open(pkl[0]) as f:
+            try:
+                sd = _TensorOnlyUnpickler(f, archive, prefix).load()
+            except pickle.UnpicklingError as e:
+                raise WeightsError(f"{path}: refused: {e}") from None
+    if isinstance(sd, dict) and "state_dict" in sd:
+        sd = sd["state_dict"]
+    return {k: v for k, v in sd.items() if isinstance(v, np.ndarray)}
+
+
+# ------------------------------------------------------------------------ safetensors
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                       "BOOL": np.bool_}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A ``.safetensors`` file: an 8-byte little-endian header length, a JSON header of
+    ``{name: {dtype, shape, data_offsets}}``, then the raw little-endian data."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise WeightsError(f"{path}: {name}: unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        array = np.frombuffer(data[start:end], dtype=np.dtype(dtype).newbyteorder("<")).reshape(info["shape"])
+        if info["dtype"] == "BF16":  # bfloat16 = the top 16 bits of a float32: exact
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        out[name] = np.array(array)
+    return out
+
+
+def write_npz(path: str | os.PathLike, state_dict: dict[str, np.ndarray]) -> None:
+    """Writes ``{name: array}`` as this project's own weights file (atomically)."""
+    from .images import atomic_write
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **state_dict)
+
+    atomic_write(path, write)

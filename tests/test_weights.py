@@ -1,0 +1,123 @@
+"""Weights offline: finding checkpoints, reading .pth with and without torch (tensors only),
+safetensors (bfloat16 included), the .npz conversion, and a checkpoint in resnet18_fpn."""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+
+from dynaseg_jax import weights as W
+
+
+@pytest.fixture(scope="module")
+def torchvision_checkpoint(tmp_path_factory):
+    """A torchvision-layout ResNet-18 state dict with random weights, saved by torch."""
+    torch = pytest.importorskip("torch")
+    from tests.test_resnet import ref
+    tv = ref.import_torchvision()
+    torch.manual_seed(0)
+    sd = tv.models.resnet18(weights=None).state_dict()
+    path = tmp_path_factory.mktemp("ckpt") / W.RESNET18_FILE
+    torch.save(sd, path)
+    return path, {k: v.numpy() for k, v in sd.items()}
+
+
+def test_torch_zip_read_without_torch_equals_torch_load(torchvision_checkpoint):
+    path, want = torchvision_checkpoint
+    got = W.read_torch_zip(path)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    via_torch = W.read_state_dict(path)  # torch installed here: torch.load(weights_only=True)
+    for k in want:
+        np.testing.assert_array_equal(via_torch[k], want[k], err_msg=k)
+
+
+def test_torch_zip_reader_refuses_code(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            import os
+            return (os.system, ("echo pwned",))
+    buf = io.BytesIO()
+    pickle.dump({"w": Boom()}, buf, protocol=2)
+    path = tmp_path / "evil.pth"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("evil/data.pkl", buf.getvalue())
+        z.writestr("evil/version", "3\n")
+    with pytest.raises(W.WeightsError, match=r"evil.pth: .*(posix|os)\.system is not allowed"):
+        W.read_torch_zip(path)
+    with pytest.raises(W.WeightsError, match="evil.pth"):
+        W.read_state_dict(path)  # torch.load(weights_only=True) refuses it too
+
+
+def write_safetensors(path, tensors: dict[str, tuple[str, np.ndarray]]):
+    header, blobs, offset = {}, [], 0
+    for name, (dtype, raw) in tensors.items():
+        data = raw.tobytes()
+        header[name] = {"dtype": dtype, "shape": list(raw.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def test_safetensors_float32_and_bfloat16(tmp_path):
+    rng = np.random.default_rng(0)
+    f32 = rng.normal(size=(3, 4)).astype(np.float32)
+    bf16_bits = (f32.view(np.uint32) >> 16).astype(np.uint16)  # truncated to bfloat16
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, {"a": ("F32", f32), "b": ("BF16", bf16_bits)})
+    got = W.read_state_dict(path)
+    np.testing.assert_array_equal(got["a"], f32)
+    # bfloat16 keeps the top 8 bits of the mantissa: within 2^-7 relative of the float32.
+    assert got["b"].dtype == np.float32
+    np.testing.assert_array_equal(got["b"].view(np.uint32) & 0xFFFF, 0)
+    assert np.all(np.abs(got["b"] - f32) <= 2.0 ** -7 * np.abs(f32))
+
+
+def test_find_checkpoint_looks_in_the_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(W.WeightsError, match=r"resnet18-f37072fd.pth: pretrained weights not found .*"
+                                             r"download.pytorch.org"):
+        W.find_checkpoint(None)
+    cached = tmp_path / "xdg" / "torch" / "hub" / "checkpoints" / W.RESNET18_FILE
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
+    assert W.find_checkpoint(None) == cached
+    first = tmp_path / "th" / "hub" / "checkpoints" / W.RESNET18_FILE  # $TORCH_HOME comes first
+    first.parent.mkdir(parents=True)
+    first.write_bytes(b"")
+    assert W.find_checkpoint(None) == first
+    with pytest.raises(W.WeightsError, match="nope.pth: no such weights file"):
+        W.find_checkpoint(tmp_path / "nope.pth")
+
+
+def test_convert_and_load_into_resnet18_fpn(torchvision_checkpoint, tmp_path, tiny_config, capsys):
+    import jax
+
+    from dynaseg_jax import train
+    from dynaseg_jax.cli import main
+    path, want = torchvision_checkpoint
+    out = tmp_path / "r18.npz"
+    assert main(["weights", "convert", str(path), "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    config = tiny_config.replace({"model.name": "resnet18_fpn", "model.weights": str(out)})
+    params = train.init_params(config)
+    np.testing.assert_array_equal(params["params"]["trunk"]["layer3_0"]["downsample_conv"]["kernel"],
+                                  want["layer3.0.downsample.0.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(params["params"]["trunk"]["bn1"]["scale"], want["bn1.weight"])
+    random = train.init_params(config.replace({"model.weights": "random"}))
+    assert jax.tree.structure(random) == jax.tree.structure(params)
+    # A checkpoint of another network is refused with the file named.
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **{"conv1.weight": np.zeros((3, 3, 3, 3), np.float32)})
+    with pytest.raises(W.WeightsError, match="bad.npz: not a torchvision ResNet-18 checkpoint"):
+        train.init_params(config.replace({"model.weights": str(bad)}))
