@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session (at most about 9 minutes of commands), in order of what the README still lacks:
+# The GPU measurements of the README in one time-capped run (about 9 minutes of commands):
 #   1. speed, strict float32 (batch 1 / 32 / 64), TF32 (1 / 32) and bfloat16 products
 #      (32), vmap + winograd (the engine's accelerator default), against the PyTorch
 #      reference one image at a time;
@@ -28,7 +28,7 @@ timeout 80 $bench --tf32 --size 240x160 481x321 --batch 1 32 \
 timeout 60 $bench --set model.matmul_precision=bfloat16 --size 240x160 481x321 --batch 32 \
   --json "$OUT/speed_gpu_bf16.json" 2>&1 | tee -a "$OUT/log.txt"
 # Half size (240x160): at full size 1000 steps of 32 slots take about 160 s (4.9 ms per
-# image-iteration measured on an H200), more than this part's share of the session.
+# image-iteration measured on an H200), more than this part's share of the run.
 timeout 120 $bench --size 240x160 --batch 32 --iters 1 --repeats 1 --warmup 1 \
   --full-run 32 --full-batch 32 --full-scale 0.5 --full-torch 4 --json "$OUT/full_run_gpu.json" 2>&1 | tee -a "$OUT/log.txt"
 timeout 150 python benchmarks/reproduce_bsds500.py --root "$DATA" --split val --scale 0.5 \

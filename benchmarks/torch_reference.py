@@ -1,4 +1,4 @@
-"""A PyTorch implementation of DynaSeg's per-image optimisation (SPEC section 1).
+"""A PyTorch implementation of DynaSeg's per-image optimisation (docs/algorithm.md section 1).
 
 This is our own PyTorch version of the algorithm that the authors' BSD500 script
 (RyersonMultimediaLab/DynaSeg, ``tools/DynaSeg_SCF_BSD_VOC.py``) runs, written to
@@ -46,7 +46,7 @@ class TorchDynaSeg(nn.Module):
     uses (and what ``dynaseg_jax.models.layers.torch_uniform_init`` reproduces). BatchNorm is
     built without running statistics, so it normalises with the batch (= this image's)
     statistics in train and eval mode alike: the reference never leaves train mode, and
-    its running statistics are never read (SPEC section 1).
+    its running statistics are never read (docs/algorithm.md section 1).
 
     Args:
       in_channels: channels of the input image (3).
@@ -179,7 +179,7 @@ def make_optimizer(model: nn.Module, config: Config) -> torch.optim.SGD:
 def make_schedule(config: Config) -> Callable[[int, int], float]:
     """mu as a function of (q', step), the same three schedules as ``dynaseg_jax.schedules``.
 
-    Note the names: we follow SPEC section 1 (fsf: q'/alpha, scf: alpha/q'); the
+    Note the names: we follow docs/algorithm.md section 1.7 (fsf: q'/alpha, scf: alpha/q'); the
     authors' script labels its ``nLabels/15`` line "SCF", the opposite way round.
     """
     if config.schedule.kind == "fixed":
@@ -265,7 +265,7 @@ def segment_image(image: np.ndarray, config: Config, device: str | torch.device 
                   seed: int | None = None, init_state_dict: Mapping | None = None,
                   record_losses: bool = False, k_min: int | None = None,
                   tf32: bool = False) -> dict:
-    """Segments one image with its own fresh network (SPEC section 1).
+    """Segments one image with its own fresh network (docs/algorithm.md section 1).
 
     Per iteration t: forward pass, labels c = argmax r', q' = distinct labels, loss
     CE(r', c) + mu(q', t) * L_con, one SGD step; then stop if q' <= k_min or
