@@ -101,7 +101,13 @@ def _run_sample(args) -> int:
 
 
 def _run_config(args) -> int:
-    from .config import to_toml
+    from .config import preset_description, to_toml
+    if args.list:
+        names = list_presets()
+        width = max(len(n) for n in names)
+        for name in names:
+            print(f"{name:<{width}}  {preset_description(name)}")
+        return 0
     config = load_config(args.name, args.overrides)
     source = args.name or "the defaults"
     header = (f"dynaseg config: {source}" + (f" with {', '.join(args.overrides)}" if args.overrides else "")
@@ -145,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print a preset or config file, with overrides applied, as TOML "
                                    "that --config reads back: dynaseg config dynaseg_scf > my.toml")
     p.add_argument("name", nargs="?", default=None, help="preset name or .toml file (default: defaults)")
+    p.add_argument("--list", action="store_true", help="list the presets, one line each")
     _add_set(p)
     p = sub.add_parser("weights", help="convert a checkpoint into this project's weights format",
                        description="dynaseg weights convert SRC --out FILE.npz: read a PyTorch .pth "

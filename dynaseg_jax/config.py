@@ -351,6 +351,14 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in preset_dir().glob("*.toml"))
 
 
+def preset_description(name: str) -> str:
+    """The first comment line of a preset file (what it is), without the '#'."""
+    for line in (preset_dir() / f"{name}.toml").read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+    return ""
+
+
 def load_config(name_or_path: str | None = None, overrides: list[str] | Mapping | None = None) -> Config:
     """Loads a preset by name (e.g. ``dynaseg_scf``) or a TOML file, then applies overrides.
 

@@ -22,7 +22,7 @@ from . import silhouette
 from .config import Config, load_config
 from .engine import Engine, WorkItem, bucket_shape, pad_to_bucket, resolve_config
 from .metrics import resize_prediction
-from .models import build_model
+from .models import build_model, check_pretrained
 from .outputs import OutputFolder
 
 
@@ -241,6 +241,7 @@ def segment_files(inputs: Sequence, out_dir: str | os.PathLike, config: Config, 
     per_image_lines = not sys.stdout.isatty()
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     summary = RunSummary()
+    check_pretrained(config)  # a missing checkpoint fails before --overwrite deletes anything
     folder = OutputFolder.open(out_dir, config, scale, overwrite=overwrite,
                                resolved=resolve_config(config))
     try:

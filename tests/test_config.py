@@ -18,6 +18,9 @@ def test_presets():
     assert (fsf.schedule.kind, fsf.schedule.alpha) == ("fsf", 15.0)
     assert load_config("dynaseg_scf") == Config()  # the default run is the scf preset
     assert load_config("dynaseg_scf_silhouette").stop.k_min == "silhouette"
+    for kind in ("fsf", "scf"):
+        c = load_config(f"resnet18_fpn_{kind}")
+        assert (c.model.name, c.schedule.kind) == ("resnet18_fpn", kind)
 
 
 def test_dotted_overrides():

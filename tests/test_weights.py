@@ -121,3 +121,35 @@ def test_convert_and_load_into_resnet18_fpn(torchvision_checkpoint, tmp_path, ti
     np.savez(bad, **{"conv1.weight": np.zeros((3, 3, 3, 3), np.float32)})
     with pytest.raises(W.WeightsError, match="bad.npz: not a torchvision ResNet-18 checkpoint"):
         train.init_params(config.replace({"model.weights": str(bad)}))
+
+
+def test_segment_with_a_resnet_preset_and_a_checkpoint(torchvision_checkpoint, tmp_path, capsys):
+    """The CLI path of the pretrained network: buckets of 32, masks, refill, no transposes."""
+    import json
+
+    from PIL import Image
+
+    from dynaseg_jax.cli import main
+    from tests.conftest import smooth_image
+    path, _ = torchvision_checkpoint
+    d = tmp_path / "in"
+    d.mkdir()
+    shapes = {"a": (40, 56), "b": (33, 50), "tall": (56, 40)}
+    for name, (h, w) in shapes.items():
+        Image.fromarray((smooth_image(h, w, len(name)) * 255).astype(np.uint8)).save(d / f"{name}.png")
+    args = ["segment", str(d), "--out", str(tmp_path / "out"), "--config", "resnet18_fpn_scf",
+            "--batch", "2", "--no-progress"]
+    for kv in (f"model.weights={path}", "model.channels=8", "model.max_clusters=8", "stop.max_iters=2"):
+        args += ["--set", kv]
+    assert main(args) == 0
+    records = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["stem"] for r in records) == sorted(shapes)
+    for r in records:
+        assert r["status"] == "ok" and (r["height"], r["width"]) == shapes[r["stem"]]
+        assert np.asarray(Image.open(tmp_path / "out" / f"{r['stem']}.png")).shape == shapes[r["stem"]]
+    # Without the file: one line naming it, exit 2.
+    capsys.readouterr()
+    args[args.index(f"model.weights={path}")] = f"model.weights={tmp_path / 'missing.pth'}"
+    assert main(args + ["--overwrite"]) == 2
+    assert "missing.pth: no such weights file" in capsys.readouterr().err
+    assert (tmp_path / "out" / "a.png").exists()  # refused before --overwrite deleted anything

@@ -28,6 +28,14 @@ MODELS: dict[str, Callable] = {"cnn": cnn.build, "resnet18_fpn": resnet.build_fp
 PRETRAINED: dict[str, Callable] = {"resnet18_fpn": resnet.load_trunk}
 
 
+def check_pretrained(config) -> None:
+    """Raises WeightsError now if the config's pretrained weights file cannot be found
+    (before a run opens, or overwrites, its output folder)."""
+    if config.model.name in PRETRAINED and config.model.weights != "random":
+        from ..weights import find_checkpoint
+        find_checkpoint(config.model.weights or None)
+
+
 def load_pretrained(config, params):
     """``params`` with the model's pretrained part read from ``config.model.weights``.
 
@@ -53,5 +61,5 @@ def build_model(config, name: str | None = None):
     return builder(config)
 
 
-__all__ = ["MODELS", "PRETRAINED", "build_model", "load_pretrained", "Conv", "MaskedBatchNorm", "CONV_IMPLS", "MATMUL_PRECISIONS",
+__all__ = ["MODELS", "PRETRAINED", "build_model", "check_pretrained", "load_pretrained", "Conv", "MaskedBatchNorm", "CONV_IMPLS", "MATMUL_PRECISIONS",
            "default_conv_impl", "cnn", "resnet"]
