@@ -45,6 +45,18 @@ from dynaseg_jax.engine import Engine, WorkItem, _SlotGroup, bucket_shape  # noq
 BSDS_VAL = Path(os.environ.get("BSDS500_VAL", Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds500" / "images" / "val"))
 
 
+def xla_step_flops(engine, h: int, w: int) -> float:
+    """FLOPs of one training step as XLA counts them (``cost_analysis``) on the padded
+    bucket of an h x w image: for models without a closed form here (resnet18_fpn)."""
+    from dynaseg_jax import train
+    bh, bw, _ = bucket_shape(h, w, engine.config, engine.model)
+    state = engine.new_state(0)
+    step = jax.jit(train.make_train_step(engine.config, model=engine.model))
+    cost = step.lower(state, jnp.zeros((bh, bw, 3)), jnp.ones((bh, bw))).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
 def model_flops(h: int, w: int, config) -> float:
     """Algorithmic FLOPs of one training step on an h x w image (multiply-add = 2).
 
@@ -173,9 +185,13 @@ def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_c
             torch_t.append(torch_cache[tkey].time_iters(args.iters))
     jax_ms = statistics.median(jax_t) * 1e3
     torch_ms = statistics.median(torch_t) * 1e3 if torch_t else None
-    flops = model_flops(h, w, cfg)
+    if cfg.model.name == "cnn":
+        flops, flops_source = model_flops(h, w, cfg), "algorithmic (direct convolution)"
+    else:
+        flops, flops_source = xla_step_flops(jr.engine, h, w), "XLA cost analysis of the padded step"
     row = {
-        "size": f"{w}x{h}", "height": h, "width": w, "batch": batch,
+        "size": f"{w}x{h}", "height": h, "width": w, "batch": batch, "model": cfg.model.name,
+        "flops_per_step": flops, "flops_source": flops_source,
         "strategy": jr.engine.config.engine.strategy,
         "conv_impl": jr.engine.config.model.conv_impl, "sync_every": jr.engine.config.engine.sync_every,
         "tf32": args.tf32, "matmul_precision": jr.engine.config.model.matmul_precision,
@@ -266,6 +282,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tf32", action="store_true",
                     help="GPU: let both frameworks use TF32 for float32 convs/matmuls (default: strict float32)")
     ap.add_argument("--config", default="dynaseg_scf")
+    ap.add_argument("--model", default=None,
+                    help="model.name to time (e.g. resnet18_fpn, with random weights unless "
+                         "--set model.weights=FILE); the PyTorch side runs its version of it")
     ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                     help="override one config field; repeat for more")
     ap.add_argument("--iters", type=int, default=20)
@@ -300,7 +319,8 @@ def main(argv=None) -> int:
         jax.config.update("jax_platform_name", "cpu")
     # --tf32 reaches the model through its config (it names its precision explicitly).
     precision = ["model.matmul_precision=tensorfloat32"] if args.tf32 else []
-    config = load_config(args.config, precision + args.overrides + ["engine.bucket_multiple=1"])
+    model = [f"model.name={args.model}", "model.weights=random"] if args.model else []
+    config = load_config(args.config, model + precision + args.overrides + ["engine.bucket_multiple=1"])
     jax.config.update("jax_default_matmul_precision", "tensorfloat32" if args.tf32 else "float32")
     if not args.no_torch:
         import torch
