@@ -165,8 +165,74 @@ def torch_fpn_to_jax_params(model: TorchResNet18FPN, dtype=np.float32) -> dict:
     return {"params": params}
 
 
-def build_model(config: Config) -> TorchDynaSeg:
+class TorchResNet18Layer1(nn.Module):
+    """``resnet18_layer1`` in PyTorch (docs/algorithm.md section 3.2), for parity tests.
+
+    The authors' ``MyCustomArchitectureOptimalClustersResNet18.forward``: torchvision's
+    ResNet-18 ``conv1``, ``bn1``, ReLU, ``layer1`` (no max-pool) in train mode, bilinear
+    x2 (``scale_factor=2``, align_corners=False), a 3x3 conv (padding 1, bias) 64 -> q,
+    then the same 1x1 conv (bias) + BatchNorm twice, and the crop to the image (their
+    ``adjust_output_size`` removes the single extra row/column of an odd size at the
+    end, which is ``[..., :h, :w]``). The authors have q = 64.
+    """
+
+    def __init__(self, max_clusters: int = 64):
+        super().__init__()
+        tv = import_torchvision()
+        self.trunk = tv.models.resnet18(weights=None)  # only conv1, bn1, layer1 are used
+        self.conv6 = nn.Conv2d(64, max_clusters, 3, padding=1)
+        self.conv3 = nn.Conv2d(max_clusters, max_clusters, 1)
+        self.bn3 = nn.BatchNorm2d(max_clusters, eps=BN_EPS, track_running_stats=False)
+
+    def upsampled_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The 3x3 conv's output on the x2 map (N, q, 2 ceil(H/2), 2 ceil(W/2)), uncropped."""
+        mean = torch.tensor((0.485, 0.456, 0.406), dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor((0.229, 0.224, 0.225), dtype=x.dtype).view(1, 3, 1, 1)
+        t = self.trunk
+        y = t.layer1(t.relu(t.bn1(t.conv1((x - mean) / std))))
+        y = F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=False)
+        return self.conv6(y)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The map before the shared 1x1 + BN stage, cropped to the image (N, q, H, W)."""
+        h, w = x.shape[-2:]
+        return self.upsampled_features(x)[..., :h, :w]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (N, 3, H, W) RGB in [0, 1]. Returns: r' (N, q, H, W)."""
+        h, w = x.shape[-2:]
+        y = self.upsampled_features(x)
+        y = self.bn3(self.conv3(y))
+        y = self.bn3(self.conv3(y))  # the same modules again
+        return y[..., :h, :w]
+
+
+def torch_layer1_to_jax_params(model: TorchResNet18Layer1, dtype=np.float32) -> dict:
+    """A ``TorchResNet18Layer1``'s weights in the layout of
+    ``dynaseg_jax.models.resnet.ResNet18Layer1``."""
+    from dynaseg_jax.models.resnet import torchvision_layer1_to_params
+
+    sd = model.state_dict()
+    trunk = {k[len("trunk."):]: v for k, v in sd.items() if k.startswith("trunk.")}
+    params = torchvision_layer1_to_params(trunk, dtype=dtype)
+
+    def conv(name):
+        return {"kernel": _to_numpy(sd[f"{name}.weight"]).transpose(2, 3, 1, 0).astype(dtype),
+                "bias": _to_numpy(sd[f"{name}.bias"]).astype(dtype)}
+
+    params["conv6"] = conv("conv6")
+    params["classifier"] = conv("conv3")
+    params["bn_out"] = {"scale": _to_numpy(sd["bn3.weight"]).astype(dtype),
+                        "bias": _to_numpy(sd["bn3.bias"]).astype(dtype)}
+    return {"params": params}
+
+
+def build_model(config: Config) -> nn.Module:
     """The network a config describes (initialised from the current torch RNG state)."""
+    if config.model.name == "resnet18_fpn":
+        return TorchResNet18FPN(config.model.channels, config.model.max_clusters)
+    if config.model.name == "resnet18_layer1":
+        return TorchResNet18Layer1(config.model.max_clusters)
     return TorchDynaSeg(3, config.model.channels, config.model.max_clusters, config.model.n_conv)
 
 

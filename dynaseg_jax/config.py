@@ -40,16 +40,17 @@ def _field(default, doc: str, choices: tuple | None = None):
 
 # Model names of the registry (dynaseg_jax/models); kept here so that reading a config
 # does not import jax (tests check that the two agree).
-MODEL_NAMES = ("cnn", "resnet18_fpn")
+MODEL_NAMES = ("cnn", "resnet18_fpn", "resnet18_layer1")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The network (docs/algorithm.md section 1.2)."""
 
-    name: str = _field("cnn", "network from the model registry: 'cnn' (the authors' BSDS500 CNN) or "
-                              "'resnet18_fpn' (ResNet-18 trunk + FPN, docs/algorithm.md section 3; "
-                              "model.n_conv and model.conv_impl do not apply).", MODEL_NAMES)
+    name: str = _field("cnn", "network from the model registry: 'cnn' (the authors' BSDS500 CNN), "
+                              "'resnet18_fpn' (ResNet-18 trunk + FPN) or 'resnet18_layer1' (the "
+                              "authors' COCO network), docs/algorithm.md section 3; model.n_conv and "
+                              "model.conv_impl apply to 'cnn' only.", MODEL_NAMES)
     n_conv: int = _field(2, "number of conv3x3-ReLU-BN blocks (reference BSD script: 2).")
     channels: int = _field(100, "p, width of the feature extractor.")
     max_clusters: int = _field(100, "q, channels of the classifier = the most clusters (labels) an image "

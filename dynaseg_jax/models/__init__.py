@@ -23,9 +23,11 @@ from .conv3x3 import CONV_IMPLS, MATMUL_PRECISIONS, default_conv_impl
 from .layers import Conv, MaskedBatchNorm
 
 # model name -> builder(config) -> flax module
-MODELS: dict[str, Callable] = {"cnn": cnn.build, "resnet18_fpn": resnet.build_fpn}
+MODELS: dict[str, Callable] = {"cnn": cnn.build, "resnet18_fpn": resnet.build_fpn,
+                               "resnet18_layer1": resnet.build_layer1}
 # model name -> loader(params, checkpoint path) -> params with the pretrained part set
-PRETRAINED: dict[str, Callable] = {"resnet18_fpn": resnet.load_trunk}
+PRETRAINED: dict[str, Callable] = {"resnet18_fpn": resnet.load_trunk,
+                                   "resnet18_layer1": resnet.load_layer1_trunk}
 
 
 def check_pretrained(config) -> None:

@@ -307,3 +307,148 @@ def stage_shapes(height: int, width: int) -> Sequence[tuple[int, int]]:
         h, w = down(h, 3, 2, 1), down(w, 3, 2, 1)
         shapes.append((h, w))
     return shapes
+
+
+# ------------------------------------------------------------------- resnet18_layer1
+
+
+class ResNet18Layer1Trunk(nn.Module):
+    """torchvision ResNet-18's ``conv1``, ``bn1``, ReLU and ``layer1``, with no max-pool:
+    ``(image, mask) -> (stride-2 map (ceil(H/2), ceil(W/2), 64), its mask)``.
+
+    Parameter names are those of ``ResNet18Trunk`` (``conv1``, ``bn1``, ``layer1_0``,
+    ``layer1_1``), so a torchvision checkpoint's tensors load by the same names.
+    """
+
+    precision: str | None = None
+
+    @nn.compact
+    def __call__(self, image: jax.Array, mask: jax.Array):
+        x = (image - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+        x = x * mask[..., None]
+        mask = subsample(mask, 2)
+        x = TorchConv(64, 7, 2, 3, precision=self.precision, name="conv1")(x)
+        x = nn.relu(MaskedBatchNorm(name="bn1")(x, mask)) * mask[..., None]
+        for j in range(2):
+            x, mask = BasicBlock(64, 1, self.precision, name=f"layer1_{j}")(x, mask)
+        return x, mask
+
+
+class ResNet18Layer1(nn.Module):
+    """The authors' COCO-Stuff network (docs/algorithm.md section 3.2): ``(image, mask) -> r' (H, W, q)``.
+
+    ImageNet-normalised input; ResNet-18 ``conv1`` (7x7/2), ``bn1``, ReLU, ``layer1`` (no
+    max-pool; stride 2, 64 channels); bilinear x2 upsampling (align_corners=False); a 3x3
+    conv (padding 1, bias) 64 -> q; then ONE 1x1 conv (bias) + BatchNorm applied twice,
+    the same weights both times, with no ReLU anywhere after ``layer1``:
+    ``r' = bn(conv1x1(bn(conv1x1(conv3x3(up2(layer1(...)))))))``, each BatchNorm with the
+    statistics of its own input; finally cropped to the image.
+
+    As in the authors' code, everything after the upsampling runs on the 2 * ceil(H / 2)
+    by 2 * ceil(W / 2) map and the crop comes last: for an odd H the extra row is seen by
+    the 3x3 conv and counted in both BatchNorms' statistics. Its mask (``up_mask``) is
+    the stride-2 mask repeated x2, which depends only on H, W, so padding stays exact:
+    in a bucket (a multiple of 2, ``input_multiple``) every layer reads zeros beyond its
+    real part, the x2 upsampling clamps at the stride-2 map's last real row/column, and
+    BatchNorm counts only the ``up_mask`` positions.
+
+    The authors fix q = 64, the width of ``layer1`` (their 3x3 conv is num_channels ->
+    num_channels with num_channels = qdy, which only runs for qdy = 64); here the 3x3
+    conv maps 64 -> q, which is the same network for q = 64 and keeps the shared 1x1
+    square (q -> q) for any other q.
+
+    Attributes:
+      max_clusters: q (the authors: 64).
+      precision: precision of the products with learned weights.
+    """
+
+    max_clusters: int = 64
+    precision: str | None = None
+
+    # The model contract (models/__init__.py).
+    input_multiple = 2
+    transposable = False
+
+    def setup(self):
+        self.trunk = ResNet18Layer1Trunk(self.precision)
+        self.conv6 = TorchConv(self.max_clusters, 3, 1, 1, use_bias=True, precision=self.precision,
+                               name="conv6")
+        self.classifier = TorchConv(self.max_clusters, 1, use_bias=True, precision=self.precision,
+                                    name="classifier")
+        self.norm_out = MaskedBatchNorm(name="bn_out")
+
+    def _upsampled_features(self, image: jax.Array, mask: jax.Array):
+        """The 3x3 conv's output on the x2 map, before the crop, and that map's mask."""
+        x, mask2 = self.trunk(image, mask)
+        up_mask = upsample_nearest_2x(mask2)[..., None]  # 2 * ceil(H / 2) real rows
+        x = upsample_bilinear(x, 2, mask2) * up_mask
+        return self.conv6(x) * up_mask, up_mask[..., 0]
+
+    def features(self, image: jax.Array, mask: jax.Array) -> jax.Array:
+        """The q-dim map before the shared 1x1 + BatchNorm stage, cropped to the image
+        (H, W, q), zero on padding."""
+        y, _ = self._upsampled_features(image, mask)
+        h, w = mask.shape
+        return y[:h, :w] * mask[..., None]
+
+    def __call__(self, image: jax.Array, mask: jax.Array) -> jax.Array:
+        y, up_mask = self._upsampled_features(image, mask)
+        for _ in range(2):  # the same module twice: shared weights, separate statistics
+            y = self.norm_out(self.classifier(y), up_mask)
+        h, w = mask.shape
+        return y[:h, :w]
+
+
+def build_layer1(config) -> ResNet18Layer1:
+    """``resnet18_layer1`` from a config (model.max_clusters = q; model.channels unused)."""
+    return ResNet18Layer1(max_clusters=config.model.max_clusters,
+                          precision=config.model.matmul_precision)
+
+
+def torchvision_layer1_to_params(state_dict, prefix: str | None = "trunk", dtype=np.float32) -> dict:
+    """The ``conv1``, ``bn1`` and ``layer1`` tensors of a torchvision ResNet-18 state dict
+    -> ``ResNet18Layer1Trunk`` parameters (the rest of the dict is ignored; ``layer2``..
+    ``layer4`` need not be there).
+
+    Raises:
+      KeyError: a tensor the trunk needs is missing (its name).
+    """
+    def arr(name):
+        v = state_dict[name]
+        v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+        return v.astype(dtype)
+
+    def conv(name):  # OIHW -> HWIO
+        return {"kernel": arr(f"{name}.weight").transpose(2, 3, 1, 0)}
+
+    def bn(name):  # running statistics are not used (per-image statistics)
+        return {"scale": arr(f"{name}.weight"), "bias": arr(f"{name}.bias")}
+
+    tree = {"conv1": conv("conv1"), "bn1": bn("bn1")}
+    for j in range(2):
+        src = f"layer1.{j}"
+        tree[f"layer1_{j}"] = {"conv1": conv(f"{src}.conv1"), "bn1": bn(f"{src}.bn1"),
+                               "conv2": conv(f"{src}.conv2"), "bn2": bn(f"{src}.bn2")}
+    return {prefix: tree} if prefix else tree
+
+
+def load_layer1_trunk(params, path) -> dict:
+    """``params`` of a ResNet18Layer1 with ``conv1``, ``bn1`` and ``layer1`` taken from a
+    torchvision ResNet-18 checkpoint (its other layers are not used).
+
+    Raises:
+      WeightsError: the file cannot be read or lacks these layers or has other shapes,
+        naming the file.
+    """
+    from ..weights import WeightsError, read_state_dict
+
+    sd = read_state_dict(path)
+    try:
+        trunk = torchvision_layer1_to_params(sd, prefix=None)
+    except KeyError as e:
+        raise WeightsError(f"{path}: not a torchvision ResNet-18 checkpoint (no {e.args[0]})") from None
+    want = jax.tree.map(lambda a: tuple(a.shape), params["params"]["trunk"])
+    got = jax.tree.map(lambda a: tuple(a.shape), trunk)
+    if want != got:
+        raise WeightsError(f"{path}: not a ResNet-18 checkpoint (parameter shapes differ)")
+    return {**params, "params": {**params["params"], "trunk": jax.tree.map(jnp.asarray, trunk)}}
