@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import sys
 import time
 from pathlib import Path
@@ -144,6 +145,12 @@ class TorchResNet18FPN(nn.Module):
         return self.bn_out(self.classifier(p))
 
 
+def _conv_params(sd, name: str, dtype=np.float32) -> dict:
+    """A biased torch conv's weights as our layout: kernel OIHW -> HWIO, bias."""
+    return {"kernel": _to_numpy(sd[f"{name}.weight"]).transpose(2, 3, 1, 0).astype(dtype),
+            "bias": _to_numpy(sd[f"{name}.bias"]).astype(dtype)}
+
+
 def torch_fpn_to_jax_params(model: TorchResNet18FPN, dtype=np.float32) -> dict:
     """A ``TorchResNet18FPN``'s weights in the layout of ``dynaseg_jax.models.resnet.ResNet18FPN``."""
     from dynaseg_jax.models.resnet import torchvision_state_dict_to_params
@@ -152,9 +159,7 @@ def torch_fpn_to_jax_params(model: TorchResNet18FPN, dtype=np.float32) -> dict:
     trunk = {k[len("trunk."):]: v for k, v in sd.items() if k.startswith("trunk.")}
     params = torchvision_state_dict_to_params(trunk, dtype=dtype)
 
-    def conv(name):
-        return {"kernel": _to_numpy(sd[f"{name}.weight"]).transpose(2, 3, 1, 0).astype(dtype),
-                "bias": _to_numpy(sd[f"{name}.bias"]).astype(dtype)}
+    conv = functools.partial(_conv_params, sd, dtype=dtype)
 
     for i in range(4):
         params[f"lateral{i + 2}"] = conv(f"laterals.{i}")
@@ -216,9 +221,7 @@ def torch_layer1_to_jax_params(model: TorchResNet18Layer1, dtype=np.float32) -> 
     trunk = {k[len("trunk."):]: v for k, v in sd.items() if k.startswith("trunk.")}
     params = torchvision_layer1_to_params(trunk, dtype=dtype)
 
-    def conv(name):
-        return {"kernel": _to_numpy(sd[f"{name}.weight"]).transpose(2, 3, 1, 0).astype(dtype),
-                "bias": _to_numpy(sd[f"{name}.bias"]).astype(dtype)}
+    conv = functools.partial(_conv_params, sd, dtype=dtype)
 
     params["conv6"] = conv("conv6")
     params["classifier"] = conv("conv3")

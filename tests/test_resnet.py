@@ -63,11 +63,13 @@ def to_torch(img, dtype):
     return torch.from_numpy(img.transpose(2, 0, 1)[None].copy()).to(dtype)
 
 
-def assert_within_torch_error(ours, t32, t64, what):
+def assert_within_torch_error(ours, t32, t64, what, k_longest: int = K_LONGEST):
+    """||ours - t64|| <= 4 ||t32 - t64|| + u sqrt(k_longest) ||t64|| (module docstring)."""
     ours, t32, t64 = (np.asarray(a, np.float64) for a in (ours, t32, t64))
     err_j, err_t = np.linalg.norm(ours - t64), np.linalg.norm(t32 - t64)
-    bound = 4 * err_t + U * np.sqrt(K_LONGEST) * np.linalg.norm(t64)
-    print(f"{what}: |jax - truth| {err_j:.2e}, |torch32 - truth| {err_t:.2e}, allowed {bound:.2e}")
+    bound = 4 * err_t + U * np.sqrt(k_longest) * np.linalg.norm(t64)
+    print(f"{what}: |jax - truth| {err_j:.2e}, |torch32 - truth| {err_t:.2e}, "
+          f"ratio {err_j / max(err_t, 1e-300):.2f}, allowed {bound:.2e}")
     assert err_j <= bound, f"{what}: |jax - truth| {err_j:.2e} > {bound:.2e}"
 
 

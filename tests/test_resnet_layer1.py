@@ -13,8 +13,7 @@ channels) for the case where torch happens to be nearly exact.
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+import functools
 
 import numpy as np
 import pytest
@@ -25,23 +24,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from dynaseg_jax.models import resnet  # noqa: E402
+from tests import test_resnet  # noqa: E402
+from tests.test_resnet import ref, to_torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-U = 2.0 ** -24
-K_LONGEST = 9 * 64
 SHAPE = (45, 70)  # odd height: the x2 map has an extra row, cropped at the end
 BUCKET = (48, 80)  # an engine bucket (multiple of 16)
 Q = 16
-
-
-def _reference():
-    spec = importlib.util.spec_from_file_location("torch_reference", REPO / "benchmarks" / "torch_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = _reference()
+# The longest reduction of one output here: a conv3x3 over 64 channels.
+assert_within_torch_error = functools.partial(test_resnet.assert_within_torch_error, k_longest=9 * 64)
 
 
 @pytest.fixture(scope="module")
@@ -58,19 +48,6 @@ def nets():
 
 def image():
     return np.random.default_rng(0).random(SHAPE + (3,), dtype=np.float32)
-
-
-def to_torch(img, dtype):
-    return torch.from_numpy(img.transpose(2, 0, 1)[None].copy()).to(dtype)
-
-
-def assert_within_torch_error(ours, t32, t64, what):
-    ours, t32, t64 = (np.asarray(a, np.float64) for a in (ours, t32, t64))
-    err_j, err_t = np.linalg.norm(ours - t64), np.linalg.norm(t32 - t64)
-    bound = 4 * err_t + U * np.sqrt(K_LONGEST) * np.linalg.norm(t64)
-    print(f"{what}: |jax - truth| {err_j:.2e}, |torch32 - truth| {err_t:.2e}, "
-          f"ratio {err_j / err_t:.2f}, allowed {bound:.2e}")
-    assert err_j <= bound, f"{what}: |jax - truth| {err_j:.2e} > {bound:.2e}"
 
 
 def test_layer1_response_matches_torch_and_is_padding_exact(nets):
