@@ -63,14 +63,16 @@ def _run_segment(args) -> int:
         raise ConfigError(f"--limit {args.limit}: must be >= 1")
     inputs = list(args.inputs)
     if args.dataset:
-        from .datasets import open_dataset
+        from .datasets import DEFAULT_SPLITS, open_dataset
         from .runner import DatasetInput
         if not args.root:
             raise ConfigError("--dataset needs --root DIR")
         ds = open_dataset(args.dataset, args.root, args.split, id_list=args.id_list)
         ids = ds.ids()[: args.limit] if args.limit else ds.ids()
-        split = args.split or "default"
-        inputs += [DatasetInput(i, f"{args.dataset}:{split}:{i}", (lambda i=i: ds.load(i).image))
+        # The resume key of an image: dataset, resolved root, the split actually read, id.
+        split = args.split or DEFAULT_SPLITS[args.dataset] or ""
+        root = os.path.realpath(args.root)
+        inputs += [DatasetInput(i, f"{args.dataset}:{root}:{split}:{i}", (lambda i=i: ds.load(i).image))
                    for i in ids]
     elif args.limit or args.root or args.split:
         raise ConfigError("--root, --split and --limit need --dataset")

@@ -317,6 +317,17 @@ def validate(config: Config) -> Config:
                  "engine.bucket_multiple", "silhouette.samples", "engine.max_pixels"):
         if int(config.get(path)) < 1:
             raise ConfigError(f"{path} = {config.get(path)}: must be >= 1")
+    for path in _FIELDS:
+        value = config.get(path)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"{path} = {value!r}: not valid Unicode text") from None
+    if not (0 <= config.seed < 2 ** 32):  # numpy's and scikit-learn's seeds are 32-bit
+        raise ConfigError(f"seed = {config.seed}: must be in [0, 2^32)")
+    if any(isinstance(k, bool) or not isinstance(k, int) for k in config.silhouette.k_range):
+        raise ConfigError(f"silhouette.k_range = {list(config.silhouette.k_range)}: two integers")
     lo, hi = config.silhouette.k_range
     if not 2 <= lo <= hi:
         raise ConfigError(f"silhouette.k_range = {list(config.silhouette.k_range)}: need 2 <= low <= high")
@@ -408,6 +419,23 @@ def parse_value(raw: str) -> Any:
         return raw
 
 
+def _toml_string(text: str) -> str:
+    """A TOML basic string: backslash, quote and control characters escaped, everything
+    else (any Unicode scalar value) written as itself."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\u{code:04x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            raise ConfigError(f"{text!r}: not valid Unicode text (a lone surrogate)")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
 def _toml_value(value: Any) -> str:
     """One TOML value: strings quoted (JSON escapes are valid TOML), booleans lower-case,
     floats always with a '.' or an exponent (so they read back as floats), tuples as arrays."""
@@ -419,7 +447,7 @@ def _toml_value(value: Any) -> str:
         text = repr(value)  # shortest round-tripping form, e.g. 0.1, 1e-05, 50.0
         return text if any(c in text for c in ".en") else text + ".0"
     if isinstance(value, str):
-        return json.dumps(value)
+        return _toml_string(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"no TOML form for {value!r}")

@@ -7,10 +7,14 @@ A folder holds the results of ONE config. ``OutputFolder.open``:
 2. repairs ``results.jsonl``: a run killed in the middle of an append leaves a last
    line without its newline, and the next append would be glued onto it; that torn
    tail is truncated away (under the lock, so never another run's line);
-3. compares the folder's config digest (``config.toml``'s header and every record)
-   with this run's: a different config is an error unless ``overwrite``, which
-   deletes the old records and the label maps and overlays they name;
-4. writes ``config.toml`` (the config as TOML, with its digest and scale).
+3. compares the config digest of every ``ok`` record with this run's: results of a
+   different config are an error unless ``overwrite``.
+
+Nothing is deleted or written until ``commit()``, which the runner calls once the
+inputs are found and the network is built (so a typo or a bad checkpoint never costs
+the folder its results): it removes the other config's records and the label maps and
+overlays they name, and writes ``config.toml`` (the config as TOML, with its digest and
+scale). A folder without ``ok`` results takes any config.
 
 An image is done when an ``ok`` record carries its source (resolved file path or
 dataset id) and this config's digest, and its label map exists.
@@ -18,8 +22,8 @@ dataset id) and this config's digest, and its label map exists.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-import re
 from pathlib import Path
 
 from . import images as imio
@@ -33,7 +37,6 @@ except ImportError:  # pragma: no cover - Windows
 RESULTS = "results.jsonl"
 CONFIG = "config.toml"
 LOCK = ".dynaseg.lock"
-_DIGEST_LINE = re.compile(r"^# config digest: ([0-9a-f]+)\s*$", re.MULTILINE)
 
 
 class OutputFolderError(ConfigError):
@@ -82,6 +85,9 @@ class OutputFolder:
     digest: str
     records: list          # this config's records already in results.jsonl
     dropped_bytes: int     # size of the torn tail removed on open (0 if none)
+    stale: list            # ok records of another config, replaced by commit() (overwrite)
+    header: str            # config.toml's comment header
+    config: Config
     _lock_fd: int | None = None
 
     @property
@@ -97,12 +103,13 @@ class OutputFolder:
           out_dir: the output folder (created with its parents).
           config: the run's Config (its digest keys the resume).
           scale: the run's ``--scale`` (part of the digest).
-          overwrite: replace results of another config instead of refusing.
+          overwrite: replace results of another config (at ``commit()``) instead of
+            refusing; results of the same config are kept and resumed.
           resolved: optionally the backend-resolved config, noted in config.toml.
 
         Raises:
-          OutputFolderError: ``out_dir`` is a file, is locked by another run, or holds
-            results of another config (without ``overwrite``).
+          OutputFolderError: ``out_dir`` is a file, cannot be written, is locked by
+            another run, or holds results of another config (without ``overwrite``).
         """
         path = Path(out_dir)
         if path.exists() and not path.is_dir():
@@ -111,22 +118,24 @@ class OutputFolder:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputFolderError(f"--out {path}: cannot create folder ({e.strerror})") from None
-        lock_fd = _lock(path)
+        try:
+            lock_fd = _lock(path)
+        except PermissionError as e:
+            raise OutputFolderError(f"--out {path}: cannot write into the folder ({e.strerror})") from None
         try:
             digest = config_digest(config, scale)
-            dropped = drop_torn_tail(path / RESULTS)
+            try:
+                dropped = drop_torn_tail(path / RESULTS)
+            except PermissionError as e:
+                raise OutputFolderError(f"--out {path}: cannot write {RESULTS} ({e.strerror})") from None
             records = imio.read_jsonl(path / RESULTS)
-            found = _folder_digests(path, records)
-            if found - {digest}:
-                if not overwrite:
-                    old = ", ".join(sorted(d or "none (older dynaseg)" for d in found - {digest}))
-                    raise OutputFolderError(
-                        f"--out {path}: holds results of another config (digest {old}; this run: "
-                        f"{digest}; see {path / CONFIG}); use --overwrite to replace them, "
-                        f"or another --out")
-            if overwrite:
-                _delete_results(path, records)
-                records = []
+            stale = [r for r in records if r.get("status") == "ok" and r.get("config") != digest]
+            if stale and not overwrite:
+                old = ", ".join(sorted({r.get("config") or "none (older dynaseg)" for r in stale}))
+                raise OutputFolderError(
+                    f"--out {path}: holds results of another config (digest {old}; this run: "
+                    f"{digest}; see {path / CONFIG}); use --overwrite to replace them, "
+                    f"or another --out")
             header = (f"Written by dynaseg segment: the config of every result in this folder.\n"
                       f"config digest: {digest}\n"
                       f"scale: {float(scale)!r} (--scale; part of the digest)\n")
@@ -134,11 +143,21 @@ class OutputFolder:
                 auto = ", ".join(f"{k} = {resolved.get(k)!r}" for k in
                                  ("engine.strategy", "model.conv_impl", "engine.batch", "engine.sync_every"))
                 header += f"resolved on the machine that wrote it: {auto}\n"
-            imio.write_text_atomic(path / CONFIG, to_toml(config, header))
-            return cls(path, digest, records, dropped, lock_fd)
+            mine = [r for r in records if r.get("config") == digest]
+            return cls(path, digest, mine, dropped, stale, header, config, lock_fd)
         except BaseException:
             _unlock(lock_fd)
             raise
+
+    def commit(self) -> None:
+        """Makes the folder this config's: removes the other config's results (the
+        ``overwrite`` case), then writes ``config.toml``. Call before appending."""
+        if self.stale:
+            _delete_outputs(self.path, self.stale)
+            lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
+            imio.write_text_atomic(self.results_path, lines)
+            self.stale = []
+        imio.write_text_atomic(self.path / CONFIG, to_toml(self.config, self.header))
 
     def done_sources(self) -> dict[str, str]:
         """{source: stem} of images finished under this config whose label map exists."""
@@ -161,27 +180,13 @@ class OutputFolder:
         self.close()
 
 
-def _folder_digests(path: Path, records: list) -> set:
-    """Config digests found in the folder: config.toml's header and every record's
-    (None for records without one, written before digests existed)."""
-    found = {r.get("config") for r in records if r.get("status") in ("ok", "error")}
-    try:
-        m = _DIGEST_LINE.search((path / CONFIG).read_text(encoding="utf-8"))
-        found.add(m.group(1) if m else None)
-    except FileNotFoundError:
-        pass
-    except (OSError, UnicodeDecodeError):
-        found.add(None)
-    return found
-
-
-def _delete_results(path: Path, records: list) -> None:
+def _delete_outputs(path: Path, records: list) -> None:
+    """Deletes the label maps and overlays the records name."""
     for r in records:
         stem = r.get("stem")
         if isinstance(stem, str) and stem and "/" not in stem and stem not in (".", ".."):
             for name in (f"{stem}.png", f"{stem}_overlay.png"):
                 (path / name).unlink(missing_ok=True)
-    (path / RESULTS).unlink(missing_ok=True)
 
 
 def _lock(path: Path) -> int | None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import images as imio
 from . import silhouette
-from .config import Config, load_config
+from .config import Config, ConfigError, load_config
 from .engine import Engine, WorkItem, bucket_shape, pad_to_bucket, resolve_config
 from .metrics import resize_prediction
 from .models import build_model, check_pretrained
@@ -164,18 +164,33 @@ def _progress(total: int, enabled: bool):
 # The file runner (``dynaseg segment``)
 
 
-def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:
+def find_images(inputs: Sequence[str | os.PathLike], exclude: str | os.PathLike | None = None
+                ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Expands files and folders (recursively, image suffixes only) into image paths.
+
+    Args:
+      inputs: files and folders.
+      exclude: a folder whose contents are never inputs (the output folder, so that a
+        rerun never segments its own label maps and overlays).
 
     Returns (paths, problems): inputs that do not exist are reported as problems.
     """
+    skip = Path(exclude).resolve() if exclude is not None else None
+
+    def wanted(q: Path) -> bool:
+        return skip is None or skip not in q.resolve().parents
+
     paths, problems = [], []
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in imio.IMAGE_SUFFIXES)
+            found = sorted(q for q in p.rglob("*")
+                           if q.is_file() and q.suffix.lower() in imio.IMAGE_SUFFIXES and wanted(q))
             if not found:
-                problems.append((p, f"{p}: folder has no image files ({', '.join(imio.IMAGE_SUFFIXES)})"))
+                where = " outside the output folder" if skip is not None and (
+                    p.resolve() == skip or skip in p.resolve().parents) else ""
+                problems.append((p, f"{p}: folder has no image files{where} "
+                                    f"({', '.join(imio.IMAGE_SUFFIXES)})"))
             paths.extend(found)
         elif p.exists():
             paths.append(p)
@@ -216,19 +231,20 @@ def segment_files(inputs: Sequence, out_dir: str | os.PathLike, config: Config, 
     Resumable: an image is skipped when the folder has an ``ok`` record for its source
     (resolved file path or dataset id) under the same config digest, and its label map
     (see ``outputs.py``). One bad image gets an ``error`` record and never stops the
-    others.
+    others. The folder is changed only once the inputs are found and the network is
+    built, so a typo or a bad checkpoint never costs it its results.
 
     Args:
       inputs: image files and/or folders, ``DatasetInput`` items, or ``(name, loader)``
         pairs where ``loader()`` returns an (H, W, 3) array (the name is the source).
-      out_dir: output folder (created).
+      out_dir: output folder (created); never searched for inputs.
       config: a Config.
       scale: resize images by this factor before segmenting; label maps are resized
         back (nearest neighbour) to the input size.
       progress: progress bar on stderr (default: when stderr is a terminal).
       log: where one-line messages go (default: above the progress bar, on stderr).
       overwrite: replace the results of another config in ``out_dir`` instead of
-        refusing (``OutputFolderError``).
+        refusing (``OutputFolderError``); results of this config are resumed.
       color_labels: write label maps as 8-bit palette PNGs (coloured in viewers, at
         most 256 labels) instead of 16-bit grayscale.
     """
@@ -241,7 +257,10 @@ def segment_files(inputs: Sequence, out_dir: str | os.PathLike, config: Config, 
     per_image_lines = not sys.stdout.isatty()
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     summary = RunSummary()
-    check_pretrained(config)  # a missing checkpoint fails before --overwrite deletes anything
+    if color_labels and config.model.max_clusters > 256:
+        raise ConfigError(f"--color-labels: model.max_clusters = {config.model.max_clusters} labels do not "
+                          f"fit an 8-bit palette PNG (at most 256)")
+    check_pretrained(config)  # a missing checkpoint fails before anything else
     folder = OutputFolder.open(out_dir, config, scale, overwrite=overwrite,
                                resolved=resolve_config(config))
     try:
@@ -260,14 +279,18 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
                per_image_lines: bool, log, summary: RunSummary, color_labels: bool) -> None:
     out = folder.path
     cfg = resolve_config(config)
+    pending_errors = []  # recorded once the folder is committed
 
     def record(entry: dict):
         folder.append(entry)
         if entry["status"] == "ok":
             summary.ok += 1
             if per_image_lines:
-                print(f"{entry['file']}: {entry['iterations']} iterations, {entry['clusters']} clusters, "
-                      f"{entry['seconds']:.1f} s", flush=True)
+                try:
+                    print(f"{entry['file']}: {entry['iterations']} iterations, {entry['clusters']} clusters, "
+                          f"{entry['seconds']:.1f} s", flush=True)
+                except (BrokenPipeError, ValueError):  # stdout closed (| head): the record is on disk
+                    pass
         else:
             summary.failed += 1
             summary.errors.append(entry["error"])
@@ -281,20 +304,25 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
     # Resolve inputs to (name, source, stem, loader) jobs.
     jobs = []
     file_inputs = [x for x in inputs if isinstance(x, (str, os.PathLike))]
-    paths, problems = find_images(file_inputs)
+    paths, problems = find_images(file_inputs, exclude=out)
     for p, msg in problems:
-        record(error_entry(p, msg))
+        pending_errors.append(error_entry(p, msg))
     for p in paths:
         jobs.append((str(p), str(p.resolve()), p.stem, p))
     for x in inputs:
         if isinstance(x, DatasetInput):
-            jobs.append((x.name, x.source, Path(x.name).stem, x.load))
+            jobs.append((x.name, x.source, x.name, x.load))  # a dataset id names its outputs as is
         elif isinstance(x, tuple):
             name, loader = x
-            jobs.append((str(name), str(name), Path(str(name)).stem, loader))
+            jobs.append((str(name), str(name), str(name), loader))
 
     done = folder.done_sources()
-    stems = {stem: source for source, stem in done.items()}  # outputs already in the folder
+    # Output names in use, case-folded (case-insensitive file systems), each image taking
+    # both <stem>.png and <stem>_overlay.png.
+    taken = {}
+    for source, stem in done.items():
+        taken[stem.casefold()] = taken[f"{stem}_overlay".casefold()] = source
+    input_files = {str(p.resolve()) for p in paths}
     todo, queued = [], set()
     for name, source, stem, src in jobs:
         if source in done:
@@ -302,17 +330,34 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
             continue
         if source in queued:
             continue  # the same file given twice (e.g. a folder and a file in it)
-        if stems.get(stem, source) != source:
-            record(error_entry(name, f"{name}: output name {stem}.png is already used by {stems[stem]}",
-                               stem, source))
+        names = (stem.casefold(), f"{stem}_overlay".casefold())
+        clash = next((taken[n] for n in names if taken.get(n, source) != source), None)
+        if clash is not None:
+            pending_errors.append(error_entry(name, f"{name}: output name {stem}.png is already used by "
+                                                    f"{clash}", stem, source))
             continue
-        stems[stem] = source
+        outputs = {str((out / f"{stem}{suffix}.png").resolve()) for suffix in ("", "_overlay")}
+        if outputs & input_files:
+            pending_errors.append(error_entry(name, f"{name}: its outputs would overwrite an input file in "
+                                                    f"{out}; choose another --out", stem, source))
+            continue
+        for n in names:
+            taken[n] = source
         queued.add(source)
         todo.append((name, source, stem, src))
 
+    engine = Engine(config) if todo else None  # compiles the network and reads its weights
+    if todo or not folder.stale:
+        folder.commit()  # only now may the folder change
+        for entry in pending_errors:
+            record(entry)
+    else:  # nothing to run: leave another config's results alone, report the problems
+        for entry in pending_errors:
+            summary.failed += 1
+            summary.errors.append(entry["error"])
+            log(f"error: {entry['error']}")
     if not todo:
         return
-    engine = Engine(config)  # built only when there is work: it compiles the initial network
     kstar = KStarEstimator(cfg, engine.params, engine.model)
 
     def size_of(job):
@@ -355,22 +400,22 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
 
     for r in engine.run(items()):
         source, stem, original = meta.pop(r.key)
+        bar.update(1)
+        if r.error:
+            record(error_entry(r.key, f"{r.key}: {r.error}", stem, source, r.iterations))
+            continue
+        labels = r.labels
+        if labels.shape != original.shape[:2]:
+            labels = resize_prediction(labels, original.shape[:2])
+        labels = imio.renumber(labels)
         try:
-            if r.error:
-                record(error_entry(r.key, f"{r.key}: {r.error}", stem, source, r.iterations))
-                bar.update(1)
-                continue
-            labels = r.labels
-            if labels.shape != original.shape[:2]:
-                labels = resize_prediction(labels, original.shape[:2])
-            labels = imio.renumber(labels)
             imio.save_labels(out / f"{stem}.png", labels, color=color_labels)
             imio.save_overlay(out / f"{stem}_overlay.png", original, labels)
-            record({"file": r.key, "source": source, "stem": stem, "status": "ok", "error": None,
-                    "height": int(original.shape[0]), "width": int(original.shape[1]),
-                    "iterations": r.iterations, "clusters": int(labels.max()) + 1,
-                    "k_min": r.k_min, "seconds": round(r.seconds, 4)})
         except (OSError, ValueError) as e:
             record(error_entry(r.key, f"{r.key}: cannot write outputs: {e}", stem, source))
-        bar.update(1)
+            continue
+        record({"file": r.key, "source": source, "stem": stem, "status": "ok", "error": None,
+                "height": int(original.shape[0]), "width": int(original.shape[1]),
+                "iterations": r.iterations, "clusters": int(labels.max()) + 1,
+                "k_min": r.k_min, "seconds": round(r.seconds, 4)})
     bar.close()

@@ -86,7 +86,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             return _read_torch(path)
     except WeightsError:
         raise
-    except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, KeyError, EOFError, TypeError, AttributeError, IndexError, OverflowError,
+            MemoryError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         raise WeightsError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
     raise WeightsError(f"{path}: unknown weights format {suffix!r}; use .pth, .safetensors or .npz")
 
@@ -123,8 +124,16 @@ class _StorageType:
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_):
-    """torch._utils._rebuild_tensor_v2: a strided view of a flat storage."""
+    """torch._utils._rebuild_tensor_v2: a strided view of a flat storage, bounds-checked
+    (the numbers come from the file: unchecked, a crafted file could read other memory)."""
+    if not (isinstance(storage, tuple) and len(storage) == 2 and isinstance(storage[0], np.ndarray)):
+        raise pickle.UnpicklingError("tensor without a storage")
     array, dtype_name = storage
+    ints = (offset, *size, *stride)
+    if (len(size) != len(stride) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in ints)):
+        raise pickle.UnpicklingError("tensor with a malformed offset, size or stride")
+    if all(size) and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= len(array):
+        raise pickle.UnpicklingError("tensor reaches beyond its storage")
     itemsize = array.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(array[offset:], shape=tuple(size),
                                            strides=tuple(s * itemsize for s in stride))
@@ -158,6 +167,8 @@ class _TensorOnlyUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         # ('storage', storage type, key, location, numel)
+        if not (isinstance(pid, tuple) and len(pid) == 5):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
         kind, storage_type, key, _, _ = pid
         if kind != "storage" or not isinstance(storage_type, _StorageType):
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
@@ -179,8 +190,10 @@ def read_torch_zip(path: str | os.PathLike) -> dict[str, np.ndarray]:
         with archive.open(pkl[0]) as f:
             try:
                 sd = _TensorOnlyUnpickler(f, archive, prefix).load()
-            except pickle.UnpicklingError as e:
+            except (pickle.UnpicklingError, TypeError, ValueError, AttributeError) as e:
                 raise WeightsError(f"{path}: refused: {e}") from None
+    if not isinstance(sd, dict):
+        raise WeightsError(f"{path}: not a state dict (a {type(sd).__name__})")
     if isinstance(sd, dict) and "state_dict" in sd:
         sd = sd["state_dict"]
     return {k: v for k, v in sd.items() if isinstance(v, np.ndarray)}
@@ -197,10 +210,15 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A ``.safetensors`` file: an 8-byte little-endian header length, a JSON header of
     ``{name: {dtype, shape, data_offsets}}``, then the raw little-endian data."""
     path = Path(path)
+    size = path.stat().st_size
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            raise WeightsError(f"{path}: not a safetensors file (header length {n} > file size)")
         header = json.loads(f.read(n))
         data = f.read()
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: not a safetensors file (header is not a JSON object)")
     out = {}
     for name, info in header.items():
         if name == "__metadata__":

@@ -251,7 +251,9 @@ def test_folder_from_an_older_version_needs_overwrite(tmp_path, tiny_config):
     with pytest.raises(OutputFolderError, match="older dynaseg"):
         OutputFolder.open(out, tiny_config)
     with OutputFolder.open(out, tiny_config, overwrite=True) as folder:
-        assert folder.records == [] and not (out / "a.png").exists()
+        assert folder.records == [] and (out / "a.png").exists()  # nothing changes before commit
+        folder.commit()
+        assert not (out / "a.png").exists() and (out / "results.jsonl").read_text() == ""
 
 
 def test_light_commands_do_not_import_jax():
@@ -279,3 +281,77 @@ def test_errors_are_written_above_the_progress_bar(tmp_path, capsys, tiny_config
     # tqdm.write clears the bar's line first: the message starts a line of its own
     # instead of being glued after the bar's text ("...img/s]error: ...").
     assert err[i - 1] in "\r\n", repr(err[max(0, i - 40): i + 20])
+
+
+# --- the output folder against mistakes (found in review) ---------------------------------
+
+
+def tiny_args(out, *extra):
+    return ["--out", str(out), "--no-progress", *sets(*TINY), *extra]
+
+
+def test_output_folder_inside_or_equal_to_the_input_folder(tmp_path, capsys):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.fromarray(u8(smooth_image(20, 30, 0))).save(d / "a.png")
+    original = (d / "a.png").read_bytes()
+    # --out inside the input folder: its own outputs are never inputs, on any rerun.
+    for _ in range(2):
+        assert main(["segment", str(d), *tiny_args(d / "seg")]) == 0
+    assert sorted(p.name for p in (d / "seg").glob("*.png")) == ["a.png", "a_overlay.png"]
+    # --out equal to the input folder: nothing in it is an input; a file given by name
+    # is refused because its label map would replace it. The input is left untouched.
+    capsys.readouterr()
+    assert main(["segment", str(d), *tiny_args(d)]) == 1
+    assert "has no image files outside the output folder" in capsys.readouterr().err
+    assert main(["segment", str(d / "a.png"), *tiny_args(d)]) == 1
+    assert "would overwrite an input file" in capsys.readouterr().err
+    assert (d / "a.png").read_bytes() == original
+
+
+def test_overwrite_changes_nothing_before_the_inputs_are_found(tmp_path, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(u8(smooth_image(20, 30, 0))).save(d / "a.png")
+    out = tmp_path / "out"
+    assert main(["segment", str(d), *tiny_args(out)]) == 0
+    before = (out / "results.jsonl").read_text()
+    # A typo with another config and --overwrite: nothing to run, nothing deleted.
+    assert main(["segment", str(tmp_path / "typo"), *tiny_args(out, "--set", "stop.max_iters=3",
+                                                                "--overwrite")]) == 1
+    assert (out / "results.jsonl").read_text() == before and (out / "a.png").exists()
+    # --overwrite with the same config resumes instead of recomputing.
+    capsys.readouterr()
+    assert main(["segment", str(d), *tiny_args(out, "--overwrite")]) == 0
+    assert "0 segmented, 1 already done" in capsys.readouterr().out
+
+
+def test_a_folder_without_results_takes_any_config(tmp_path, tiny_config):
+    from dynaseg_jax.outputs import OutputFolder
+    out = tmp_path / "out"
+    with OutputFolder.open(out, tiny_config) as folder:  # a run that failed before any result
+        folder.commit()
+        folder.append({"source": "/x/a.png", "stem": "a", "status": "error"})
+    with OutputFolder.open(out, tiny_config.replace({"optim.lr": 0.05})) as folder:
+        assert folder.records == []  # the other config's error record is not this config's
+
+
+def test_dataset_resume_key_names_root_and_split(tmp_path, monkeypatch):
+    from dynaseg_jax import cli
+    seen = []
+    monkeypatch.setattr("dynaseg_jax.runner.segment_files",
+                        lambda inputs, *a, **k: seen.extend(inputs) or type("S", (), {
+                            "ok": 0, "skipped": 0, "failed": 0, "seconds": 0.0, "errors": []})())
+    root = tmp_path / "photos"
+    root.mkdir()
+    Image.fromarray(u8(smooth_image(20, 30, 0))).save(root / "p.v2.png")
+    assert cli.main(["segment", "--dataset", "folder", "--root", str(root), "--out", str(tmp_path / "o")]) == 0
+    (item,) = seen
+    assert item.name == "p.v2"  # the id names the outputs unchanged (dots kept)
+    assert item.source == f"folder:{root.resolve()}::p.v2"
+
+
+def test_bad_seed_and_k_range_are_config_errors(tmp_path, capsys):
+    for bad in ("seed=-1", "seed=4294967296", "silhouette.k_range=[2.5, 8]", 'silhouette.k_range=["a", "b"]'):
+        code = main(["segment", str(tmp_path), "--out", str(tmp_path / "o"), "--set", bad])
+        one_line_error(capsys, code, 2, bad.split("=")[0])

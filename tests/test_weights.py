@@ -153,3 +153,44 @@ def test_segment_with_a_resnet_preset_and_a_checkpoint(torchvision_checkpoint, t
     assert main(args + ["--overwrite"]) == 2
     assert "missing.pth: no such weights file" in capsys.readouterr().err
     assert (tmp_path / "out" / "a.png").exists()  # refused before --overwrite deleted anything
+
+
+def crafted_checkpoint(path, size, stride, n_stored=1, top=None):
+    """A torch-format zip whose one tensor claims ``size``/``stride`` over a storage of
+    ``n_stored`` floats (what a hostile or broken file could say)."""
+    torch = pytest.importorskip("torch")
+    import collections
+
+    class Storage:  # stands for the storage: written as a persistent id
+        pass
+
+    class Tensor:
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2,
+                    (Storage(), 0, size, stride, False, collections.OrderedDict()))
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", n_stored) if isinstance(obj, Storage) else None
+
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump(top if top is not None else {"w": Tensor()})
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("ckpt/data.pkl", buf.getvalue())
+        z.writestr("ckpt/data/0", np.arange(n_stored, dtype=np.float32).tobytes())
+        z.writestr("ckpt/version", "3\n")
+
+
+def test_torch_zip_reader_checks_tensor_bounds(tmp_path):
+    ok = tmp_path / "ok.pth"
+    crafted_checkpoint(ok, (2, 3), (3, 1), n_stored=6)
+    np.testing.assert_array_equal(W.read_torch_zip(ok)["w"], np.arange(6, dtype=np.float32).reshape(2, 3))
+    for name, size, stride in [("long", (64,), (1,)), ("negative", (2,), (-1,)), ("ragged", (2, 2), (1,))]:
+        bad = tmp_path / f"{name}.pth"
+        crafted_checkpoint(bad, size, stride)
+        with pytest.raises(W.WeightsError, match=f"{name}.pth: refused: tensor"):
+            W.read_torch_zip(bad)
+    not_a_dict = tmp_path / "list.pth"
+    crafted_checkpoint(not_a_dict, (1,), (1,), top=[1, 2])
+    with pytest.raises(W.WeightsError, match="list.pth: not a state dict"):
+        W.read_torch_zip(not_a_dict)
