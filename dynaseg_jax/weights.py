@@ -6,10 +6,11 @@ Nothing is ever downloaded. A checkpoint is looked for at the configured path
 
 Formats read (``read_state_dict``), each into ``{name: numpy array}``:
 
-* PyTorch ``.pth``/``.pt`` (the zip format ``torch.save`` writes): with torch installed,
-  ``torch.load(weights_only=True)``; without torch, a reader of the zip archive whose
-  unpickler accepts only the globals that rebuild tensors (a ``.pth`` file is a pickle,
-  and an unrestricted unpickler would run any code the file names);
+* PyTorch ``.pth``/``.pt`` (the zip format ``torch.save`` writes, or the old non-zip
+  format of torch < 1.6): with torch installed, ``torch.load(weights_only=True)``;
+  without torch, a reader whose unpickler accepts only the globals that rebuild tensors
+  (a ``.pth`` file is a pickle, and an unrestricted unpickler would run any code the
+  file names), with every tensor's offset, size and stride checked against its storage;
 * ``.safetensors`` (timm), read here from its header and raw bytes, bfloat16 included
   (numpy has no bfloat16: its bits are widened to float32 exactly);
 * ``.npz``: this project's own format (``dynaseg weights convert``).
@@ -176,12 +177,80 @@ class _TensorOnlyUnpickler(pickle.Unpickler):
         return np.frombuffer(raw, dtype=_STORAGE_DTYPES[storage_type.name]), storage_type.name
 
 
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch/serialization.py MAGIC_NUMBER
+_LEGACY_PROTOCOL = 1001
+
+
+class _LegacyUnpickler(_TensorOnlyUnpickler):
+    """The pickle of an old (pre-1.6, non-zip) torch file: storages are persistent ids
+    whose bytes follow the pickle, so tensors are rebuilt after the data is read."""
+
+    ALLOWED = {**_TensorOnlyUnpickler.ALLOWED,
+               ("torch._utils", "_rebuild_tensor_v2"): lambda *a: ("tensor", a)}
+
+    def __init__(self, file):
+        pickle.Unpickler.__init__(self, file)
+        self.storages = {}  # key -> storage type name
+
+    def persistent_load(self, pid):
+        # ('storage', storage type, key, location, numel, view_metadata)
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and pid[5] is None):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+        self.storages[str(pid[2])] = pid[1].name
+        return ("storage", str(pid[2]))
+
+
+def read_torch_legacy(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """An old-format (non-zip) ``torch.save`` file read without torch (tensors only):
+    magic number, protocol, system info, the object pickle, the storage keys, then each
+    storage as an int64 element count followed by its raw little-endian bytes."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        try:
+            if pickle.load(f) != _LEGACY_MAGIC or pickle.load(f) != _LEGACY_PROTOCOL:
+                raise WeightsError(f"{path}: not a torch checkpoint")
+            sys_info = pickle.load(f)  # plain dict of ints and bools
+            if not isinstance(sys_info, dict) or not sys_info.get("little_endian", True):
+                raise WeightsError(f"{path}: big-endian torch checkpoints are not supported")
+            unpickler = _LegacyUnpickler(f)
+            obj = unpickler.load()
+            keys = pickle.load(f)
+        except (pickle.UnpicklingError, TypeError, ValueError, AttributeError) as e:
+            raise WeightsError(f"{path}: refused: {e}") from None
+        data = {}
+        for key in keys:
+            if str(key) not in unpickler.storages:
+                raise WeightsError(f"{path}: storage {key!r} is not referenced")
+            dtype = np.dtype(_STORAGE_DTYPES[unpickler.storages[str(key)]])
+            n = int.from_bytes(f.read(8), "little")
+            raw = f.read(n * dtype.itemsize)
+            if len(raw) != n * dtype.itemsize:
+                raise WeightsError(f"{path}: truncated storage {key!r}")
+            data[str(key)] = (np.frombuffer(raw, dtype=dtype), unpickler.storages[str(key)])
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: not a state dict (a {type(obj).__name__})")
+    out = {}
+    for name, value in obj.items():
+        if isinstance(value, tuple) and len(value) == 2 and value[0] == "tensor":
+            storage, *rest = value[1]
+            if not (isinstance(storage, tuple) and storage[0] == "storage" and storage[1] in data):
+                raise WeightsError(f"{path}: {name}: tensor without its storage")
+            try:
+                out[name] = _rebuild_tensor(data[storage[1]], *rest)
+            except pickle.UnpicklingError as e:
+                raise WeightsError(f"{path}: refused: {e}") from None
+    return out
+
+
 def read_torch_zip(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A ``torch.save`` zip checkpoint read without torch (tensors only)."""
+    """A ``torch.save`` checkpoint read without torch (tensors only): the zip format, or
+    the old non-zip one (``read_torch_legacy``)."""
     path = Path(path)
     if not zipfile.is_zipfile(path):
-        raise WeightsError(f"{path}: not a zip-format torch checkpoint (an old-format .pth needs torch "
-                           f"to read: pip install torch)")
+        return read_torch_legacy(path)
     with zipfile.ZipFile(path) as archive:
         pkl = [n for n in archive.namelist() if n.endswith("/data.pkl")]
         if not pkl:

