@@ -96,10 +96,6 @@ PAPER_NAMES = {"kmeans": "k-means", "felzenszwalb": "graph-based", "kim_mu5": "K
                "dynaseg_scf": "DynaSeg-SCF", "dynaseg_fsf": "DynaSeg-FSF"}
 MODES = ("all", "fine", "coarse", "mean")
 
-# Config fields that change how fast the engine runs but not the labels it produces
-# (the config digest's layout fields). They are left out of the resume check, so a
-# rerun may use another batch size without recomputing.
-ENGINE_ONLY = LAYOUT_FIELDS
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -205,7 +201,7 @@ def dynaseg_settings(method: str, config, args) -> dict:
     the silhouette phase, mu or alpha for the other schedule) are left out, so that a
     shared ``--set`` meant for another preset does not invalidate this one's predictions.
     """
-    fields = {k: v for k, v in config.flat().items() if k not in ENGINE_ONLY}
+    fields = {k: v for k, v in config.flat().items() if k not in LAYOUT_FIELDS}  # layout never changes labels
     if config.stop.k_min != "silhouette":
         for k in [k for k in fields if k.startswith("silhouette.")] + ["schedule.uses_kstar"]:
             fields.pop(k)

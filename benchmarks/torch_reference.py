@@ -215,11 +215,11 @@ class TorchResNet18Layer1(nn.Module):
 def torch_layer1_to_jax_params(model: TorchResNet18Layer1, dtype=np.float32) -> dict:
     """A ``TorchResNet18Layer1``'s weights in the layout of
     ``dynaseg_jax.models.resnet.ResNet18Layer1``."""
-    from dynaseg_jax.models.resnet import torchvision_layer1_to_params
+    from dynaseg_jax.models.resnet import torchvision_state_dict_to_params
 
     sd = model.state_dict()
     trunk = {k[len("trunk."):]: v for k, v in sd.items() if k.startswith("trunk.")}
-    params = torchvision_layer1_to_params(trunk, dtype=dtype)
+    params = torchvision_state_dict_to_params(trunk, dtype=dtype, stages=1)
 
     conv = functools.partial(_conv_params, sd, dtype=dtype)
 

@@ -272,6 +272,9 @@ class _SlotGroup:
     def collect(self) -> Iterator[SlotResult]:
         if self.vectorized:
             done = np.asarray(self.states["done"])
+            if any(it is not None and done[s] for s, it in enumerate(self.items)):
+                # One transfer for all finished slots, not a device index per slot.
+                steps_all, diverged_all = jax.device_get((self.states["step"], self.states["diverged"]))
         else:
             done = [it is not None and bool(self.states[s]["done"]) for s, it in enumerate(self.items)]
         for slot, it in enumerate(self.items):
@@ -280,8 +283,7 @@ class _SlotGroup:
             item, transposed, t0 = it
             if self.vectorized:
                 labels = self.predict(self.states["params"], self.images, self.masks, slot)
-                steps = int(self.states["step"][slot])
-                diverged = bool(self.states["diverged"][slot])
+                steps, diverged = int(steps_all[slot]), bool(diverged_all[slot])
             else:
                 state = self.states[slot]
                 labels = self.predict(state["params"], self.images[slot], self.masks[slot])

@@ -47,32 +47,19 @@ def drop_torn_tail(path: str | os.PathLike) -> int:
     """Truncates a file after its last newline; returns the number of bytes dropped.
 
     Appends write whole lines, so only the last line of a results file can be torn
-    (the process died inside ``write``). Call with the folder lock held.
+    (the process died inside ``write``). Call with the folder lock held. (The file is
+    read whole: the records are read right after anyway.)
     """
     try:
         with open(path, "rb+") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size == 0:
+            data = f.read()
+            keep = data.rfind(b"\n") + 1  # 0 when there is no newline at all
+            if keep == len(data):
                 return 0
-            f.seek(size - 1)
-            if f.read(1) == b"\n":
-                return 0
-            # Search backwards in blocks for the last newline.
-            pos, block = size, 1 << 16
-            keep = 0
-            while pos > 0:
-                start = max(0, pos - block)
-                f.seek(start)
-                chunk = f.read(pos - start)
-                i = chunk.rfind(b"\n")
-                if i >= 0:
-                    keep = start + i + 1
-                    break
-                pos = start
             f.truncate(keep)
             f.flush()
             os.fsync(f.fileno())
-            return size - keep
+            return len(data) - keep
     except FileNotFoundError:
         return 0
 

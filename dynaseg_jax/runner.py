@@ -281,8 +281,9 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
     cfg = resolve_config(config)
     pending_errors = []  # recorded once the folder is committed
 
-    def record(entry: dict):
-        folder.append(entry)
+    def record(entry: dict, write: bool = True):
+        if write:
+            folder.append(entry)
         if entry["status"] == "ok":
             summary.ok += 1
             if per_image_lines:
@@ -347,15 +348,13 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
         todo.append((name, source, stem, src))
 
     engine = Engine(config) if todo else None  # compiles the network and reads its weights
-    if todo or not folder.stale:
-        folder.commit()  # only now may the folder change
-        for entry in pending_errors:
-            record(entry)
-    else:  # nothing to run: leave another config's results alone, report the problems
-        for entry in pending_errors:
-            summary.failed += 1
-            summary.errors.append(entry["error"])
-            log(f"error: {entry['error']}")
+    # Only now may the folder change; with nothing to run, another config's results
+    # are left alone and the problems only reported.
+    committed = bool(todo) or not folder.stale
+    if committed:
+        folder.commit()
+    for entry in pending_errors:
+        record(entry, write=committed)
     if not todo:
         return
     kstar = KStarEstimator(cfg, engine.params, engine.model)

@@ -83,7 +83,9 @@ def test_layer1_response_matches_torch_and_is_padding_exact(nets):
 
 
 def test_layer1_trunk_loads_from_a_torchvision_checkpoint(nets, tmp_path):
+    from dynaseg_jax.models import PRETRAINED
     from dynaseg_jax.weights import WeightsError
+    load_layer1_trunk = PRETRAINED["resnet18_layer1"]  # the registry's loader
 
     t32, _, params = nets
     sd = {k: v.numpy() for k, v in t32.trunk.state_dict().items()}  # a whole ResNet-18
@@ -91,16 +93,16 @@ def test_layer1_trunk_loads_from_a_torchvision_checkpoint(nets, tmp_path):
     np.savez(path, **sd)
     model = resnet.ResNet18Layer1(max_clusters=Q)
     fresh = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((8, 8, 3)), jnp.ones((8, 8)))
-    loaded = resnet.load_layer1_trunk(fresh, path)
+    loaded = load_layer1_trunk(fresh, path)
     assert set(loaded["params"]["trunk"]) == {"conv1", "bn1", "layer1_0", "layer1_1"}
     jax.tree.map(np.testing.assert_array_equal, loaded["params"]["trunk"], params["params"]["trunk"])
     jax.tree.map(np.testing.assert_array_equal, loaded["params"]["conv6"], fresh["params"]["conv6"])
     # layer2..4 are not needed; layer1 is.
     np.savez(tmp_path / "part.npz", **{k: v for k, v in sd.items() if not k.startswith(("layer2", "fc"))})
-    resnet.load_layer1_trunk(fresh, tmp_path / "part.npz")
+    load_layer1_trunk(fresh, tmp_path / "part.npz")
     np.savez(tmp_path / "bad.npz", **{k: v for k, v in sd.items() if not k.startswith("layer1.1.")})
     with pytest.raises(WeightsError, match="bad.npz.*layer1.1"):
-        resnet.load_layer1_trunk(fresh, tmp_path / "bad.npz")
+        load_layer1_trunk(fresh, tmp_path / "bad.npz")
 
 
 def test_layer1_train_step_runs(tiny_config):

@@ -16,6 +16,7 @@ A model is built once (``build_model(config)``) and handed to everything that ru
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from . import cnn, resnet
@@ -27,7 +28,7 @@ MODELS: dict[str, Callable] = {"cnn": cnn.build, "resnet18_fpn": resnet.build_fp
                                "resnet18_layer1": resnet.build_layer1}
 # model name -> loader(params, checkpoint path) -> params with the pretrained part set
 PRETRAINED: dict[str, Callable] = {"resnet18_fpn": resnet.load_trunk,
-                                   "resnet18_layer1": resnet.load_layer1_trunk}
+                                   "resnet18_layer1": functools.partial(resnet.load_trunk, stages=1)}
 
 
 def check_pretrained(config) -> None:

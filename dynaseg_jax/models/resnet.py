@@ -233,21 +233,28 @@ def build_fpn(config) -> ResNet18FPN:
 # ----------------------------------------------------------------------------- weights
 
 
-def torchvision_state_dict_to_params(state_dict, prefix: str | None = "trunk", dtype=np.float32) -> dict:
+def torchvision_state_dict_to_params(state_dict, prefix: str | None = "trunk", dtype=np.float32,
+                                     stages: int = 4) -> dict:
     """A torchvision ResNet-18 state dict (name -> array) -> our trunk parameters.
 
     Conv weights go from OIHW to HWIO; BatchNorm weight/bias become scale/bias; running
-    statistics and ``fc`` are dropped (BatchNorm uses per-image statistics).
+    statistics, ``fc`` and the stages beyond ``stages`` are not read (BatchNorm uses
+    per-image statistics).
 
     Args:
       state_dict: ``torchvision.models.resnet18().state_dict()`` or a checkpoint's dict;
         values are torch tensors or numpy arrays.
-      prefix: the trunk's name inside the model's ``params`` (``"trunk"`` in
-        ``ResNet18FPN``; ``None`` for a bare ``ResNet18Trunk``).
+      prefix: the trunk's name inside the model's ``params`` (``"trunk"``; ``None`` for
+        a bare trunk).
       dtype: of the numpy leaves (float64 keeps a float64 model's values exact).
+      stages: how many of ``layer1``..``layer4`` the trunk has (``ResNet18Trunk``: 4,
+        ``ResNet18Layer1Trunk``: 1).
 
     Returns:
       ``{prefix: {...}}`` (or the bare tree).
+
+    Raises:
+      KeyError: a tensor the trunk needs is missing (its name).
     """
     def arr(name):
         v = state_dict[name]
@@ -261,7 +268,7 @@ def torchvision_state_dict_to_params(state_dict, prefix: str | None = "trunk", d
         return {"scale": arr(f"{name}.weight"), "bias": arr(f"{name}.bias")}
 
     tree = {"conv1": conv("conv1"), "bn1": bn("bn1")}
-    for i in range(1, 5):
+    for i in range(1, stages + 1):
         for j in range(2):
             src, block = f"layer{i}.{j}", {}
             block["conv1"], block["bn1"] = conv(f"{src}.conv1"), bn(f"{src}.bn1")
@@ -273,27 +280,26 @@ def torchvision_state_dict_to_params(state_dict, prefix: str | None = "trunk", d
     return {prefix: tree} if prefix else tree
 
 
-def load_trunk(params, path) -> dict:
-    """``params`` of a ResNet18FPN with its trunk replaced by a torchvision checkpoint's.
+def load_trunk(params, path, stages: int = 4) -> dict:
+    """``params`` with their ``trunk`` replaced by a torchvision ResNet-18 checkpoint's
+    first ``stages`` stages (4: ``ResNet18FPN``; 1: ``ResNet18Layer1``).
 
     Raises:
       WeightsError: the file cannot be read or is not a ResNet-18 (missing names or
         other shapes), naming the file.
     """
-    import jax
-
     from ..weights import WeightsError, read_state_dict
 
     sd = read_state_dict(path)
     try:
-        trunk = torchvision_state_dict_to_params(sd, prefix=None)
+        trunk = torchvision_state_dict_to_params(sd, prefix=None, stages=stages)
     except KeyError as e:
         raise WeightsError(f"{path}: not a torchvision ResNet-18 checkpoint (no {e.args[0]})") from None
     want = jax.tree.map(lambda a: tuple(a.shape), params["params"]["trunk"])
     got = jax.tree.map(lambda a: tuple(a.shape), trunk)
     if want != got:
         raise WeightsError(f"{path}: not a ResNet-18 checkpoint (parameter shapes differ)")
-    return {**params, "params": {**params["params"], "trunk": jax.tree.map(jax.numpy.asarray, trunk)}}
+    return {**params, "params": {**params["params"], "trunk": jax.tree.map(jnp.asarray, trunk)}}
 
 
 def stage_shapes(height: int, width: int) -> Sequence[tuple[int, int]]:
@@ -405,50 +411,3 @@ def build_layer1(config) -> ResNet18Layer1:
                           precision=config.model.matmul_precision)
 
 
-def torchvision_layer1_to_params(state_dict, prefix: str | None = "trunk", dtype=np.float32) -> dict:
-    """The ``conv1``, ``bn1`` and ``layer1`` tensors of a torchvision ResNet-18 state dict
-    -> ``ResNet18Layer1Trunk`` parameters (the rest of the dict is ignored; ``layer2``..
-    ``layer4`` need not be there).
-
-    Raises:
-      KeyError: a tensor the trunk needs is missing (its name).
-    """
-    def arr(name):
-        v = state_dict[name]
-        v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
-        return v.astype(dtype)
-
-    def conv(name):  # OIHW -> HWIO
-        return {"kernel": arr(f"{name}.weight").transpose(2, 3, 1, 0)}
-
-    def bn(name):  # running statistics are not used (per-image statistics)
-        return {"scale": arr(f"{name}.weight"), "bias": arr(f"{name}.bias")}
-
-    tree = {"conv1": conv("conv1"), "bn1": bn("bn1")}
-    for j in range(2):
-        src = f"layer1.{j}"
-        tree[f"layer1_{j}"] = {"conv1": conv(f"{src}.conv1"), "bn1": bn(f"{src}.bn1"),
-                               "conv2": conv(f"{src}.conv2"), "bn2": bn(f"{src}.bn2")}
-    return {prefix: tree} if prefix else tree
-
-
-def load_layer1_trunk(params, path) -> dict:
-    """``params`` of a ResNet18Layer1 with ``conv1``, ``bn1`` and ``layer1`` taken from a
-    torchvision ResNet-18 checkpoint (its other layers are not used).
-
-    Raises:
-      WeightsError: the file cannot be read or lacks these layers or has other shapes,
-        naming the file.
-    """
-    from ..weights import WeightsError, read_state_dict
-
-    sd = read_state_dict(path)
-    try:
-        trunk = torchvision_layer1_to_params(sd, prefix=None)
-    except KeyError as e:
-        raise WeightsError(f"{path}: not a torchvision ResNet-18 checkpoint (no {e.args[0]})") from None
-    want = jax.tree.map(lambda a: tuple(a.shape), params["params"]["trunk"])
-    got = jax.tree.map(lambda a: tuple(a.shape), trunk)
-    if want != got:
-        raise WeightsError(f"{path}: not a ResNet-18 checkpoint (parameter shapes differ)")
-    return {**params, "params": {**params["params"], "trunk": jax.tree.map(jnp.asarray, trunk)}}
