@@ -151,13 +151,20 @@ def _conv_params(sd, name: str, dtype=np.float32) -> dict:
             "bias": _to_numpy(sd[f"{name}.bias"]).astype(dtype)}
 
 
-def torch_fpn_to_jax_params(model: TorchResNet18FPN, dtype=np.float32) -> dict:
-    """A ``TorchResNet18FPN``'s weights in the layout of ``dynaseg_jax.models.resnet.ResNet18FPN``."""
-    from dynaseg_jax.models.resnet import torchvision_state_dict_to_params
+def _trunk_variables(sd, dtype, stages: int, running_stats: bool):
+    from dynaseg_jax.models.resnet import torchvision_trunk_variables
 
-    sd = model.state_dict()
     trunk = {k[len("trunk."):]: v for k, v in sd.items() if k.startswith("trunk.")}
-    params = torchvision_state_dict_to_params(trunk, dtype=dtype)
+    trunk = torchvision_trunk_variables(trunk, dtype=dtype, stages=stages)
+    extra = {"batch_stats": {"trunk": trunk["batch_stats"]}} if running_stats else {}
+    return {"trunk": trunk["params"]}, extra
+
+
+def torch_fpn_to_jax_params(model: TorchResNet18FPN, dtype=np.float32, running_stats: bool = False) -> dict:
+    """A ``TorchResNet18FPN``'s weights in the layout of ``dynaseg_jax.models.resnet.ResNet18FPN``
+    (with the trunk's running statistics as ``batch_stats`` if ``running_stats``)."""
+    sd = model.state_dict()
+    params, extra = _trunk_variables(sd, dtype, 4, running_stats)
 
     conv = functools.partial(_conv_params, sd, dtype=dtype)
 
@@ -167,7 +174,7 @@ def torch_fpn_to_jax_params(model: TorchResNet18FPN, dtype=np.float32) -> dict:
     params["classifier"] = conv("classifier")
     params["bn_out"] = {"scale": _to_numpy(sd["bn_out.weight"]).astype(dtype),
                         "bias": _to_numpy(sd["bn_out.bias"]).astype(dtype)}
-    return {"params": params}
+    return {"params": params, **extra}
 
 
 class TorchResNet18Layer1(nn.Module):
@@ -212,14 +219,13 @@ class TorchResNet18Layer1(nn.Module):
         return y[..., :h, :w]
 
 
-def torch_layer1_to_jax_params(model: TorchResNet18Layer1, dtype=np.float32) -> dict:
+def torch_layer1_to_jax_params(model: TorchResNet18Layer1, dtype=np.float32,
+                               running_stats: bool = False) -> dict:
     """A ``TorchResNet18Layer1``'s weights in the layout of
-    ``dynaseg_jax.models.resnet.ResNet18Layer1``."""
-    from dynaseg_jax.models.resnet import torchvision_state_dict_to_params
-
+    ``dynaseg_jax.models.resnet.ResNet18Layer1`` (with the trunk's running statistics as
+    ``batch_stats`` if ``running_stats``)."""
     sd = model.state_dict()
-    trunk = {k[len("trunk."):]: v for k, v in sd.items() if k.startswith("trunk.")}
-    params = torchvision_state_dict_to_params(trunk, dtype=dtype, stages=1)
+    params, extra = _trunk_variables(sd, dtype, 1, running_stats)
 
     conv = functools.partial(_conv_params, sd, dtype=dtype)
 
@@ -227,7 +233,7 @@ def torch_layer1_to_jax_params(model: TorchResNet18Layer1, dtype=np.float32) -> 
     params["classifier"] = conv("conv3")
     params["bn_out"] = {"scale": _to_numpy(sd["bn3.weight"]).astype(dtype),
                         "bias": _to_numpy(sd["bn3.bias"]).astype(dtype)}
-    return {"params": params}
+    return {"params": params, **extra}
 
 
 def build_model(config: Config) -> nn.Module:

@@ -41,6 +41,8 @@ def _field(default, doc: str, choices: tuple | None = None):
 # Model names of the registry (dynaseg_jax/models); kept here so that reading a config
 # does not import jax (tests check that the two agree).
 MODEL_NAMES = ("cnn", "resnet18_fpn", "resnet18_layer1")
+# The models with a pretrained trunk (model.trunk, model.trunk_norm apply to these).
+TRUNK_MODELS = ("resnet18_fpn", "resnet18_layer1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,13 @@ class ModelConfig:
     weights: str = _field("", "pretrained weights of models that have them (resnet18_fpn: its trunk): a "
                               "checkpoint file (.pth, .safetensors, .npz); '' = the torchvision file in "
                               "PyTorch's hub cache (never downloaded); 'random' = no pretrained weights.")
+    trunk: str = _field("finetune", "pretrained trunk: 'finetune' (optimised with the rest, per image: "
+                                    "the authors' default) or 'frozen' (fixed, one copy shared by all "
+                                    "images, no optimiser state).", ("finetune", "frozen"))
+    trunk_norm: str = _field("batch", "BatchNorm of the pretrained trunk: 'batch' (each image's own "
+                                      "statistics, the authors' train mode) or 'running' (the "
+                                      "checkpoint's running statistics, torch's eval mode).",
+                             ("batch", "running"))
     matmul_precision: str = _field("float32", "precision of the network's products with learned weights: "
                                               "'float32' (exact, as the PyTorch reference's matmuls), "
                                               "'tensorfloat32' or 'bfloat16' (faster on GPU/TPU; no effect "
@@ -310,6 +319,11 @@ def validate(config: Config) -> Config:
         config = dataclasses.replace(config, stop=dataclasses.replace(config.stop, k_min=k_min))
     if isinstance(k_min, int) and k_min < 1:
         raise ConfigError(f"stop.k_min = {k_min}: must be >= 1")
+    if config.model.name not in TRUNK_MODELS:
+        for path, default in (("model.trunk", "finetune"), ("model.trunk_norm", "batch")):
+            if config.get(path) != default:
+                raise ConfigError(f"{path} = {config.get(path)!r}: model {config.model.name!r} has no "
+                                  f"pretrained trunk (only {', '.join(TRUNK_MODELS)})")
     for path in ("engine.sync_every", "engine.batch"):
         if config.get(path) < 0:
             raise ConfigError(f"{path} = {config.get(path)}: must be >= 0 (0 = auto)")

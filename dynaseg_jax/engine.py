@@ -124,6 +124,9 @@ class Engine:
         self.model = model or build_model(self.config)
         self.params = params if params is not None else train.init_params(self.config, model=self.model)
         self.fresh_state = train.init_state(self.config, self.params)
+        # Variables every slot shares (a frozen trunk, fixed BatchNorm statistics): on the
+        # device once, passed unbatched to every step.
+        self.shared = jax.device_put(train.split_variables(self.config, self.params)[1])
         self.trace_counts: Counter = Counter()
         # Chunks of sync_every steps as a fori_loop (accelerators) or unrolled (CPU).
         self.loop_chunks = jax.default_backend() != "cpu"
@@ -142,19 +145,20 @@ class Engine:
         tag = ("vmap" if vectorized else "per_image", bucket[:2])
         if tag not in self._fns:
             n = self.config.engine.sync_every
-            base = jax.vmap(self._train_step) if vectorized else self._train_step
+            base = (jax.vmap(self._train_step, in_axes=(0, 0, 0, None)) if vectorized
+                    else self._train_step)
 
             unroll = not self.loop_chunks
 
-            def steps(state, image, mask):
+            def steps(state, image, mask, shared):
                 # A chunk of n steps per dispatch: no host sync in between. Unrolled on
                 # CPU, where convs inside lax loops run far slower (jax-ml/jax#12868);
                 # a fori_loop elsewhere, so compile time does not grow with n.
                 if unroll or n == 1:
                     for _ in range(n):
-                        state, _ = base(state, image, mask)
+                        state, _ = base(state, image, mask, shared)
                     return state
-                return jax.lax.fori_loop(0, n, lambda _, s: base(s, image, mask)[0], state)
+                return jax.lax.fori_loop(0, n, lambda _, s: base(s, image, mask, shared)[0], state)
 
             self._fns[tag] = jax.jit(self._counted(steps, tag), donate_argnums=0)
         return self._fns[tag]
@@ -163,9 +167,9 @@ class Engine:
         tag = ("predict", vectorized)
         if tag not in self._fns:
             if vectorized:
-                def predict(params, images, masks, slot):
+                def predict(params, images, masks, slot, shared):
                     p = jax.tree.map(lambda x: x[slot], params)
-                    return self._predict(p, images[slot], masks[slot])
+                    return self._predict(p, images[slot], masks[slot], shared)
             else:
                 predict = self._predict
             self._fns[tag] = jax.jit(predict)
@@ -263,11 +267,12 @@ class _SlotGroup:
 
     def advance(self) -> None:
         if self.vectorized:
-            self.states = self.step(self.states, self.images, self.masks)
+            self.states = self.step(self.states, self.images, self.masks, self.engine.shared)
         else:
             for slot, it in enumerate(self.items):
                 if it is not None:
-                    self.states[slot] = self.step(self.states[slot], self.images[slot], self.masks[slot])
+                    self.states[slot] = self.step(self.states[slot], self.images[slot], self.masks[slot],
+                                                  self.engine.shared)
 
     def collect(self) -> Iterator[SlotResult]:
         if self.vectorized:
@@ -282,11 +287,13 @@ class _SlotGroup:
                 continue
             item, transposed, t0 = it
             if self.vectorized:
-                labels = self.predict(self.states["params"], self.images, self.masks, slot)
+                labels = self.predict(self.states["params"], self.images, self.masks, slot,
+                                      self.engine.shared)
                 steps, diverged = int(steps_all[slot]), bool(diverged_all[slot])
             else:
                 state = self.states[slot]
-                labels = self.predict(state["params"], self.images[slot], self.masks[slot])
+                labels = self.predict(state["params"], self.images[slot], self.masks[slot],
+                                      self.engine.shared)
                 steps = int(state["step"])
                 diverged = bool(state["diverged"])
                 self.states[slot] = self.images[slot] = self.masks[slot] = None

@@ -1,7 +1,8 @@
 """One image's optimisation state and its training step, as pure functions.
 
 The state is a plain dict (big_vision style):
-  params, opt_state: the network and SGD-momentum state;
+  params, opt_state: the network's trainable variables (``{"params": ...}``) and their
+              SGD-momentum state;
   step:       updates done so far (int32);
   n_clusters: q' of the last forward pass (int32);
   k_min:      this image's stopping threshold (int32; k* under the silhouette phase);
@@ -10,8 +11,16 @@ The state is a plain dict (big_vision style):
               parameters (too large a learning rate); it also sets ``done``, and
               ``step`` then counts the update that diverged.
 
+A model's variables split in two (``split_variables``): the trainable part, which each
+image optimises in its own state, and the *shared* part, the same for every image and
+never updated: a frozen trunk (``model.trunk = "frozen"``) and fixed BatchNorm statistics
+(``model.trunk_norm = "running"``). The shared part is passed to the step and to predict
+as an argument (``shared``), once for all images: it is not copied per image and has no
+optimiser state.
+
 ``make_train_step`` returns an unjitted, unbatched function: jit it, or vmap it over
-images that each carry their own state (``engine.py`` does both).
+images that each carry their own state (``engine.py`` does both; ``shared`` is not
+batched).
 """
 from __future__ import annotations
 
@@ -53,11 +62,40 @@ def init_params(config, key: jax.Array | None = None, model=None):
     return load_pretrained(config, params)
 
 
+def split_variables(config, variables) -> tuple[dict, dict]:
+    """(trainable, shared): a model's variables split as the config says.
+
+    Shared: every collection other than ``params`` (``batch_stats``: fixed BatchNorm
+    statistics), and the ``trunk`` sub-tree of ``params`` when ``model.trunk`` is
+    "frozen". Trainable: the rest of ``params``. ``merge_variables`` undoes it.
+    """
+    shared = {k: v for k, v in variables.items() if k != "params"}
+    trainable = dict(variables["params"])
+    if config.model.trunk == "frozen":
+        if "trunk" not in trainable:
+            raise ValueError(f"model.trunk = 'frozen': model {config.model.name!r} has no trunk")
+        shared["params"] = {"trunk": trainable.pop("trunk")}
+    return {"params": trainable}, shared
+
+
+def merge_variables(trainable: dict, shared: dict | None) -> dict:
+    """The model's full variables from ``split_variables``' two parts (disjoint trees)."""
+    if not shared:
+        return trainable
+    merged = dict(trainable)
+    for collection, tree in shared.items():
+        merged[collection] = {**merged.get(collection, {}), **tree}
+    return merged
+
+
 def init_state(config, params=None, k_min: int | jax.Array | None = None) -> dict:
-    """A fresh per-image state. Every image starts from the same seeded network, so
-    an image's result never depends on which other images share its batch."""
+    """A fresh per-image state from the model's full variables ``params`` (default:
+    ``init_params(config)``); it keeps their trainable part (``split_variables``).
+    Every image starts from the same seeded network, so an image's result never
+    depends on which other images share its batch."""
     if params is None:
         params = init_params(config)
+    params, _ = split_variables(config, params)
     if k_min is None:
         k_min = config.stop.k_min if isinstance(config.stop.k_min, int) else 1
     return {
@@ -77,9 +115,11 @@ def all_finite(tree) -> jax.Array:
 
 
 def loss_terms(params, image, mask, *, model, schedule, step, k_min=None,
-               mu_uses_kstar: bool = False):
-    """Forward pass and the DynaSeg loss. Returns (loss, aux dict)."""
-    response = model.apply(params, image, mask)
+               mu_uses_kstar: bool = False, shared=None):
+    """Forward pass and the DynaSeg loss. Returns (loss, aux dict).
+
+    ``params``: the trainable variables; ``shared``: the rest (``split_variables``)."""
+    response = model.apply(merge_variables(params, shared), image, mask)
     labels = jax.lax.stop_gradient(losses.labels_from_response(response))
     n_clusters = losses.count_clusters(labels, mask, response.shape[-1])
     l_sim = losses.similarity_loss(response, labels, mask)
@@ -92,14 +132,15 @@ def loss_terms(params, image, mask, *, model, schedule, step, k_min=None,
 
 
 def make_train_step(config, schedule: Callable | None = None, model=None):
-    """Builds ``train_step(state, image, mask) -> (state, metrics)`` for one image.
+    """Builds ``train_step(state, image, mask, shared=None) -> (state, metrics)`` for one image.
 
     One step: forward pass, labels c = argmax r', q' = distinct labels, loss
     L_sim + mu(q', step) * L_con, SGD-momentum update, then the stop rule
     ``done = q' <= k_min or step + 1 == max_iters`` (docs/algorithm.md section 1.9). A state that is
     already done is returned unchanged, so extra steps on finished slots are no-ops.
     A non-finite loss or updated parameters set ``diverged`` (and ``done``) inside the
-    step, with no host sync: the engine reports that image as failed.
+    step, with no host sync: the engine reports that image as failed. ``shared``: the
+    variables every image shares (``split_variables``; None when there are none).
 
     Args:
       config: a Config.
@@ -112,11 +153,11 @@ def make_train_step(config, schedule: Callable | None = None, model=None):
     max_iters = int(config.stop.max_iters)
     mu_uses_kstar = bool(config.schedule.uses_kstar)
 
-    def train_step(state, image, mask):
+    def train_step(state, image, mask, shared=None):
         def loss_fn(params):
             return loss_terms(params, image, mask, model=model, schedule=schedule,
                               step=state["step"], k_min=state["k_min"],
-                              mu_uses_kstar=mu_uses_kstar)
+                              mu_uses_kstar=mu_uses_kstar, shared=shared)
 
         grads, aux = jax.grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -141,10 +182,11 @@ def make_train_step(config, schedule: Callable | None = None, model=None):
 
 
 def make_predict(config, model=None):
-    """``predict(params, image, mask) -> labels (H, W) int32``: the final forward pass."""
+    """``predict(params, image, mask, shared=None) -> labels (H, W) int32``: the final
+    forward pass (``params`` trainable, ``shared`` the rest: ``split_variables``)."""
     model = model or build_model(config)
 
-    def predict(params, image, mask):
-        return losses.labels_from_response(model.apply(params, image, mask))
+    def predict(params, image, mask, shared=None):
+        return losses.labels_from_response(model.apply(merge_variables(params, shared), image, mask))
 
     return predict

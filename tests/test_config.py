@@ -172,7 +172,23 @@ def test_digest_covers_labels_not_layout():
                "silhouette.features": "color_position", "silhouette.k_range": (2, 9),
                "silhouette.samples": 100, "silhouette.position_scale": 2.0,
                "engine.transpose_portrait": False}
-    assert set(changed) | set(layout) == set(field_paths())
+    trunk = {"model.trunk": "frozen", "model.trunk_norm": "running"}  # fields of trunk models only
+    assert set(changed) | set(layout) | set(trunk) == set(field_paths())
     for path, value in changed.items():
         assert config_digest(base.replace({path: value})) != d, path
+    fpn = base.replace({"model.name": "resnet18_fpn"})
+    for path, value in trunk.items():
+        assert config_digest(fpn.replace({path: value})) != config_digest(fpn), path
     assert config_digest(base, scale=0.5) != d
+
+
+def test_trunk_fields_need_a_trunk_model():
+    from dynaseg_jax.config import TRUNK_MODELS
+    from dynaseg_jax.models import PRETRAINED
+    assert set(TRUNK_MODELS) == set(PRETRAINED)
+    with pytest.raises(ConfigError, match="model.trunk = 'frozen': model 'cnn' has no pretrained trunk"):
+        Config().replace({"model.trunk": "frozen"})
+    with pytest.raises(ConfigError, match="model.trunk_norm"):
+        Config().replace({"model.trunk_norm": "running"})
+    for name in TRUNK_MODELS:
+        Config().replace({"model.name": name, "model.trunk": "frozen", "model.trunk_norm": "running"})

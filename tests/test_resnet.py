@@ -140,3 +140,75 @@ def test_resnet18_fpn_through_the_engine(tiny_config):
     # Buckets: (64, 64) for landscape and small, (64, 64) portrait not transposed: one shape.
     steps = {tag: n for tag, n in engine.trace_counts.items() if tag[0] in ("per_image", "vmap")}
     assert steps == {("per_image", (64, 64)): 1}
+
+
+def test_trunk_running_statistics_match_torchvision_eval_mode():
+    """trunk_norm = 'running': C2..C5 against torchvision's ResNet-18 in eval mode, with
+    random running statistics (torch's initial ones, mean 0 / var 1, would hide a swap)."""
+    torch.manual_seed(1)
+    t32 = ref.TorchResNet18FPN(16, 8)
+    with torch.no_grad():
+        for m in t32.trunk.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    t32.eval()
+    t64 = ref.TorchResNet18FPN(16, 8)
+    t64.load_state_dict(t32.state_dict())
+    t64.double().eval()
+    variables = jax.tree.map(jnp.asarray, ref.torch_fpn_to_jax_params(t32, running_stats=True))
+    trunk = resnet.ResNet18Trunk(precision="float32", norm=resnet.trunk_norm_layer("running"))
+    trunk_vars = {c: variables[c]["trunk"] for c in ("params", "batch_stats")}
+    img = image()
+    ours = jax.jit(trunk.apply)(trunk_vars, jnp.asarray(img), jnp.ones(SHAPE))
+    x = (img - np.array(resnet.IMAGENET_MEAN, np.float32)) / np.array(resnet.IMAGENET_STD, np.float32)
+    with torch.no_grad():
+        want32 = t32.stages(to_torch(x, torch.float32))
+        want64 = t64.stages(to_torch(x, torch.float64))
+    for level, (a, b, c) in enumerate(zip(ours, want32, want64), 2):
+        assert_within_torch_error(a, b[0].permute(1, 2, 0), c[0].permute(1, 2, 0), f"C{level} (running)")
+    # The batch-statistics trunk gives another result on the same weights: the mode is used.
+    batch = jax.jit(resnet.ResNet18Trunk(precision="float32").apply)(
+        {"params": trunk_vars["params"]}, jnp.asarray(img), jnp.ones(SHAPE))
+    assert np.linalg.norm(np.asarray(batch[-1]) - np.asarray(ours[-1])) > 0.1 * np.linalg.norm(ours[-1])
+
+
+@pytest.mark.parametrize("strategy", ["per_image", "vmap"])
+def test_frozen_trunk_is_shared_not_optimised(tiny_config, strategy):
+    """model.trunk = 'frozen': the trunk is one unbatched copy outside every slot's
+    state, with no optimiser state; the step moves only the rest, exactly as the
+    fine-tuned step moves the rest on its first update."""
+    from dynaseg_jax import train
+    from dynaseg_jax.engine import Engine, WorkItem
+    from tests.conftest import smooth_image
+    base = tiny_config.replace({"model.name": "resnet18_layer1", "model.weights": "random",
+                                "model.max_clusters": 8, "stop.max_iters": 2, "stop.k_min": 1,
+                                "engine.batch": 2, "engine.strategy": strategy})
+    frozen = base.replace({"model.trunk": "frozen", "model.trunk_norm": "running"})
+    engine = Engine(frozen)
+    trunk_size = sum(x.size for x in jax.tree.leaves(engine.params["params"]["trunk"]))
+    assert "trunk" not in engine.fresh_state["params"]["params"]
+    state_size = sum(x.size for x in jax.tree.leaves((engine.fresh_state["params"], engine.fresh_state["opt_state"])))
+    assert state_size < trunk_size  # per slot: the head and its momentum only
+    assert set(engine.shared) == {"params", "batch_stats"} and set(engine.shared["params"]) == {"trunk"}
+    images = [smooth_image(20, 30, i) for i in range(3)]
+    results = list(engine.run(WorkItem(i, im, 1) for i, im in enumerate(images)))
+    assert sorted(r.key for r in results) == [0, 1, 2] and all(r.iterations == 2 for r in results)
+    assert all(r.error is None and r.labels.shape == (20, 30) for r in results)
+
+    # One update from the same variables: frozen and fine-tuned agree on the head.
+    variables = train.init_params(frozen, model=engine.model)
+    img, mask = jnp.asarray(images[0]), jnp.ones((20, 30))
+    tuned = base.replace({"model.trunk_norm": "running"})
+    new_frozen, _ = jax.jit(train.make_train_step(frozen, model=engine.model))(
+        train.init_state(frozen, variables), img, mask, train.split_variables(frozen, variables)[1])
+    new_tuned, _ = jax.jit(train.make_train_step(tuned, model=engine.model))(
+        train.init_state(tuned, variables), img, mask, train.split_variables(tuned, variables)[1])
+    assert not np.allclose(new_tuned["params"]["params"]["trunk"]["conv1"]["kernel"],
+                           variables["params"]["trunk"]["conv1"]["kernel"])
+    for name, leaf in new_frozen["params"]["params"].items():
+        # Same float32 operations, possibly fused in another order: reassociating a
+        # gradient sum over the 600 pixels moves it by at most ~600 u of its terms.
+        a, b = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+                for t in (leaf, new_tuned["params"]["params"][name]))
+        assert np.linalg.norm(a - b) <= 600 * U * np.linalg.norm(b) + 1e-30, name

@@ -45,20 +45,31 @@ def masked_batch_norm_stats(x: jax.Array, mask: jax.Array):
 
 
 class MaskedBatchNorm(nn.Module):
-    """BatchNorm in training mode over one image's real pixels (no running stats).
+    """BatchNorm over one image's real pixels, as torch's ``BatchNorm2d``.
 
-    The reference never leaves train mode, so only batch statistics are ever used
-    (docs/algorithm.md section 1.3); torch normalises with the biased variance.
+    By default in training mode with no running statistics: the reference never leaves
+    train mode, so only the image's own statistics are ever used (docs/algorithm.md
+    section 1.3); torch normalises with the biased variance.
+
+    With ``use_running_average`` it normalises with fixed statistics instead (torch's
+    eval mode), held in the ``batch_stats`` collection as ``mean`` and ``var`` (a
+    checkpoint's ``running_mean`` / ``running_var``); they are never updated.
     """
 
     eps: float = BN_EPS
+    use_running_average: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
-        mean, var = masked_batch_norm_stats(x, mask)
+        if self.use_running_average:
+            # torch's initial running statistics: mean 0, var 1.
+            mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), x.dtype).value
+            var = self.variable("batch_stats", "var", jnp.ones, (c,), x.dtype).value
+        else:
+            mean, var = masked_batch_norm_stats(x, mask)
         inv = jax.lax.rsqrt(var + self.eps) * scale
         return (x - mean) * inv + bias
 

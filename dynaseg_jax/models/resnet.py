@@ -24,12 +24,13 @@ so every stride-2 layer halves it exactly, and the validity mask is subsampled w
   the last real row and column, as torch clamps at the border of the unpadded map.
 
 A pretrained trunk's features are not transpose-invariant: ``transposable = False``.
-Weights: ``torchvision_state_dict_to_params`` converts a torchvision ResNet-18 state dict.
+Weights: ``torchvision_trunk_variables`` converts a torchvision ResNet-18 state dict.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -105,30 +106,33 @@ class BasicBlock(nn.Module):
     features: int
     stride: int = 1
     precision: str | None = None
+    norm: Callable = MaskedBatchNorm
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array):
         out_mask = subsample(mask, self.stride)
         m = out_mask[..., None]
         y = TorchConv(self.features, 3, self.stride, 1, precision=self.precision, name="conv1")(x)
-        y = nn.relu(MaskedBatchNorm(name="bn1")(y, out_mask)) * m
+        y = nn.relu(self.norm(name="bn1")(y, out_mask)) * m
         y = TorchConv(self.features, 3, 1, 1, precision=self.precision, name="conv2")(y)
-        y = MaskedBatchNorm(name="bn2")(y, out_mask)
+        y = self.norm(name="bn2")(y, out_mask)
         if self.stride != 1 or x.shape[-1] != self.features:
             x = TorchConv(self.features, 1, self.stride, 0, precision=self.precision,
                           name="downsample_conv")(x)
-            x = MaskedBatchNorm(name="downsample_bn")(x, out_mask)
+            x = self.norm(name="downsample_bn")(x, out_mask)
         return nn.relu(y + x) * m, out_mask
 
 
 class ResNet18Trunk(nn.Module):
     """torchvision ResNet-18 without its pooling and classifier: (image, mask) -> C2..C5.
 
-    BatchNorm normalises with each image's own statistics over its real positions
-    (the authors' train mode). The image is normalised with the ImageNet mean/std.
+    ``norm`` is the trunk's BatchNorm (``trunk_norm``): each image's own statistics over
+    its real positions (the authors' train mode, default) or the checkpoint's running
+    statistics. The image is normalised with the ImageNet mean/std.
     """
 
     precision: str | None = None
+    norm: Callable = MaskedBatchNorm
 
     @nn.compact
     def __call__(self, image: jax.Array, mask: jax.Array) -> list[jax.Array]:
@@ -136,7 +140,7 @@ class ResNet18Trunk(nn.Module):
         x = x * mask[..., None]
         mask = subsample(mask, 2)
         x = TorchConv(64, 7, 2, 3, precision=self.precision, name="conv1")(x)
-        x = nn.relu(MaskedBatchNorm(name="bn1")(x, mask)) * mask[..., None]
+        x = nn.relu(self.norm(name="bn1")(x, mask)) * mask[..., None]
         # The pool's first padded output can still see the last real row: zero it.
         mask = subsample(mask, 2)
         x = max_pool_3x3_s2(x) * mask[..., None]
@@ -144,9 +148,18 @@ class ResNet18Trunk(nn.Module):
         for i, features in enumerate(RESNET18_STAGES):
             for j in range(2):
                 stride = 2 if (i > 0 and j == 0) else 1
-                x, mask = BasicBlock(features, stride, self.precision, name=f"layer{i + 1}_{j}")(x, mask)
+                x, mask = BasicBlock(features, stride, self.precision, self.norm,
+                                     name=f"layer{i + 1}_{j}")(x, mask)
             stages.append(x)
         return stages
+
+
+def trunk_norm_layer(trunk_norm: str) -> Callable:
+    """The trunk's BatchNorm for ``model.trunk_norm``: 'batch' (each image's own
+    statistics, the authors' train mode) or 'running' (the checkpoint's statistics)."""
+    if trunk_norm not in ("batch", "running"):
+        raise ValueError(f"trunk_norm must be 'batch' or 'running', not {trunk_norm!r}")
+    return functools.partial(MaskedBatchNorm, use_running_average=trunk_norm == "running")
 
 
 def upsample_nearest_2x(x: jax.Array) -> jax.Array:
@@ -191,13 +204,14 @@ class ResNet18FPN(nn.Module):
     channels: int = 100
     max_clusters: int = 100
     precision: str | None = None
+    trunk_norm: str = "batch"
 
     # The model contract (models/__init__.py).
     input_multiple = 32
     transposable = False
 
     def setup(self):
-        self.trunk = ResNet18Trunk(self.precision)
+        self.trunk = ResNet18Trunk(self.precision, trunk_norm_layer(self.trunk_norm))
         self.laterals = [TorchConv(self.channels, 1, use_bias=True, precision=self.precision,
                                    name=f"lateral{i + 2}") for i in range(4)]
         self.smooth = TorchConv(self.channels, 3, 1, 1, use_bias=True, precision=self.precision,
@@ -227,31 +241,28 @@ class ResNet18FPN(nn.Module):
 def build_fpn(config) -> ResNet18FPN:
     """``resnet18_fpn`` from a config (model.channels = p, model.max_clusters = q)."""
     return ResNet18FPN(channels=config.model.channels, max_clusters=config.model.max_clusters,
-                       precision=config.model.matmul_precision)
+                       precision=config.model.matmul_precision, trunk_norm=config.model.trunk_norm)
 
 
 # ----------------------------------------------------------------------------- weights
 
 
-def torchvision_state_dict_to_params(state_dict, prefix: str | None = "trunk", dtype=np.float32,
-                                     stages: int = 4) -> dict:
-    """A torchvision ResNet-18 state dict (name -> array) -> our trunk parameters.
+def torchvision_trunk_variables(state_dict, dtype=np.float32, stages: int = 4) -> dict:
+    """A torchvision ResNet-18 state dict (name -> array) -> our trunk's variables.
 
-    Conv weights go from OIHW to HWIO; BatchNorm weight/bias become scale/bias; running
-    statistics, ``fc`` and the stages beyond ``stages`` are not read (BatchNorm uses
-    per-image statistics).
+    Conv weights go from OIHW to HWIO; BatchNorm weight/bias become ``params``
+    scale/bias, running_mean/running_var the ``batch_stats`` mean/var (read by
+    ``trunk_norm = 'running'`` only); ``fc`` and the stages beyond ``stages`` are not read.
 
     Args:
       state_dict: ``torchvision.models.resnet18().state_dict()`` or a checkpoint's dict;
         values are torch tensors or numpy arrays.
-      prefix: the trunk's name inside the model's ``params`` (``"trunk"``; ``None`` for
-        a bare trunk).
       dtype: of the numpy leaves (float64 keeps a float64 model's values exact).
       stages: how many of ``layer1``..``layer4`` the trunk has (``ResNet18Trunk``: 4,
         ``ResNet18Layer1Trunk``: 1).
 
     Returns:
-      ``{prefix: {...}}`` (or the bare tree).
+      ``{"params": trunk tree, "batch_stats": trunk tree}``, bare (not under ``trunk``).
 
     Raises:
       KeyError: a tensor the trunk needs is missing (its name).
@@ -261,28 +272,41 @@ def torchvision_state_dict_to_params(state_dict, prefix: str | None = "trunk", d
         v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
         return v.astype(dtype)
 
-    def conv(name):
-        return {"kernel": arr(f"{name}.weight").transpose(2, 3, 1, 0)}
+    params, stats = {}, {}
 
-    def bn(name):
-        return {"scale": arr(f"{name}.weight"), "bias": arr(f"{name}.bias")}
+    def conv(dst: tuple, name):
+        _put(params, dst, {"kernel": arr(f"{name}.weight").transpose(2, 3, 1, 0)})
 
-    tree = {"conv1": conv("conv1"), "bn1": bn("bn1")}
+    def bn(dst: tuple, name):
+        _put(params, dst, {"scale": arr(f"{name}.weight"), "bias": arr(f"{name}.bias")})
+        _put(stats, dst, {"mean": arr(f"{name}.running_mean"), "var": arr(f"{name}.running_var")})
+
+    conv(("conv1",), "conv1")
+    bn(("bn1",), "bn1")
     for i in range(1, stages + 1):
         for j in range(2):
-            src, block = f"layer{i}.{j}", {}
-            block["conv1"], block["bn1"] = conv(f"{src}.conv1"), bn(f"{src}.bn1")
-            block["conv2"], block["bn2"] = conv(f"{src}.conv2"), bn(f"{src}.bn2")
+            src, block = f"layer{i}.{j}", f"layer{i}_{j}"
+            conv((block, "conv1"), f"{src}.conv1")
+            bn((block, "bn1"), f"{src}.bn1")
+            conv((block, "conv2"), f"{src}.conv2")
+            bn((block, "bn2"), f"{src}.bn2")
             if f"{src}.downsample.0.weight" in state_dict:
-                block["downsample_conv"] = conv(f"{src}.downsample.0")
-                block["downsample_bn"] = bn(f"{src}.downsample.1")
-            tree[f"layer{i}_{j}"] = block
-    return {prefix: tree} if prefix else tree
+                conv((block, "downsample_conv"), f"{src}.downsample.0")
+                bn((block, "downsample_bn"), f"{src}.downsample.1")
+    return {"params": params, "batch_stats": stats}
 
 
-def load_trunk(params, path, stages: int = 4) -> dict:
-    """``params`` with their ``trunk`` replaced by a torchvision ResNet-18 checkpoint's
-    first ``stages`` stages (4: ``ResNet18FPN``; 1: ``ResNet18Layer1``).
+def _put(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def load_trunk(variables, path, stages: int = 4) -> dict:
+    """``variables`` with their ``trunk`` replaced by a torchvision ResNet-18 checkpoint's
+    first ``stages`` stages (4: ``ResNet18FPN``; 1: ``ResNet18Layer1``): its weights, and
+    its running BatchNorm statistics where the model has a ``batch_stats`` collection
+    (``trunk_norm = 'running'``).
 
     Raises:
       WeightsError: the file cannot be read or is not a ResNet-18 (missing names or
@@ -292,14 +316,29 @@ def load_trunk(params, path, stages: int = 4) -> dict:
 
     sd = read_state_dict(path)
     try:
-        trunk = torchvision_state_dict_to_params(sd, prefix=None, stages=stages)
+        trunk = torchvision_trunk_variables(sd, stages=stages)
     except KeyError as e:
         raise WeightsError(f"{path}: not a torchvision ResNet-18 checkpoint (no {e.args[0]})") from None
-    want = jax.tree.map(lambda a: tuple(a.shape), params["params"]["trunk"])
-    got = jax.tree.map(lambda a: tuple(a.shape), trunk)
-    if want != got:
-        raise WeightsError(f"{path}: not a ResNet-18 checkpoint (parameter shapes differ)")
-    return {**params, "params": {**params["params"], "trunk": jax.tree.map(jnp.asarray, trunk)}}
+    return replace_subtree(variables, "trunk", trunk, path, "a ResNet-18 checkpoint")
+
+
+def replace_subtree(variables: dict, name: str, loaded: dict, path, what: str) -> dict:
+    """``variables`` with sub-module ``name`` of each of its collections taken from
+    ``loaded`` (collection -> tree); shapes must agree.
+
+    Raises:
+      WeightsError: the shapes differ (``path`` is not ``what``).
+    """
+    from ..weights import WeightsError
+
+    out = dict(variables)
+    for collection, tree in variables.items():
+        want = jax.tree.map(lambda a: tuple(a.shape), tree[name])
+        got = jax.tree.map(lambda a: tuple(a.shape), loaded.get(collection, {}))
+        if want != got:
+            raise WeightsError(f"{path}: not {what} (parameter shapes differ)")
+        out[collection] = {**tree, name: jax.tree.map(jnp.asarray, loaded[collection])}
+    return out
 
 
 def stage_shapes(height: int, width: int) -> Sequence[tuple[int, int]]:
@@ -327,6 +366,7 @@ class ResNet18Layer1Trunk(nn.Module):
     """
 
     precision: str | None = None
+    norm: Callable = MaskedBatchNorm
 
     @nn.compact
     def __call__(self, image: jax.Array, mask: jax.Array):
@@ -334,9 +374,9 @@ class ResNet18Layer1Trunk(nn.Module):
         x = x * mask[..., None]
         mask = subsample(mask, 2)
         x = TorchConv(64, 7, 2, 3, precision=self.precision, name="conv1")(x)
-        x = nn.relu(MaskedBatchNorm(name="bn1")(x, mask)) * mask[..., None]
+        x = nn.relu(self.norm(name="bn1")(x, mask)) * mask[..., None]
         for j in range(2):
-            x, mask = BasicBlock(64, 1, self.precision, name=f"layer1_{j}")(x, mask)
+            x, mask = BasicBlock(64, 1, self.precision, self.norm, name=f"layer1_{j}")(x, mask)
         return x, mask
 
 
@@ -370,13 +410,14 @@ class ResNet18Layer1(nn.Module):
 
     max_clusters: int = 64
     precision: str | None = None
+    trunk_norm: str = "batch"
 
     # The model contract (models/__init__.py).
     input_multiple = 2
     transposable = False
 
     def setup(self):
-        self.trunk = ResNet18Layer1Trunk(self.precision)
+        self.trunk = ResNet18Layer1Trunk(self.precision, trunk_norm_layer(self.trunk_norm))
         self.conv6 = TorchConv(self.max_clusters, 3, 1, 1, use_bias=True, precision=self.precision,
                                name="conv6")
         self.classifier = TorchConv(self.max_clusters, 1, use_bias=True, precision=self.precision,
@@ -408,6 +449,6 @@ class ResNet18Layer1(nn.Module):
 def build_layer1(config) -> ResNet18Layer1:
     """``resnet18_layer1`` from a config (model.max_clusters = q; model.channels unused)."""
     return ResNet18Layer1(max_clusters=config.model.max_clusters,
-                          precision=config.model.matmul_precision)
+                          precision=config.model.matmul_precision, trunk_norm=config.model.trunk_norm)
 
 
