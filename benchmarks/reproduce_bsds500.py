@@ -56,7 +56,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import math
@@ -358,8 +357,8 @@ def table_markdown(report: dict) -> str:
         f"(200 images) at full resolution",
         f"* scale: {s['scale']:g} (images resized bilinearly before segmenting; labels resized back, nearest neighbour)",
         f"* DynaSeg overrides (`--set`): {', '.join(s['overrides']) if s['overrides'] else 'none (presets as shipped)'}",
-        f"* protocol: BSDS best-overlap mIoU pooled over segments (docs/algorithm.md section 4); Hungarian = per-image "
-        f"Hungarian mIoU averaged over annotations, then images",
+        "* protocol: BSDS best-overlap mIoU pooled over segments (docs/algorithm.md section 4); Hungarian = per-image "
+        "Hungarian mIoU averaged over annotations, then images",
         f"* host: {report['host']['platform']}, {report['host']['cpus']} CPUs, JAX backend {report['host']['jax_backend']}",
         f"* generated {report['generated']}",
         "",

@@ -129,12 +129,17 @@ class TorchResNet18FPN(nn.Module):
             out.append(x)
         return out
 
+    @staticmethod
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        """The trunk's input from RGB in [0, 1]: ImageNet mean/std."""
+        mean = torch.tensor((0.485, 0.456, 0.406), dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor((0.229, 0.224, 0.225), dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - mean) / std
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x (N, 3, H, W) RGB in [0, 1]. Returns: r' (N, q, H, W)."""
         h, w = x.shape[-2:]
-        mean = torch.tensor((0.485, 0.456, 0.406), dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor((0.229, 0.224, 0.225), dtype=x.dtype).view(1, 3, 1, 1)
-        c = self.stages((x - mean) / std)
+        c = self.stages(self.normalise(x))
         p = self.laterals[3](c[3])
         for level in (2, 1, 0):
             lateral = self.laterals[level](c[level])
@@ -174,6 +179,70 @@ def torch_fpn_to_jax_params(model: TorchResNet18FPN, dtype=np.float32, running_s
     params["classifier"] = conv("classifier")
     params["bn_out"] = {"scale": _to_numpy(sd["bn_out.weight"]).astype(dtype),
                         "bias": _to_numpy(sd["bn_out.bias"]).astype(dtype)}
+    return {"params": params, **extra}
+
+
+class TorchEfficientNetLite0FPN(TorchResNet18FPN):
+    """``efficientnet_lite0_fpn`` in PyTorch (docs/algorithm.md section 3.4), for parity tests.
+
+    The trunk is the ``efficientnet-lite-pytorch`` package's EfficientNet-Lite0 built with
+    ``image_size=None``: its dynamic "SAME" padding, TF's rule on each input's own size
+    (the default build fixes every padding for 224 x 224 inputs); C2..C5 are the outputs
+    of its blocks 2, 4, 10 and 15; input ``(255 x - 127) / 128``. The FPN and classifier
+    are ``TorchResNet18FPN``'s.
+    """
+
+    FEATURE_BLOCKS = (2, 4, 10, 15)
+
+    def __init__(self, channels: int = 100, max_clusters: int = 100, weights_path: str | None = None):
+        nn.Module.__init__(self)
+        from efficientnet_lite_pytorch import EfficientNet
+        if weights_path:
+            self.trunk = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights_path,
+                                                      image_size=None)
+        else:
+            self.trunk = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+        self.laterals = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in (24, 40, 112, 320))
+        self.smooth = nn.Conv2d(channels, channels, 3, padding=1)
+        self.classifier = nn.Conv2d(channels, max_clusters, 1)
+        self.bn_out = nn.BatchNorm2d(max_clusters, eps=BN_EPS, track_running_stats=False)
+
+    @staticmethod
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        return (x * 255.0 - 127.0) / 128.0
+
+    def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """C2..C5 of a normalised (N, 3, H, W) input (the package's ``extract_features``
+        loop, stopped after block 15; drop-connect is off outside training mode, and
+        in training mode we pass rate 0: DynaSeg has no stochastic depth)."""
+        t = self.trunk
+        x = t._swish(t._bn0(t._conv_stem(x)))  # the package names its ReLU6 ``_swish``
+        out = []
+        for i, block in enumerate(t._blocks):
+            x = block(x, drop_connect_rate=0.0)
+            if i in self.FEATURE_BLOCKS:
+                out.append(x)
+        return out
+
+
+def torch_effnet_to_jax_params(model: TorchEfficientNetLite0FPN, dtype=np.float32,
+                               running_stats: bool = False) -> dict:
+    """A ``TorchEfficientNetLite0FPN``'s weights in the layout of
+    ``dynaseg_jax.models.efficientnet.EfficientNetLite0FPN``."""
+    from dynaseg_jax.models.efficientnet import lukemelas_trunk_variables
+
+    sd = model.state_dict()
+    trunk = lukemelas_trunk_variables({k[len("trunk."):]: v for k, v in sd.items() if k.startswith("trunk.")},
+                                      dtype=dtype)
+    params = {"trunk": trunk["params"]}
+    conv = functools.partial(_conv_params, sd, dtype=dtype)
+    for i in range(4):
+        params[f"lateral{i + 2}"] = conv(f"laterals.{i}")
+    params["smooth2"] = conv("smooth")
+    params["classifier"] = conv("classifier")
+    params["bn_out"] = {"scale": _to_numpy(sd["bn_out.weight"]).astype(dtype),
+                        "bias": _to_numpy(sd["bn_out.bias"]).astype(dtype)}
+    extra = {"batch_stats": {"trunk": trunk["batch_stats"]}} if running_stats else {}
     return {"params": params, **extra}
 
 
@@ -242,6 +311,8 @@ def build_model(config: Config) -> nn.Module:
         return TorchResNet18FPN(config.model.channels, config.model.max_clusters)
     if config.model.name == "resnet18_layer1":
         return TorchResNet18Layer1(config.model.max_clusters)
+    if config.model.name == "efficientnet_lite0_fpn":
+        return TorchEfficientNetLite0FPN(config.model.channels, config.model.max_clusters)
     return TorchDynaSeg(3, config.model.channels, config.model.max_clusters, config.model.n_conv)
 
 

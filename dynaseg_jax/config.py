@@ -40,9 +40,9 @@ def _field(default, doc: str, choices: tuple | None = None):
 
 # Model names of the registry (dynaseg_jax/models); kept here so that reading a config
 # does not import jax (tests check that the two agree).
-MODEL_NAMES = ("cnn", "resnet18_fpn", "resnet18_layer1")
+MODEL_NAMES = ("cnn", "resnet18_fpn", "resnet18_layer1", "efficientnet_lite0_fpn")
 # The models with a pretrained trunk (model.trunk, model.trunk_norm apply to these).
-TRUNK_MODELS = ("resnet18_fpn", "resnet18_layer1")
+TRUNK_MODELS = ("resnet18_fpn", "resnet18_layer1", "efficientnet_lite0_fpn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +50,9 @@ class ModelConfig:
     """The network (docs/algorithm.md section 1.2)."""
 
     name: str = _field("cnn", "network from the model registry: 'cnn' (the authors' BSDS500 CNN), "
-                              "'resnet18_fpn' (ResNet-18 trunk + FPN) or 'resnet18_layer1' (the "
-                              "authors' COCO network), docs/algorithm.md section 3; model.n_conv and "
+                              "'resnet18_fpn' (ResNet-18 trunk + FPN), 'resnet18_layer1' (the "
+                              "authors' COCO network) or 'efficientnet_lite0_fpn' (EfficientNet-Lite0 "
+                              "trunk + FPN), docs/algorithm.md section 3; model.n_conv and "
                               "model.conv_impl apply to 'cnn' only.", MODEL_NAMES)
     n_conv: int = _field(2, "number of conv3x3-ReLU-BN blocks (reference BSD script: 2).")
     channels: int = _field(100, "p, width of the feature extractor.")
@@ -60,9 +61,11 @@ class ModelConfig:
     conv_impl: str = _field("auto", "3x3 conv formulation: 'lax', 'im2col', 'winograd' (F(4x4,3x3)), or "
                                     "'auto' (the measured fastest: winograd).",
                             ("auto", "lax", "im2col", "winograd"))
-    weights: str = _field("", "pretrained weights of models that have them (resnet18_fpn: its trunk): a "
-                              "checkpoint file (.pth, .safetensors, .npz); '' = the torchvision file in "
-                              "PyTorch's hub cache (never downloaded); 'random' = no pretrained weights.")
+    weights: str = _field("", "pretrained trunk weights of the models that have them: a checkpoint "
+                              "file (.pth, .safetensors, .npz); '' = the model's published file (ResNet: "
+                              "torchvision's, in PyTorch's hub cache; EfficientNet-Lite0: from the "
+                              "efficientnet extra's package), never downloaded; 'random' = no "
+                              "pretrained weights.")
     trunk: str = _field("finetune", "pretrained trunk: 'finetune' (optimised with the rest, per image: "
                                     "the authors' default) or 'frozen' (fixed, one copy shared by all "
                                     "images, no optimiser state).", ("finetune", "frozen"))

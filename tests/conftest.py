@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny config, so each compiled step is cheap and compiled once."""
 from __future__ import annotations
 
+import importlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,14 @@ from dynaseg_jax.config import Config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 BSDS = SHARED / "data" / "bsds500"
+
+
+def require(module: str):
+    """``module`` imported, or the test skipped when it is missing; under CI (``CI=true``,
+    where the test command installs every extra) a missing module fails instead."""
+    if os.environ.get("CI") == "true":
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{module} is not installed (an optional extra)")
 
 
 @pytest.fixture(scope="session")

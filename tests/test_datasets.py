@@ -1,12 +1,13 @@
 """Tests of dynaseg_jax.datasets on small fixtures written in the official file formats."""
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import require
 import scipy.io
 from PIL import Image
 
@@ -309,9 +310,8 @@ def test_unknown_dataset_and_missing_root(tmp_path):
 
 def test_bsds500_tfds_builder_roundtrip(tmp_path):
     # The test command installs the tfds extra: in CI this test must run, not skip.
-    if os.environ.get("CI") != "true":
-        pytest.importorskip("tensorflow_datasets")
-    pytest.importorskip("array_record")
+    require("tensorflow_datasets")
+    require("array_record")
     manual = tmp_path / "manual"
     made = make_bsds(manual, split="val", ids=("3", "1", "2"), n_ann=(4, 5, 6))
     make_bsds(manual, split="train", ids=("9",), seed=3)

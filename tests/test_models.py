@@ -1,5 +1,4 @@
 """The model contract (dynaseg_jax/models/__init__.py), checked for every registered model."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

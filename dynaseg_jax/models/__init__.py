@@ -17,26 +17,39 @@ A model is built once (``build_model(config)``) and handed to everything that ru
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
-from . import cnn, resnet
+from . import cnn, efficientnet, resnet
 from .conv3x3 import CONV_IMPLS, MATMUL_PRECISIONS, default_conv_impl
 from .layers import Conv, MaskedBatchNorm
+from ..weights import EFFICIENTNET_LITE0, RESNET18, Checkpoint, find_checkpoint
 
 # model name -> builder(config) -> flax module
 MODELS: dict[str, Callable] = {"cnn": cnn.build, "resnet18_fpn": resnet.build_fpn,
-                               "resnet18_layer1": resnet.build_layer1}
-# model name -> loader(params, checkpoint path) -> params with the pretrained part set
-PRETRAINED: dict[str, Callable] = {"resnet18_fpn": resnet.load_trunk,
-                                   "resnet18_layer1": functools.partial(resnet.load_trunk, stages=1)}
+                               "resnet18_layer1": resnet.build_layer1,
+                               "efficientnet_lite0_fpn": efficientnet.build_fpn}
+
+
+class Pretrained(NamedTuple):
+    """A model's pretrained trunk: ``load(variables, path) -> variables`` with the trunk
+    read from the checkpoint at ``path``, and where its default checkpoint lives."""
+    load: Callable
+    checkpoint: Checkpoint
+
+
+# model name -> its pretrained trunk
+PRETRAINED: dict[str, Pretrained] = {
+    "resnet18_fpn": Pretrained(resnet.load_trunk, RESNET18),
+    "resnet18_layer1": Pretrained(functools.partial(resnet.load_trunk, stages=1), RESNET18),
+    "efficientnet_lite0_fpn": Pretrained(efficientnet.load_trunk, EFFICIENTNET_LITE0),
+}
 
 
 def check_pretrained(config) -> None:
     """Raises WeightsError now if the config's pretrained weights file cannot be found
     (before a run opens, or overwrites, its output folder)."""
     if config.model.name in PRETRAINED and config.model.weights != "random":
-        from ..weights import find_checkpoint
-        find_checkpoint(config.model.weights or None)
+        find_checkpoint(config.model.weights or None, PRETRAINED[config.model.name].checkpoint)
 
 
 def load_pretrained(config, params):
@@ -47,11 +60,10 @@ def load_pretrained(config, params):
     Raises:
       WeightsError: the checkpoint is missing, unreadable, or does not fit the model.
     """
-    loader = PRETRAINED.get(config.model.name)
-    if loader is None or config.model.weights == "random":
+    pretrained = PRETRAINED.get(config.model.name)
+    if pretrained is None or config.model.weights == "random":
         return params
-    from ..weights import find_checkpoint
-    return loader(params, find_checkpoint(config.model.weights or None))
+    return pretrained.load(params, find_checkpoint(config.model.weights or None, pretrained.checkpoint))
 
 
 def build_model(config, name: str | None = None):
@@ -65,4 +77,4 @@ def build_model(config, name: str | None = None):
 
 
 __all__ = ["MODELS", "PRETRAINED", "build_model", "check_pretrained", "load_pretrained", "Conv", "MaskedBatchNorm", "CONV_IMPLS", "MATMUL_PRECISIONS",
-           "default_conv_impl", "cnn", "resnet"]
+           "default_conv_impl", "cnn", "efficientnet", "resnet", "Pretrained"]

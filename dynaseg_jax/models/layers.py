@@ -8,6 +8,7 @@ made with ``jax.vmap`` over ``init``/``apply``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -105,3 +106,53 @@ class Conv(nn.Module):
         else:
             raise ValueError(f"Conv: kernel_size {k} is not supported (1 or 3)")
         return y + bias
+
+
+def trunk_norm_layer(trunk_norm: str, eps: float = BN_EPS) -> Callable:
+    """A pretrained trunk's BatchNorm for ``model.trunk_norm``: 'batch' (each image's own
+    statistics, the authors' train mode) or 'running' (the checkpoint's statistics)."""
+    if trunk_norm not in ("batch", "running"):
+        raise ValueError(f"trunk_norm must be 'batch' or 'running', not {trunk_norm!r}")
+    return functools.partial(MaskedBatchNorm, eps=eps, use_running_average=trunk_norm == "running")
+
+
+def kaiming_fan_out_init(k: int, features: int):
+    """torchvision's ResNet conv init: normal(0, sqrt(2 / fan_out)), fan_out = k*k*Cout."""
+    std = math.sqrt(2.0 / (k * k * features))
+
+    def init(key, shape, dtype=jnp.float32):
+        return std * jax.random.normal(key, shape, dtype)
+
+    return init
+
+
+class TorchConv(nn.Module):
+    """A ``torch.nn.Conv2d`` with explicit symmetric padding and optional stride/bias.
+
+    Attributes:
+      features, kernel_size, stride, padding: as torch's (``padding`` on every side).
+      use_bias: torch's ``bias``; a biased conv gets torch's default uniform init, an
+        unbiased one (the ResNet trunk) torchvision's kaiming fan-out init.
+      precision: precision of the products with the kernel.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    use_bias: bool = False
+    precision: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, cin = self.kernel_size, x.shape[-1]
+        init = (torch_uniform_init(cin * k * k) if self.use_bias
+                else kaiming_fan_out_init(k, self.features))
+        kernel = self.param("kernel", init, (k, k, cin, self.features))
+        p = self.padding
+        y = jax.lax.conv_general_dilated(
+            x[None], kernel, window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)[0]
+        if self.use_bias:
+            y = y + self.param("bias", torch_uniform_init(cin * k * k), (self.features,))
+        return y

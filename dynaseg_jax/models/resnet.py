@@ -28,8 +28,6 @@ Weights: ``torchvision_trunk_variables`` converts a torchvision ResNet-18 state 
 """
 from __future__ import annotations
 
-import functools
-import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -37,59 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .layers import MaskedBatchNorm, torch_uniform_init
+from .fpn import TrunkFPN, subsample, upsample_bilinear, upsample_nearest_2x
+from .layers import MaskedBatchNorm, TorchConv, trunk_norm_layer
 
 # ImageNet statistics of torchvision's ResNet weights (RGB, for inputs in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESNET18_STAGES = (64, 128, 256, 512)  # channels of C2..C5
-
-
-def kaiming_fan_out_init(k: int, features: int):
-    """torchvision's ResNet conv init: normal(0, sqrt(2 / fan_out)), fan_out = k*k*Cout."""
-    std = math.sqrt(2.0 / (k * k * features))
-
-    def init(key, shape, dtype=jnp.float32):
-        return std * jax.random.normal(key, shape, dtype)
-
-    return init
-
-
-class TorchConv(nn.Module):
-    """A ``torch.nn.Conv2d`` with explicit symmetric padding and optional stride/bias.
-
-    Attributes:
-      features, kernel_size, stride, padding: as torch's (``padding`` on every side).
-      use_bias: torch's ``bias``; a biased conv gets torch's default uniform init, an
-        unbiased one (the ResNet trunk) torchvision's kaiming fan-out init.
-      precision: precision of the products with the kernel.
-    """
-
-    features: int
-    kernel_size: int
-    stride: int = 1
-    padding: int = 0
-    use_bias: bool = False
-    precision: str | None = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        k, cin = self.kernel_size, x.shape[-1]
-        init = (torch_uniform_init(cin * k * k) if self.use_bias
-                else kaiming_fan_out_init(k, self.features))
-        kernel = self.param("kernel", init, (k, k, cin, self.features))
-        p = self.padding
-        y = jax.lax.conv_general_dilated(
-            x[None], kernel, window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)[0]
-        if self.use_bias:
-            y = y + self.param("bias", torch_uniform_init(cin * k * k), (self.features,))
-        return y
-
-
-def subsample(mask: jax.Array, stride: int) -> jax.Array:
-    """The mask of a stride-``stride`` map: real where the window's centre pixel is."""
-    return mask[::stride, ::stride]
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
@@ -154,88 +106,11 @@ class ResNet18Trunk(nn.Module):
         return stages
 
 
-def trunk_norm_layer(trunk_norm: str) -> Callable:
-    """The trunk's BatchNorm for ``model.trunk_norm``: 'batch' (each image's own
-    statistics, the authors' train mode) or 'running' (the checkpoint's statistics)."""
-    if trunk_norm not in ("batch", "running"):
-        raise ValueError(f"trunk_norm must be 'batch' or 'running', not {trunk_norm!r}")
-    return functools.partial(MaskedBatchNorm, use_running_average=trunk_norm == "running")
+class ResNet18FPN(TrunkFPN):
+    """ResNet-18 trunk + FPN + classifier: ``(image, mask) -> r' (H, W, q)`` (``TrunkFPN``)."""
 
-
-def upsample_nearest_2x(x: jax.Array) -> jax.Array:
-    return jnp.repeat(jnp.repeat(x, 2, axis=0), 2, axis=1)
-
-
-def _bilinear_taps(n_out: int, factor: int, n_real: jax.Array):
-    """Source rows and weights of torch's bilinear upsampling (align_corners=False) by a
-    fixed factor, clamped at the last real row ``n_real - 1`` (torch clamps at the border
-    of the unpadded map)."""
-    src = (np.arange(n_out) + 0.5) / factor - 0.5
-    src = np.maximum(src, 0.0)
-    i0 = np.floor(src).astype(np.int32)
-    frac = jnp.asarray((src - i0).astype(np.float32))
-    last = n_real - 1
-    lo = jnp.minimum(jnp.asarray(i0), last)
-    hi = jnp.minimum(jnp.asarray(i0 + 1), last)
-    return lo, hi, frac
-
-
-def upsample_bilinear(x: jax.Array, factor: int, mask: jax.Array) -> jax.Array:
-    """Bilinear x``factor`` (torch ``interpolate(..., mode='bilinear', align_corners=False)``)
-    of the real part of ``x`` (a top-left rectangle given by ``mask``), padded size kept."""
-    n_rows = jnp.sum(mask[:, 0]).astype(jnp.int32)
-    n_cols = jnp.sum(mask[0, :]).astype(jnp.int32)
-    h, w, _ = x.shape
-    lo, hi, f = _bilinear_taps(h * factor, factor, jnp.maximum(n_rows, 1))
-    x = x[lo] * (1 - f)[:, None, None] + x[hi] * f[:, None, None]
-    lo, hi, f = _bilinear_taps(w * factor, factor, jnp.maximum(n_cols, 1))
-    return x[:, lo] * (1 - f)[None, :, None] + x[:, hi] * f[None, :, None]
-
-
-class ResNet18FPN(nn.Module):
-    """ResNet-18 trunk + FPN + classifier: ``(image, mask) -> r' (H, W, q)``.
-
-    Attributes:
-      channels: p, the FPN width.
-      max_clusters: q, classifier channels.
-      precision: precision of the products with learned weights.
-    """
-
-    channels: int = 100
-    max_clusters: int = 100
-    precision: str | None = None
-    trunk_norm: str = "batch"
-
-    # The model contract (models/__init__.py).
-    input_multiple = 32
-    transposable = False
-
-    def setup(self):
-        self.trunk = ResNet18Trunk(self.precision, trunk_norm_layer(self.trunk_norm))
-        self.laterals = [TorchConv(self.channels, 1, use_bias=True, precision=self.precision,
-                                   name=f"lateral{i + 2}") for i in range(4)]
-        self.smooth = TorchConv(self.channels, 3, 1, 1, use_bias=True, precision=self.precision,
-                                name="smooth2")
-        self.classifier = TorchConv(self.max_clusters, 1, use_bias=True, precision=self.precision,
-                                    name="classifier")
-        self.norm_out = MaskedBatchNorm(name="bn_out")
-
-    def features(self, image: jax.Array, mask: jax.Array) -> jax.Array:
-        """The p-dim FPN map upsampled to the image (H, W, p), zero on padding."""
-        c2, c3, c4, c5 = self.trunk(image, mask)
-        masks = [subsample(mask, s) for s in (4, 8, 16, 32)]
-        p = self.laterals[3](c5) * masks[3][..., None]
-        for level in (2, 1, 0):  # C4, C3, C2: top-down x2 and add
-            lateral = self.laterals[level]((c2, c3, c4)[level])
-            h, w, _ = lateral.shape  # in a bucket exactly twice p's; cropped for any other size
-            p = (lateral + upsample_nearest_2x(p)[:h, :w]) * masks[level][..., None]
-        p = self.smooth(p) * masks[0][..., None]
-        h, w = mask.shape
-        return upsample_bilinear(p, 4, masks[0])[:h, :w] * mask[..., None]
-
-    def __call__(self, image: jax.Array, mask: jax.Array) -> jax.Array:
-        x = self.classifier(self.features(image, mask))
-        return self.norm_out(x, mask)
+    def make_trunk(self) -> nn.Module:
+        return ResNet18Trunk(self.precision, trunk_norm_layer(self.trunk_norm))
 
 
 def build_fpn(config) -> ResNet18FPN:
