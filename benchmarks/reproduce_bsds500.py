@@ -19,7 +19,7 @@ splitting labels into connected components), and writes, under ``--out``:
 ``examples.png``    a few images: image, one annotation, each method's labels
 ==================  =====================================================================
 
-Methods (``--methods``, default all):
+Methods (``--methods``, default: all but the pretrained-trunk presets):
 
 * ``kmeans``: scikit-learn k-means on the RGB values of each image's pixels, with one
   fixed k for every image (``--kmeans-k``, default 5). k is fixed a priori, never taken
@@ -36,7 +36,10 @@ Methods (``--methods``, default all):
   per unit of area than full size does (compare ``mean clusters`` in the table).
 * ``kim_mu5``, ``dynaseg_scf``, ``dynaseg_fsf``, ``dynaseg_scf_silhouette``,
   ``dynaseg_fsf_silhouette``: the presets of the same name, run through
-  :func:`dynaseg_jax.runner.segment_files` with ``--set`` overrides applied to all of them.
+  :func:`dynaseg_jax.runner.segment_files` with ``--set`` overrides applied to all of them;
+  likewise the pretrained-trunk presets ``efficientnet_lite0_fpn_fsf``, ``resnet18_fpn_fsf``,
+  ``resnet18_fpn_scf``, ``resnet18_layer1_coco``, run only when named (they need their
+  weights files).
 
 Images are resized by ``--scale`` (bilinear) before segmenting and label maps are
 resized back to the ground-truth size (nearest neighbour), for every method alike.
@@ -75,12 +78,16 @@ from dynaseg_jax.config import LAYOUT_FIELDS, ConfigError, load_config  # noqa: 
 from dynaseg_jax.datasets import open_dataset, read_rgb  # noqa: E402
 from dynaseg_jax.evaluate import evaluate_predictions  # noqa: E402
 from dynaseg_jax.metrics import resize_prediction  # noqa: E402
+from dynaseg_jax.models import check_pretrained  # noqa: E402
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds500"
 
 BASELINES = ("kmeans", "felzenszwalb")
-DYNASEG = ("kim_mu5", "dynaseg_scf", "dynaseg_fsf", "dynaseg_scf_silhouette", "dynaseg_fsf_silhouette")
+# Presets of pretrained-trunk models: run only when asked (they need weights files).
+PRETRAINED_PRESETS = ("efficientnet_lite0_fpn_fsf", "resnet18_fpn_fsf", "resnet18_fpn_scf", "resnet18_layer1_coco")
+DYNASEG = ("kim_mu5", "dynaseg_scf", "dynaseg_fsf", "dynaseg_scf_silhouette", "dynaseg_fsf_silhouette") + PRETRAINED_PRESETS
 METHODS = BASELINES + DYNASEG
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in PRETRAINED_PRESETS)
 
 # docs/algorithm.md section 5: the paper's BSDS500 mIoU (all, fine, coarse, mean), on the *test*
 # split at full resolution. The silhouette variants have no BSDS500 row in the paper.
@@ -514,8 +521,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default="val", help="split to segment and score (default val; the paper used test)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
     p.add_argument("--scale", type=float, default=1.0, help="resize images by this factor before segmenting")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
-                   help=f"methods to run, in this order (default all: {' '.join(METHODS)})")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS), metavar="METHOD",
+                   help=f"methods to run, in this order: {' '.join(METHODS)} (default: all but the "
+                        f"pretrained-trunk presets)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field of every DynaSeg method; repeat for more "
                         "(e.g. --set stop.max_iters=300 --set engine.batch=8)")
@@ -551,7 +559,7 @@ def run(args: argparse.Namespace) -> dict:
     for m in args.methods:
         if m in DYNASEG:
             try:
-                dynaseg_config(m, args)
+                check_pretrained(dynaseg_config(m, args))
             except ConfigError as e:
                 raise SystemExit(f"error: {m}: {e}") from None
     if "felzenszwalb" in args.methods:
