@@ -1,4 +1,5 @@
-"""The ``dynaseg`` command line: ``segment``, ``evaluate``, ``sample`` and ``config``.
+"""The ``dynaseg`` command line: ``segment``, ``evaluate``, ``merge``, ``sample``, ``config``
+and ``weights``.
 
 Every command ends in one line and an exit code: 0 success, 1 some images or
 predictions failed, 2 a bad config, option or input folder, 3 an unexpected error
@@ -39,6 +40,9 @@ def _add_segment(sub) -> None:
                    help=f"preset name ({', '.join(list_presets())}) or a .toml file (default: dynaseg_scf)")
     _add_set(p)
     p.add_argument("--batch", type=int, help="images optimised at once (config field engine.batch)")
+    p.add_argument("--devices", metavar="N|all",
+                   help="spread the slots over N local devices, or all of them (config field "
+                        "engine.devices; N divides the batch)")
     p.add_argument("--seed", type=int, help="seed (config field 'seed')")
     p.add_argument("--scale", type=float, default=1.0,
                    help="resize images by this factor before segmenting (labels are resized back)")
@@ -48,12 +52,39 @@ def _add_segment(sub) -> None:
                    help="write label maps as 8-bit palette PNGs that viewers show in colour "
                         "(at most 256 labels) instead of 16-bit grayscale")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("several processes (hosts), on JAX's distributed runtime")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run set up by the launcher (Slurm, Open MPI: JAX reads "
+                        "its environment)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator")
+    g.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
+
+
+def _init_distributed(args) -> None:
+    """``jax.distributed.initialize`` from the flags (or the launcher's environment)."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and all(v is None for v in explicit):
+        return
+    if not args.distributed and any(v is None for v in explicit):
+        raise ConfigError("--coordinator, --num-processes and --process-id go together "
+                          "(or --distributed, to read them from the launcher)")
+    if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+        raise ConfigError(f"--process-id {args.process_id}: must be in 0..{args.num_processes - 1}")
+    import jax
+    try:
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"cannot join the distributed run: {str(e).splitlines()[0]}") from None
 
 
 def _run_segment(args) -> int:
     overrides = list(args.overrides)
     if args.batch is not None:
         overrides.append(f"engine.batch={args.batch}")
+    if args.devices is not None:
+        overrides.append(f"engine.devices={0 if args.devices == 'all' else args.devices}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     config = load_config(args.config, overrides)
@@ -78,6 +109,7 @@ def _run_segment(args) -> int:
         raise ConfigError("--root, --split and --limit need --dataset")
     if not inputs:
         raise ConfigError("nothing to segment: give INPUT files/folders or --dataset/--root")
+    _init_distributed(args)
     from .runner import segment_files
     summary = segment_files(inputs, args.out, config, scale=args.scale,
                             progress=None if not args.no_progress else False,
@@ -89,6 +121,15 @@ def _run_segment(args) -> int:
         for err in summary.errors:
             print(f"  {err}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _run_merge(args) -> int:
+    from .outputs import merge_results
+    if not os.path.isdir(args.out):
+        raise ConfigError(f"{args.out}: no such folder")
+    n = merge_results(args.out)
+    print(f"{n} records -> {os.path.join(args.out, 'results.jsonl')}")
     return 0
 
 
@@ -147,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_segment(sub)
     _add_evaluate(sub)
+    p = sub.add_parser("merge", help="merge the results files of a multi-process run",
+                       description="Write the union of OUT/results.jsonl and every process's "
+                                   "OUT/results.<i>.jsonl to OUT/results.jsonl, one record per image. "
+                                   "Each process of a run does it when it ends; this does it by hand.")
+    p.add_argument("out", help="the output folder")
     p = sub.add_parser("sample", help="write the synthetic sample image")
     p.add_argument("path", nargs="?", default="sample.png", help="file to write (.png, .jpg, ...)")
     p = sub.add_parser("config", help="print a config as TOML, every field documented",
@@ -166,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"segment": _run_segment, "evaluate": _run_evaluate, "sample": _run_sample, "config": _run_config,
-            "weights": _run_weights}
+COMMANDS = {"segment": _run_segment, "evaluate": _run_evaluate, "merge": _run_merge, "sample": _run_sample,
+            "config": _run_config, "weights": _run_weights}
 # Commands that train networks: only they pay for the huge-page restart (runtime.py).
 TRAINING_COMMANDS = ("segment",)
 

@@ -129,8 +129,10 @@ class EngineConfig:
     strategy: str = _field("auto", "'per_image' (one jitted step per slot), 'vmap' (one step over all "
                                    "slots), or 'auto' (per_image on CPU, vmap on accelerators).",
                            ("auto", "per_image", "vmap"))
-    batch: int = _field(0, "number of slots: images optimised at once; 0 = auto: 4 on CPU, 32 on "
-                           "accelerators (measured best on an H200).")
+    batch: int = _field(0, "number of slots: images optimised at once, over all devices; 0 = auto: 4 "
+                           "per device on CPU, 32 per device on accelerators (measured best on an H200).")
+    devices: int = _field(1, "local devices the slots are spread over (jax.local_devices(); each holds "
+                             "batch / devices slots, with the vmap strategy); 0 = all of them.")
     sync_every: int = _field(0, "read the done flags every this many steps (finished slots are frozen in "
                                 "between, so results do not change); 0 = auto: 1 on CPU, 10 on "
                                 "accelerators.")
@@ -327,7 +329,7 @@ def validate(config: Config) -> Config:
             if config.get(path) != default:
                 raise ConfigError(f"{path} = {config.get(path)!r}: model {config.model.name!r} has no "
                                   f"pretrained trunk (only {', '.join(TRUNK_MODELS)})")
-    for path in ("engine.sync_every", "engine.batch"):
+    for path in ("engine.sync_every", "engine.batch", "engine.devices"):
         if config.get(path) < 0:
             raise ConfigError(f"{path} = {config.get(path)}: must be >= 0 (0 = auto)")
     for path in ("stop.max_iters", "model.n_conv", "model.channels", "model.max_clusters",
@@ -499,8 +501,8 @@ def to_toml(config: Config, header: str = "") -> str:
 # size still resumes. Padding into buckets is exact (docs/algorithm.md section 1.10),
 # so bucket_multiple changes only float rounding, as batch does. transpose_portrait is
 # NOT layout: the initial kernels meet a transposed image, which changes its labels.
-LAYOUT_FIELDS = ("engine.strategy", "engine.batch", "engine.sync_every", "engine.bucket_multiple",
-                 "engine.max_pixels")
+LAYOUT_FIELDS = ("engine.strategy", "engine.batch", "engine.devices", "engine.sync_every",
+                 "engine.bucket_multiple", "engine.max_pixels")
 # Bumped whenever the meaning of a field or the algorithm changes the labels of an
 # unchanged config, or the digest's form changes, so that old output folders are not
 # resumed into. 2: fields named by dotted paths.

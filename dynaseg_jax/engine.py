@@ -12,7 +12,14 @@ Strategies:
   ``per_image``: one jitted unbatched step per slot (fastest on XLA:CPU, where a vmap
       over per-image weights becomes a slower grouped convolution);
   ``vmap``: one jitted step over all slots, state buffers donated (accelerators).
-``auto`` picks per_image on CPU and vmap elsewhere.
+``auto`` picks per_image on CPU with one device and vmap elsewhere.
+
+Devices (``engine.devices``): with several, the slot axis of the vmap strategy is split
+over a one-axis mesh of local devices (``jax.sharding.Mesh``, axis "slots"), and the step
+runs under ``shard_map``, so each device steps its own slots with the same program as a
+one-device run of ``batch / devices`` slots; the shared variables are replicated. An
+automatically partitioned step could instead gather a batch-sharded grouped convolution
+and compute it on every device (openxla/xla#47945). Refill stays per slot.
 """
 from __future__ import annotations
 
@@ -26,24 +33,43 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
 from . import train
-from .config import Config
+from .config import Config, ConfigError
 from .models import build_model, default_conv_impl
+
+SLOTS = "slots"  # the mesh axis the slots are split over
 
 
 def resolve_config(config: Config, backend: str | None = None) -> Config:
-    """Replaces 'auto' strategy/conv_impl and sync_every/batch = 0 with the backend's choice."""
+    """Replaces 'auto' strategy/conv_impl and sync_every/batch/devices = 0 with the
+    backend's choice, and checks the layout against the local devices.
+
+    Raises:
+      ConfigError: more devices than there are, a batch the devices do not divide, or
+        several devices with the per_image strategy.
+    """
     backend = backend or jax.default_backend()
     on_cpu = backend == "cpu"
-    changes = {}
+    n_local = len(jax.local_devices(backend=backend))
+    devices = config.engine.devices or n_local
+    if devices > n_local:
+        raise ConfigError(f"engine.devices = {devices}: this process has {n_local} local "
+                          f"{backend} device{'s' * (n_local != 1)}")
+    changes = {"engine.devices": devices} if devices != config.engine.devices else {}
     if config.engine.strategy == "auto":
-        changes["engine.strategy"] = "per_image" if on_cpu else "vmap"
+        changes["engine.strategy"] = "per_image" if on_cpu and devices == 1 else "vmap"
+    elif config.engine.strategy == "per_image" and devices > 1:
+        raise ConfigError(f"engine.devices = {devices}: several devices need engine.strategy = 'vmap'")
     if config.model.conv_impl == "auto":
         changes["model.conv_impl"] = default_conv_impl(backend)
     if config.engine.sync_every == 0:
         changes["engine.sync_every"] = 1 if on_cpu else 10
     if config.engine.batch == 0:
-        changes["engine.batch"] = 4 if on_cpu else 32
+        changes["engine.batch"] = (4 if on_cpu else 32) * devices
+    elif config.engine.batch % devices:
+        raise ConfigError(f"engine.batch = {config.engine.batch}: not a multiple of engine.devices = {devices}")
     return config.replace(changes) if changes else config
 
 
@@ -124,15 +150,31 @@ class Engine:
         self.model = model or build_model(self.config)
         self.params = params if params is not None else train.init_params(self.config, model=self.model)
         self.fresh_state = train.init_state(self.config, self.params)
+        # One-axis mesh over the local devices the slots are spread over (None: one device).
+        n_devices = self.config.engine.devices
+        self.mesh = Mesh(np.array(jax.local_devices()[:n_devices]), (SLOTS,)) if n_devices > 1 else None
         # Variables every slot shares (a frozen trunk, fixed BatchNorm statistics): on the
-        # device once, passed unbatched to every step.
-        self.shared = jax.device_put(train.split_variables(self.config, self.params)[1])
+        # device(s) once, passed unbatched to every step.
+        shared = train.split_variables(self.config, self.params)[1]
+        self.shared = jax.device_put(shared, self.sharding(replicated=True))
         self.trace_counts: Counter = Counter()
         # Chunks of sync_every steps as a fori_loop (accelerators) or unrolled (CPU).
         self.loop_chunks = jax.default_backend() != "cpu"
         self._fns: dict = {}
         self._train_step = train.make_train_step(self.config, model=self.model)
         self._predict = train.make_predict(self.config, model=self.model)
+
+    def sharding(self, replicated: bool = False):
+        """Where slot-stacked arrays live: split over the mesh's slot axis (replicated:
+        a copy on every device); None (the default device) without a mesh."""
+        if self.mesh is None:
+            return None
+        return NamedSharding(self.mesh, PartitionSpec() if replicated else PartitionSpec(SLOTS))
+
+    def compile_counts(self) -> dict:
+        """Compiled executables per cached function (tag -> count): a retrace that hits
+        the cache is not counted, a recompilation is."""
+        return {tag: fn._cache_size() for tag, fn in self._fns.items()}
 
     # -- compiled functions, cached per bucket ------------------------------------------
     def _counted(self, fn, tag):
@@ -160,6 +202,11 @@ class Engine:
                     return state
                 return jax.lax.fori_loop(0, n, lambda _, s: base(s, image, mask, shared)[0], state)
 
+            if vectorized and self.mesh is not None:
+                # Each device steps its own block of slots (module docstring).
+                split, whole = PartitionSpec(SLOTS), PartitionSpec()
+                steps = jax.shard_map(steps, mesh=self.mesh, in_specs=(split, split, split, whole),
+                                      out_specs=split)
             self._fns[tag] = jax.jit(self._counted(steps, tag), donate_argnums=0)
         return self._fns[tag]
 
@@ -180,7 +227,9 @@ class Engine:
             def set_slot(states, images, masks, slot, state, image, mask):
                 put = lambda big, one: big.at[slot].set(one)
                 return (jax.tree.map(put, states, state), put(images, image), put(masks, mask))
-            self._fns["set_slot"] = jax.jit(set_slot, donate_argnums=(0, 1, 2))
+            split = self.sharding()  # keep the slot axis where it is
+            out = None if split is None else (split, split, split)
+            self._fns["set_slot"] = jax.jit(set_slot, donate_argnums=(0, 1, 2), out_shardings=out)
         return self._fns["set_slot"]
 
     def new_state(self, k_min: int):
@@ -236,9 +285,10 @@ class _SlotGroup:
         if self.vectorized:
             empty = {**engine.fresh_state, "done": jnp.ones((), jnp.bool_)}
             stack = lambda x: jnp.broadcast_to(x, (self.n_slots,) + x.shape)
-            self.states = jax.tree.map(lambda x: jnp.array(stack(x)), empty)
-            self.images = jnp.zeros((self.n_slots, bh, bw, 3), jnp.float32)
-            self.masks = jnp.zeros((self.n_slots, bh, bw), jnp.float32)
+            split = engine.sharding()
+            self.states = jax.device_put(jax.tree.map(lambda x: jnp.array(stack(x)), empty), split)
+            self.images = jax.device_put(jnp.zeros((self.n_slots, bh, bw, 3), jnp.float32), split)
+            self.masks = jax.device_put(jnp.zeros((self.n_slots, bh, bw), jnp.float32), split)
         else:
             self.states = [None] * self.n_slots
             self.images = [None] * self.n_slots

@@ -10,6 +10,15 @@ A folder holds the results of ONE config. ``OutputFolder.open``:
 3. compares the config digest of every ``ok`` record with this run's: results of a
    different config are an error unless ``overwrite``.
 
+Several processes of one distributed run (``process = (index, count)``, count > 1) share
+the folder: each holds ``.dynaseg.lock`` shared (a one-process run, which holds it
+exclusively, cannot start beside them) and ``.dynaseg.<index>.lock`` exclusively, and
+appends to its own ``results.<index>.jsonl``, so no two processes write one file. Every
+process reads the records of all results files, so resuming works with any process
+count. ``merge_results`` writes their union, one record per image, to ``results.jsonl``:
+each process does it when it ends (the last one to end writes the complete file), a
+later run does it again, and ``dynaseg merge OUT`` does it by hand; it needs no barrier.
+
 Nothing is deleted or written until ``commit()``, which the runner calls once the
 inputs are found and the network is built (so a typo or a bad checkpoint never costs
 the folder its results): it removes the other config's records and the label maps and
@@ -37,6 +46,25 @@ except ImportError:  # pragma: no cover - Windows
 RESULTS = "results.jsonl"
 CONFIG = "config.toml"
 LOCK = ".dynaseg.lock"
+MERGE_LOCK = ".dynaseg.merge.lock"
+
+
+def process_results_name(index: int) -> str:
+    """The results file of process ``index`` of a multi-process run."""
+    return f"results.{index}.jsonl"
+
+
+def results_files(path: Path) -> list[Path]:
+    """``results.jsonl`` and every process's ``results.<index>.jsonl`` in ``path``."""
+    files = [path / RESULTS]
+    files += sorted((p for p in path.glob("results.*.jsonl") if p.name.split(".")[1].isdigit()),
+                    key=lambda p: int(p.name.split(".")[1]))
+    return [f for f in files if f.exists()]
+
+
+def read_all_records(path: Path) -> list[dict]:
+    """The records of all results files of a folder, in file order."""
+    return [r for f in results_files(path) for r in imio.read_jsonl(f)]
 
 
 class OutputFolderError(ConfigError):
@@ -75,15 +103,19 @@ class OutputFolder:
     stale: list            # ok records of another config, replaced by commit() (overwrite)
     header: str            # config.toml's comment header
     config: Config
-    _lock_fd: int | None = None
+    process: tuple = (0, 1)  # (index, count) of this process in a distributed run
+    _lock_fds: tuple = ()
 
     @property
     def results_path(self) -> Path:
-        return self.path / RESULTS
+        """The file this process appends to."""
+        index, count = self.process
+        return self.path / (RESULTS if count == 1 else process_results_name(index))
 
     @classmethod
     def open(cls, out_dir: str | os.PathLike, config: Config, scale: float = 1.0,
-             overwrite: bool = False, resolved: Config | None = None) -> "OutputFolder":
+             overwrite: bool = False, resolved: Config | None = None,
+             process: tuple[int, int] = (0, 1)) -> "OutputFolder":
         """Creates/locks/repairs the folder and checks that it holds this config's results.
 
         Args:
@@ -93,11 +125,16 @@ class OutputFolder:
           overwrite: replace results of another config (at ``commit()``) instead of
             refusing; results of the same config are kept and resumed.
           resolved: optionally the backend-resolved config, noted in config.toml.
+          process: (index, count) of this process in a distributed run (module docstring).
 
         Raises:
           OutputFolderError: ``out_dir`` is a file, cannot be written, is locked by
             another run, or holds results of another config (without ``overwrite``).
         """
+        index, count = process
+        if count > 1 and overwrite:
+            raise OutputFolderError(f"--out {out_dir}: --overwrite needs a one-process run (it deletes "
+                                    f"results every process would read)")
         path = Path(out_dir)
         if path.exists() and not path.is_dir():
             raise OutputFolderError(f"--out {path}: exists and is not a folder")
@@ -105,17 +142,25 @@ class OutputFolder:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputFolderError(f"--out {path}: cannot create folder ({e.strerror})") from None
+        locks = [(LOCK, True)] if count == 1 else [(LOCK, False), (f".dynaseg.{index}.lock", True)]
+        lock_fds = ()
         try:
-            lock_fd = _lock(path)
-        except PermissionError as e:
-            raise OutputFolderError(f"--out {path}: cannot write into the folder ({e.strerror})") from None
+            for name, exclusive in locks:
+                lock_fds += (_lock(path, name, exclusive),)
+        except (PermissionError, OutputFolderError) as e:
+            for fd in lock_fds:
+                _unlock(fd)
+            if isinstance(e, PermissionError):
+                raise OutputFolderError(f"--out {path}: cannot write into the folder ({e.strerror})") from None
+            raise
         try:
             digest = config_digest(config, scale)
+            own = path / (RESULTS if count == 1 else process_results_name(index))
             try:
-                dropped = drop_torn_tail(path / RESULTS)
+                dropped = drop_torn_tail(own)
             except PermissionError as e:
-                raise OutputFolderError(f"--out {path}: cannot write {RESULTS} ({e.strerror})") from None
-            records = imio.read_jsonl(path / RESULTS)
+                raise OutputFolderError(f"--out {path}: cannot write {own.name} ({e.strerror})") from None
+            records = read_all_records(path)
             stale = [r for r in records if r.get("status") == "ok" and r.get("config") != digest]
             if stale and not overwrite:
                 old = ", ".join(sorted({r.get("config") or "none (older dynaseg)" for r in stale}))
@@ -131,18 +176,22 @@ class OutputFolder:
                                  ("engine.strategy", "model.conv_impl", "engine.batch", "engine.sync_every"))
                 header += f"resolved on the machine that wrote it: {auto}\n"
             mine = [r for r in records if r.get("config") == digest]
-            return cls(path, digest, mine, dropped, stale, header, config, lock_fd)
+            return cls(path, digest, mine, dropped, stale, header, config, (index, count), lock_fds)
         except BaseException:
-            _unlock(lock_fd)
+            for fd in lock_fds:
+                _unlock(fd)
             raise
 
     def commit(self) -> None:
         """Makes the folder this config's: removes the other config's results (the
         ``overwrite`` case), then writes ``config.toml``. Call before appending."""
-        if self.stale:
+        if self.stale:  # overwrite: one process only (open)
             _delete_outputs(self.path, self.stale)
             lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
-            imio.write_text_atomic(self.results_path, lines)
+            imio.write_text_atomic(self.path / RESULTS, lines)
+            for f in results_files(self.path):
+                if f.name != RESULTS:  # their records of this config are in results.jsonl now
+                    f.unlink()
             self.stale = []
         imio.write_text_atomic(self.path / CONFIG, to_toml(self.config, self.header))
 
@@ -157,8 +206,9 @@ class OutputFolder:
         imio.append_jsonl(self.results_path, {**record, "config": self.digest})
 
     def close(self) -> None:
-        _unlock(self._lock_fd)
-        self._lock_fd = None
+        for fd in self._lock_fds:
+            _unlock(fd)
+        self._lock_fds = ()
 
     def __enter__(self):
         return self
@@ -176,16 +226,39 @@ def _delete_outputs(path: Path, records: list) -> None:
                 (path / name).unlink(missing_ok=True)
 
 
-def _lock(path: Path) -> int | None:
+def merge_results(out_dir: str | os.PathLike) -> int:
+    """Writes the union of a folder's results files to ``results.jsonl``, one record per
+    image (its ``ok`` record if it has one, else its last), sorted by source; returns
+    the number of records. Idempotent and safe beside running processes: it holds
+    ``.dynaseg.merge.lock`` while it reads and replaces the file atomically.
+    """
+    path = Path(out_dir)
+    fd = _lock(path, MERGE_LOCK, exclusive=True, wait=True)
+    try:
+        best: dict = {}
+        for r in read_all_records(path):
+            key = (r.get("source") or r.get("file"), r.get("config"))
+            if r.get("status") == "ok" or best.get(key, {}).get("status") != "ok":
+                best[key] = r
+        records = sorted(best.values(), key=lambda r: (str(r.get("source") or r.get("file")),
+                                                       str(r.get("config"))))
+        imio.write_text_atomic(path / RESULTS,
+                               "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        return len(records)
+    finally:
+        _unlock(fd)
+
+
+def _lock(path: Path, name: str, exclusive: bool, wait: bool = False) -> int | None:
     if fcntl is None:
         return None
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path / name, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB))
     except OSError:
         os.close(fd)
         raise OutputFolderError(f"--out {path}: another dynaseg run is writing into this folder "
-                                f"(it holds {path / LOCK}); wait for it or choose another --out") from None
+                                f"(it holds {path / name}); wait for it or choose another --out") from None
     return fd
 
 

@@ -23,7 +23,7 @@ from .config import Config, ConfigError, load_config
 from .engine import Engine, WorkItem, bucket_shape, pad_to_bucket, resolve_config
 from .metrics import resize_prediction
 from .models import build_model, check_pretrained
-from .outputs import OutputFolder
+from .outputs import OutputFolder, merge_results
 
 
 def _as_config(config) -> Config:
@@ -225,7 +225,7 @@ class RunSummary:
 def segment_files(inputs: Sequence, out_dir: str | os.PathLike, config: Config, *,
                   scale: float = 1.0, progress: bool | None = None,
                   log: Callable[[str], None] | None = None, overwrite: bool = False,
-                  color_labels: bool = False) -> RunSummary:
+                  color_labels: bool = False, process: tuple[int, int] | None = None) -> RunSummary:
     """Segments image files into ``out_dir`` (label PNG, overlay PNG, results.jsonl).
 
     Resumable: an image is skipped when the folder has an ``ok`` record for its source
@@ -247,6 +247,11 @@ def segment_files(inputs: Sequence, out_dir: str | os.PathLike, config: Config, 
         refusing (``OutputFolderError``); results of this config are resumed.
       color_labels: write label maps as 8-bit palette PNGs (coloured in viewers, at
         most 256 labels) instead of 16-bit grayscale.
+      process: (index, count) of this process in a multi-process run (default:
+        ``jax.process_index()``, ``jax.process_count()``). Each process segments its
+        share of the inputs: all inputs sorted by bucket and source, every count-th from
+        the index-th (so each process gets the same mix of sizes), and writes its own
+        results file; the last to end merges them into results.jsonl (``outputs.py``).
     """
     from tqdm.auto import tqdm
 
@@ -261,18 +266,42 @@ def segment_files(inputs: Sequence, out_dir: str | os.PathLike, config: Config, 
         raise ConfigError(f"--color-labels: model.max_clusters = {config.model.max_clusters} labels do not "
                           f"fit an 8-bit palette PNG (at most 256)")
     check_pretrained(config)  # a missing checkpoint fails before anything else
+    if process is None:
+        process = (jax.process_index(), jax.process_count())
     folder = OutputFolder.open(out_dir, config, scale, overwrite=overwrite,
-                               resolved=resolve_config(config))
+                               resolved=resolve_config(config), process=process)
     try:
         if folder.dropped_bytes:
             log(f"warning: {folder.results_path}: dropped a torn last line ({folder.dropped_bytes} bytes) "
                 f"left by an interrupted run")
         _run_files(inputs, folder, config, scale, progress, per_image_lines, log, summary,
                    color_labels)
+        if process[1] > 1:
+            merge_results(folder.path)
     finally:
         folder.close()
     summary.seconds = time.perf_counter() - t_start
     return summary
+
+
+def _share(jobs: list, index: int, count: int, scale: float, cfg: Config) -> list:
+    """This process's share of the jobs: all (unique by source) sorted by bucket and
+    source, every ``count``-th from the ``index``-th. A function of the inputs only, so
+    every process computes the same partition, whatever is already done."""
+    model = build_model(cfg)
+    unique = list({job[1]: job for job in jobs}.values())
+    return sorted(unique, key=lambda job: (_job_bucket(job, scale, cfg, model), job[1]))[index::count]
+
+
+def _job_bucket(job, scale: float, cfg: Config, model):
+    """The bucket of a job's image, from its file header (a dataset image: unknown, (0, 0))."""
+    src = job[3]
+    try:
+        h, w = imio.image_size(src) if isinstance(src, Path) else (0, 0)
+    except imio.ImageError:
+        h, w = 0, 0
+    h, w = max(1, round(h * scale)), max(1, round(w * scale))
+    return _bucket_order((h, w), cfg, model)
 
 
 def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progress: bool,
@@ -306,7 +335,8 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
     jobs = []
     file_inputs = [x for x in inputs if isinstance(x, (str, os.PathLike))]
     paths, problems = find_images(file_inputs, exclude=out)
-    for p, msg in problems:
+    index, count = folder.process
+    for p, msg in problems if index == 0 else ():  # reported once
         pending_errors.append(error_entry(p, msg))
     for p in paths:
         jobs.append((str(p), str(p.resolve()), p.stem, p))
@@ -317,6 +347,8 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
             name, loader = x
             jobs.append((str(name), str(name), str(name), loader))
 
+    if count > 1:
+        jobs = _share(jobs, index, count, scale, cfg)
     done = folder.done_sources()
     # Output names in use, case-folded (case-insensitive file systems), each image taking
     # both <stem>.png and <stem>_overlay.png.
@@ -359,16 +391,7 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
         return
     kstar = KStarEstimator(cfg, engine.params, engine.model)
 
-    def size_of(job):
-        src = job[3]
-        try:
-            h, w = imio.image_size(src) if isinstance(src, Path) else (0, 0)
-        except imio.ImageError:
-            h, w = 0, 0
-        h, w = max(1, round(h * scale)), max(1, round(w * scale))
-        return _bucket_order((h, w), cfg, engine.model)
-
-    todo.sort(key=size_of)
+    todo.sort(key=lambda job: _job_bucket(job, scale, cfg, engine.model))
 
     def prepare(job):
         name, _, _, src = job

@@ -87,7 +87,7 @@ def test_layer1_response_matches_torch_and_is_padding_exact(nets):
 def test_layer1_trunk_loads_from_a_torchvision_checkpoint(nets, tmp_path):
     from dynaseg_jax.models import PRETRAINED
     from dynaseg_jax.weights import WeightsError
-    load_layer1_trunk = PRETRAINED["resnet18_layer1"]  # the registry's loader
+    load_layer1_trunk = PRETRAINED["resnet18_layer1"].load  # the registry's loader
 
     t32, _, params = nets
     sd = {k: v.numpy() for k, v in t32.trunk.state_dict().items()}  # a whole ResNet-18

@@ -1,0 +1,144 @@
+"""Two processes on JAX's distributed runtime (127.0.0.1, CPU) into one output folder, one
+of them killed mid-run; the rerun finishes the rest, and the merged folder equals a
+one-process run, label for label.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dynaseg_jax import images as imio
+from dynaseg_jax.outputs import merge_results
+from tests.conftest import smooth_image
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = """
+[model]
+channels = 16
+max_clusters = 16
+conv_impl = "lax"
+[stop]
+max_iters = 150
+k_min = 1
+[engine]
+bucket_multiple = 8
+strategy = "per_image"
+batch = 1
+"""
+N_IMAGES = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def wait_for(condition, what: str, procs, timeout: float = 240.0) -> None:
+    t0 = time.monotonic()
+    while not condition():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        for p in procs:
+            if p.poll() is not None and not condition():
+                out = p.stdout.read() if p.stdout else ""
+                raise AssertionError(f"a process ended (rc {p.returncode}) before {what}: {out[-2000:]}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    (root / "in").mkdir()
+    for i in range(N_IMAGES):
+        img = smooth_image(24 + 8 * (i % 2), 32, i)  # two buckets
+        Image.fromarray((img * 255).astype(np.uint8)).save(root / "in" / f"img{i}.png")
+    (root / "tiny.toml").write_text(TINY)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "dynaseg_jax.cli", "segment", str(root / "in"), "--out", str(out),
+                "--config", str(root / "tiny.toml"), "--no-progress", *extra]
+
+    def start(out, port, index):
+        return subprocess.Popen(cmd(out, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                    "--process-id", str(index)),
+                                cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    dist = root / "two"
+    port = free_port()
+    procs = [start(dist, port, i) for i in range(2)]
+    try:
+        # Kill process 1 once it has finished an image, then let process 0 finish its
+        # share and merge; the coordination service would abort it ~100 s after its peer
+        # died, so the job going down is simulated by killing it too.
+        wait_for(lambda: lines(dist / "results.1.jsonl") >= 1, "process 1's first image", procs)
+        procs[1].send_signal(signal.SIGKILL)
+        wait_for(lambda: lines(dist / "results.0.jsonl") >= N_IMAGES // 2 and lines(dist / "results.jsonl") >= 1,
+                 "process 0's share and merge", procs[:1])
+        procs[0].send_signal(signal.SIGKILL)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    first = {"share0": lines(dist / "results.0.jsonl"), "share1": lines(dist / "results.1.jsonl")}
+    # The same command again finishes the rest.
+    port = free_port()
+    procs = [start(dist, port, i) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    single = root / "one"
+    proc = subprocess.run(cmd(single), cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return dist, single, first, outs
+
+
+def ok_records(path: Path) -> dict:
+    return {Path(r["source"]).name: r for r in imio.read_jsonl(path / "results.jsonl") if r["status"] == "ok"}
+
+
+def test_killed_run_resumes_and_merges_to_a_one_process_run(folders):
+    dist, single, first, outs = folders
+    assert first["share0"] == N_IMAGES // 2 and 1 <= first["share1"] < N_IMAGES // 2
+    merged, alone = ok_records(dist), ok_records(single)
+    assert sorted(merged) == sorted(alone) == [f"img{i}.png" for i in range(N_IMAGES)]
+    assert len(imio.read_jsonl(dist / "results.jsonl")) == N_IMAGES  # one record per image
+    for name, rec in alone.items():
+        assert merged[name]["config"] == rec["config"] and merged[name]["iterations"] == rec["iterations"]
+        stem = Path(name).stem
+        np.testing.assert_array_equal(imio.read_labels(dist / f"{stem}.png"), imio.read_labels(single / f"{stem}.png"))
+    # The rerun redid nothing: process 0's share was done, process 1 did only the rest.
+    done_again = [json.loads(x) for x in (dist / "results.0.jsonl").read_text().splitlines()]
+    assert len(done_again) == N_IMAGES // 2
+    assert lines(dist / "results.1.jsonl") == N_IMAGES // 2
+    assert outs[0].strip().splitlines()[-1].startswith(f"0 segmented, {N_IMAGES // 2} already done")
+
+
+def test_merge_is_idempotent_and_prefers_ok_records(tmp_path):
+    rec = {"file": "a.png", "source": "/x/a.png", "stem": "a", "config": "d1"}
+    imio.append_jsonl(tmp_path / "results.0.jsonl", {**rec, "status": "error", "error": "boom"})
+    imio.append_jsonl(tmp_path / "results.1.jsonl", {**rec, "status": "ok", "error": None})
+    imio.append_jsonl(tmp_path / "results.1.jsonl", {**rec, "source": "/x/b.png", "file": "b.png",
+                                                     "status": "error", "error": "bad"})
+    assert merge_results(tmp_path) == 2
+    first = (tmp_path / "results.jsonl").read_text()
+    assert merge_results(tmp_path) == 2 and (tmp_path / "results.jsonl").read_text() == first
+    got = {r["source"]: r["status"] for r in imio.read_jsonl(tmp_path / "results.jsonl")}
+    assert got == {"/x/a.png": "ok", "/x/b.png": "error"}
