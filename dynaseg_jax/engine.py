@@ -16,8 +16,9 @@ Strategies:
 
 Devices (``engine.devices``): with several, the slot axis of the vmap strategy is split
 over a one-axis mesh of local devices (``jax.sharding.Mesh``, axis "slots"), and the step
-runs under ``shard_map``, so each device steps its own slots with the same program as a
-one-device run of ``batch / devices`` slots; the shared variables are replicated. An
+runs under ``shard_map``, so each device steps its own slots with the computation of a
+one-device run of ``batch / devices`` slots (fused differently by XLA inside the
+multi-device program: equal to float32 rounding); the shared variables are replicated. An
 automatically partitioned step could instead gather a batch-sharded grouped convolution
 and compute it on every device (openxla/xla#47945). Refill stays per slot.
 """
@@ -140,19 +141,26 @@ class Engine:
       params: initial network parameters (default: ``train.init_params(config)``).
       model: the network, built once and shared with the train step and predict
         (default: ``build_model(config)``).
+      mesh: the device mesh of the vmap strategy, axis "slots" (default: the first
+        ``engine.devices`` local devices when there are several, else none); a
+        one-device mesh runs the sharded path on one device (benchmarks).
 
     ``run(items)`` yields a SlotResult per WorkItem, in completion order.
     ``trace_counts`` counts how often each (strategy, bucket) step was traced.
     """
 
-    def __init__(self, config: Config, params=None, model=None):
+    def __init__(self, config: Config, params=None, model=None, mesh: Mesh | None = None):
         self.config = resolve_config(config)
         self.model = model or build_model(self.config)
         self.params = params if params is not None else train.init_params(self.config, model=self.model)
         self.fresh_state = train.init_state(self.config, self.params)
         # One-axis mesh over the local devices the slots are spread over (None: one device).
         n_devices = self.config.engine.devices
-        self.mesh = Mesh(np.array(jax.local_devices()[:n_devices]), (SLOTS,)) if n_devices > 1 else None
+        if mesh is None and n_devices > 1:
+            mesh = Mesh(np.array(jax.local_devices()[:n_devices]), (SLOTS,))
+        if mesh is not None and (mesh.axis_names != (SLOTS,) or self.config.engine.batch % mesh.size):
+            raise ConfigError(f"mesh: one axis named {SLOTS!r} whose size divides engine.batch")
+        self.mesh = mesh
         # Variables every slot shares (a frozen trunk, fixed BatchNorm statistics): on the
         # device(s) once, passed unbatched to every step.
         shared = train.split_variables(self.config, self.params)[1]
@@ -214,9 +222,15 @@ class Engine:
         tag = ("predict", vectorized)
         if tag not in self._fns:
             if vectorized:
+                whole = self.sharding(replicated=True)
+
                 def predict(params, images, masks, slot, shared):
-                    p = jax.tree.map(lambda x: x[slot], params)
-                    return self._predict(p, images[slot], masks[slot], shared)
+                    picked = jax.tree.map(lambda x: x[slot], (params, images, masks))
+                    if whole is not None:
+                        # One image's forward pass, whole on every device: never split
+                        # by the partitioner (which would change its rounding).
+                        picked = jax.lax.with_sharding_constraint(picked, whole)
+                    return self._predict(*picked, shared)
             else:
                 predict = self._predict
             self._fns[tag] = jax.jit(predict)

@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dynaseg_jax.config import ConfigError
@@ -22,33 +23,49 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
     jax.config.update("jax_num_cpu_devices", 4)
+    import jax.numpy as jnp
     import numpy as np
-    from dynaseg_jax.engine import Engine, WorkItem
+    from dynaseg_jax.engine import Engine, WorkItem, pad_to_bucket
     from tests.conftest import smooth_image
     from dynaseg_jax.config import Config
 
     base = Config().replace({"model.channels": 16, "model.max_clusters": 16, "model.conv_impl": "lax",
-                             "stop.max_iters": 8, "stop.k_min": 3, "engine.bucket_multiple": 8,
+                             "stop.max_iters": 8, "stop.k_min": 1, "engine.bucket_multiple": 8,
                              "engine.strategy": "vmap"})
     # 11 images in two buckets (24x32 and 32x32): every device gets work, slots refill.
     images = [smooth_image(24 + 8 * (i % 2), 32, i) for i in range(11)]
 
     def run(devices, batch):
         engine = Engine(base.replace({"engine.devices": devices, "engine.batch": batch}))
-        results = {r.key: r for r in engine.run(WorkItem(i, im, 3) for i, im in enumerate(images))}
+        results = {r.key: r for r in engine.run(WorkItem(i, im, 1) for i, im in enumerate(images))}
         step_compiles = {str(tag[1]): n for tag, n in engine.compile_counts().items()
                          if tag[0] == "vmap"}
         devices_used = sorted({d.id for d in engine.mesh.devices.flat}) if engine.mesh is not None else [0]
-        return results, step_compiles, devices_used
+        return engine, results, step_compiles, devices_used
 
-    r4, compiles4, used4 = run(4, 8)   # 4 devices x 2 slots
-    r1, compiles1, _ = run(1, 2)       # 1 device x 2 slots: the same program per device
+    e4, r4, compiles4, used4 = run(4, 8)   # 4 devices x 2 slots
+    e1, r1, compiles1, _ = run(1, 2)       # 1 device x 2 slots: the same program per device
+
+    # One step from the same states: slots 6, 7 (device 3) of the 4-device step against
+    # the 1-device step of the same two images.
+    padded = [pad_to_bucket(images[i], (32, 32, False)) for i in range(8)]
+    def stacked(engine, idx):
+        st = jax.tree.map(lambda x: jnp.stack([x] * len(idx)), engine.fresh_state)
+        return (st, jnp.stack([padded[i][0] for i in idx]), jnp.stack([padded[i][1] for i in idx]))
+    s4 = jax.device_put(stacked(e4, range(8)), e4.sharding())
+    s1 = stacked(e1, [6, 7])
+    n4 = e4.step_fn((32, 32, False), True)(*s4, e4.shared)["params"]
+    n1 = e1.step_fn((32, 32, False), True)(*s1, e1.shared)["params"]
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+    p4, p1 = flat(jax.tree.map(lambda x: x[6:], n4)), flat(n1)
     print(json.dumps({
         "keys": sorted(r4),
-        "labels_equal": [bool(np.array_equal(r4[k].labels, r1[k].labels)) for k in sorted(r1)],
+        "pixels_differing": [float(np.mean(r4[k].labels != r1[k].labels)) for k in sorted(r1)],
         "iterations": [[r4[k].iterations, r1[k].iterations] for k in sorted(r1)],
         "errors": [r4[k].error for k in sorted(r4)],
         "compiles4": compiles4, "compiles1": compiles1, "devices_used": used4,
+        "step_diff_norm": float(np.linalg.norm(p4.astype(np.float64) - p1)),
+        "params_norm": float(np.linalg.norm(p1.astype(np.float64))), "n_pixels": 32 * 32,
     }))
 """)
 
@@ -61,13 +78,20 @@ def four_devices():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_four_devices_give_the_labels_of_one(four_devices):
+def test_four_devices_agree_with_one(four_devices):
     out = four_devices
     assert out["keys"] == list(range(11)) and out["devices_used"] == [0, 1, 2, 3]
     assert all(e is None for e in out["errors"])
-    # Same slots per device and conv formulation: the same program per device, the same labels.
-    assert all(out["labels_equal"]), out["labels_equal"]
-    assert all(a == b for a, b in out["iterations"])
+    assert all(a == b == 8 for a, b in out["iterations"])
+    # Each device runs a one-device program of 2 slots, but XLA compiles it inside a
+    # 4-device module with other fusions, so sums are taken in another order: one step
+    # agrees to float32 rounding of the gradient's sums over the image's pixels,
+    # ||diff|| <= sqrt(n_pixels) * u * ||params|| (u = 2^-24).
+    bound = np.sqrt(out["n_pixels"]) * 2.0 ** -24 * out["params_norm"]
+    assert 0 <= out["step_diff_norm"] <= bound, (out["step_diff_norm"], bound)
+    # Whole runs: rounding flips only near-tied argmax pixels (measured: 0 to 0.07% of the
+    # pixels of an image; 1% leaves room for another CPU's rounding).
+    assert max(out["pixels_differing"]) < 0.01, out["pixels_differing"]
 
 
 def test_one_compilation_per_bucket(four_devices):
