@@ -159,7 +159,7 @@ def test_digest_covers_labels_not_layout():
     d = config_digest(base)
     assert len(d) == 16 and d == config_digest(load_config("dynaseg_scf"))
     # Layout: same digest.
-    layout = {"engine.strategy": "vmap", "engine.batch": 9, "engine.sync_every": 5,
+    layout = {"engine.strategy": "vmap", "engine.batch": 9, "engine.devices": 2, "engine.sync_every": 5,
               "engine.bucket_multiple": 32, "engine.max_pixels": 10}
     assert set(layout) == set(LAYOUT_FIELDS)
     for path, value in layout.items():
