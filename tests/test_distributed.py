@@ -142,3 +142,32 @@ def test_merge_is_idempotent_and_prefers_ok_records(tmp_path):
     assert merge_results(tmp_path) == 2 and (tmp_path / "results.jsonl").read_text() == first
     got = {r["source"]: r["status"] for r in imio.read_jsonl(tmp_path / "results.jsonl")}
     assert got == {"/x/a.png": "ok", "/x/b.png": "error"}
+
+
+def test_distributed_flags_errors(tmp_path, capsys):
+    from dynaseg_jax.cli import main
+    base = ["segment", str(tmp_path), "--out", str(tmp_path / "out")]
+    assert main(base + ["--coordinator", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("dynaseg: error: --coordinator, --num-processes and --process-id go together "
+                   "(or --distributed, to read them from the launcher)")
+    assert main(base + ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"]) == 2
+    assert capsys.readouterr().err.strip() == "dynaseg: error: --process-id 2: must be in 0..1"
+    assert main(["merge", str(tmp_path / "nope")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_overwrite_is_refused_with_several_processes(tmp_path, tiny_config):
+    from dynaseg_jax.outputs import OutputFolder, OutputFolderError
+    with pytest.raises(OutputFolderError, match="--overwrite needs a one-process run"):
+        OutputFolder.open(tmp_path, tiny_config, overwrite=True, process=(0, 2))
+    # Two processes share the folder; a one-process run cannot start beside them.
+    a = OutputFolder.open(tmp_path, tiny_config, process=(0, 2))
+    b = OutputFolder.open(tmp_path, tiny_config, process=(1, 2))
+    assert a.results_path.name == "results.0.jsonl" and b.results_path.name == "results.1.jsonl"
+    with pytest.raises(OutputFolderError, match="another dynaseg run"):
+        OutputFolder.open(tmp_path, tiny_config)
+    with pytest.raises(OutputFolderError, match="another dynaseg run"):
+        OutputFolder.open(tmp_path, tiny_config, process=(1, 2))  # the same index twice
+    a.close(), b.close()
+    OutputFolder.open(tmp_path, tiny_config).close()
