@@ -170,16 +170,18 @@ def torch_fpn_to_jax_params(model: TorchResNet18FPN, dtype=np.float32, running_s
     (with the trunk's running statistics as ``batch_stats`` if ``running_stats``)."""
     sd = model.state_dict()
     params, extra = _trunk_variables(sd, dtype, 4, running_stats)
+    return {"params": {**params, **_fpn_head_params(sd, dtype)}, **extra}
 
+
+def _fpn_head_params(sd, dtype) -> dict:
+    """The FPN, classifier and output BatchNorm of a ``TorchResNet18FPN`` (or subclass)."""
     conv = functools.partial(_conv_params, sd, dtype=dtype)
-
-    for i in range(4):
-        params[f"lateral{i + 2}"] = conv(f"laterals.{i}")
+    params = {f"lateral{i + 2}": conv(f"laterals.{i}") for i in range(4)}
     params["smooth2"] = conv("smooth")
     params["classifier"] = conv("classifier")
     params["bn_out"] = {"scale": _to_numpy(sd["bn_out.weight"]).astype(dtype),
                         "bias": _to_numpy(sd["bn_out.bias"]).astype(dtype)}
-    return {"params": params, **extra}
+    return params
 
 
 class TorchEfficientNetLite0FPN(TorchResNet18FPN):
@@ -234,16 +236,8 @@ def torch_effnet_to_jax_params(model: TorchEfficientNetLite0FPN, dtype=np.float3
     sd = model.state_dict()
     trunk = lukemelas_trunk_variables({k[len("trunk."):]: v for k, v in sd.items() if k.startswith("trunk.")},
                                       dtype=dtype)
-    params = {"trunk": trunk["params"]}
-    conv = functools.partial(_conv_params, sd, dtype=dtype)
-    for i in range(4):
-        params[f"lateral{i + 2}"] = conv(f"laterals.{i}")
-    params["smooth2"] = conv("smooth")
-    params["classifier"] = conv("classifier")
-    params["bn_out"] = {"scale": _to_numpy(sd["bn_out.weight"]).astype(dtype),
-                        "bias": _to_numpy(sd["bn_out.bias"]).astype(dtype)}
     extra = {"batch_stats": {"trunk": trunk["batch_stats"]}} if running_stats else {}
-    return {"params": params, **extra}
+    return {"params": {"trunk": trunk["params"], **_fpn_head_params(sd, dtype)}, **extra}
 
 
 class TorchResNet18Layer1(nn.Module):

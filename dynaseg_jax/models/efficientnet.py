@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .fpn import TrunkFPN, subsample
-from .layers import MaskedBatchNorm, torch_uniform_init, trunk_norm_layer
-from .resnet import _put, replace_subtree
+from .layers import MaskedBatchNorm, TorchStateDict, torch_uniform_init, trunk_norm_layer
+from .resnet import replace_subtree
 
 BN_EPS = 1e-3  # TF's EfficientNet BatchNorm epsilon
 STEM_CHANNELS = 32
@@ -216,32 +216,19 @@ def lukemelas_trunk_variables(state_dict, dtype=np.float32) -> dict:
     Raises:
       KeyError: a tensor the trunk needs is missing (its name).
     """
-    def arr(name):
-        v = state_dict[name]
-        v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
-        return v.astype(dtype)
-
-    params, stats = {}, {}
-
-    def conv(dst: tuple, name):  # OIHW (depthwise: C,1,k,k) -> HWIO (k,k,1,C)
-        _put(params, dst, {"kernel": arr(f"{name}.weight").transpose(2, 3, 1, 0)})
-
-    def bn(dst: tuple, name):
-        _put(params, dst, {"scale": arr(f"{name}.weight"), "bias": arr(f"{name}.bias")})
-        _put(stats, dst, {"mean": arr(f"{name}.running_mean"), "var": arr(f"{name}.running_var")})
-
-    conv(("stem_conv",), "_conv_stem")
-    bn(("stem_bn",), "_bn0")
+    sd = TorchStateDict(state_dict, dtype)
+    sd.conv(("stem_conv",), "_conv_stem")
+    sd.bn(("stem_bn",), "_bn0")
     for i, spec in enumerate(BLOCKS):
         src, dst = f"_blocks.{i}", f"block{i}"
         if spec.expand != 1:
-            conv((dst, "expand_conv"), f"{src}._expand_conv")
-            bn((dst, "bn0"), f"{src}._bn0")
-        conv((dst, "depthwise_conv"), f"{src}._depthwise_conv")
-        bn((dst, "bn1"), f"{src}._bn1")
-        conv((dst, "project_conv"), f"{src}._project_conv")
-        bn((dst, "bn2"), f"{src}._bn2")
-    return {"params": params, "batch_stats": stats}
+            sd.conv((dst, "expand_conv"), f"{src}._expand_conv")
+            sd.bn((dst, "bn0"), f"{src}._bn0")
+        sd.conv((dst, "depthwise_conv"), f"{src}._depthwise_conv")  # (C,1,k,k) -> (k,k,1,C)
+        sd.bn((dst, "bn1"), f"{src}._bn1")
+        sd.conv((dst, "project_conv"), f"{src}._project_conv")
+        sd.bn((dst, "bn2"), f"{src}._bn2")
+    return sd.variables()
 
 
 def load_trunk(variables, path) -> dict:

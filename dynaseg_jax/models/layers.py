@@ -15,6 +15,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .conv3x3 import conv3x3_lax
 
@@ -156,3 +157,41 @@ class TorchConv(nn.Module):
         if self.use_bias:
             y = y + self.param("bias", torch_uniform_init(cin * k * k), (self.features,))
         return y
+
+
+class TorchStateDict:
+    """Reads a PyTorch state dict into flax variables, layer by layer.
+
+    ``conv(dst, name)`` puts ``name.weight`` (OIHW; a depthwise conv's (C, 1, k, k)) as an
+    HWIO ``kernel`` at the path ``dst``; ``bn(dst, name)`` puts weight/bias as ``params``
+    scale/bias and running_mean/running_var as ``batch_stats`` mean/var. Values may be
+    torch tensors or numpy arrays; a missing name raises KeyError (with the name).
+    """
+
+    def __init__(self, state_dict, dtype=np.float32):
+        self.state_dict = state_dict
+        self.dtype = dtype
+        self.params: dict = {}
+        self.stats: dict = {}
+
+    def array(self, name: str):
+        v = self.state_dict[name]
+        v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+        return v.astype(self.dtype)
+
+    def conv(self, dst: tuple, name: str) -> None:
+        _put(self.params, dst, {"kernel": self.array(f"{name}.weight").transpose(2, 3, 1, 0)})
+
+    def bn(self, dst: tuple, name: str) -> None:
+        _put(self.params, dst, {"scale": self.array(f"{name}.weight"), "bias": self.array(f"{name}.bias")})
+        _put(self.stats, dst, {"mean": self.array(f"{name}.running_mean"),
+                               "var": self.array(f"{name}.running_var")})
+
+    def variables(self) -> dict:
+        return {"params": self.params, "batch_stats": self.stats}
+
+
+def _put(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .fpn import TrunkFPN, subsample, upsample_bilinear, upsample_nearest_2x
-from .layers import MaskedBatchNorm, TorchConv, trunk_norm_layer
+from .layers import MaskedBatchNorm, TorchConv, TorchStateDict, trunk_norm_layer
 
 # ImageNet statistics of torchvision's ResNet weights (RGB, for inputs in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -142,39 +142,20 @@ def torchvision_trunk_variables(state_dict, dtype=np.float32, stages: int = 4) -
     Raises:
       KeyError: a tensor the trunk needs is missing (its name).
     """
-    def arr(name):
-        v = state_dict[name]
-        v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
-        return v.astype(dtype)
-
-    params, stats = {}, {}
-
-    def conv(dst: tuple, name):
-        _put(params, dst, {"kernel": arr(f"{name}.weight").transpose(2, 3, 1, 0)})
-
-    def bn(dst: tuple, name):
-        _put(params, dst, {"scale": arr(f"{name}.weight"), "bias": arr(f"{name}.bias")})
-        _put(stats, dst, {"mean": arr(f"{name}.running_mean"), "var": arr(f"{name}.running_var")})
-
-    conv(("conv1",), "conv1")
-    bn(("bn1",), "bn1")
+    sd = TorchStateDict(state_dict, dtype)
+    sd.conv(("conv1",), "conv1")
+    sd.bn(("bn1",), "bn1")
     for i in range(1, stages + 1):
         for j in range(2):
             src, block = f"layer{i}.{j}", f"layer{i}_{j}"
-            conv((block, "conv1"), f"{src}.conv1")
-            bn((block, "bn1"), f"{src}.bn1")
-            conv((block, "conv2"), f"{src}.conv2")
-            bn((block, "bn2"), f"{src}.bn2")
+            sd.conv((block, "conv1"), f"{src}.conv1")
+            sd.bn((block, "bn1"), f"{src}.bn1")
+            sd.conv((block, "conv2"), f"{src}.conv2")
+            sd.bn((block, "bn2"), f"{src}.bn2")
             if f"{src}.downsample.0.weight" in state_dict:
-                conv((block, "downsample_conv"), f"{src}.downsample.0")
-                bn((block, "downsample_bn"), f"{src}.downsample.1")
-    return {"params": params, "batch_stats": stats}
-
-
-def _put(tree: dict, path: tuple, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
+                sd.conv((block, "downsample_conv"), f"{src}.downsample.0")
+                sd.bn((block, "downsample_bn"), f"{src}.downsample.1")
+    return sd.variables()
 
 
 def load_trunk(variables, path, stages: int = 4) -> dict:
