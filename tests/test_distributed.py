@@ -1,6 +1,6 @@
 """Two processes on JAX's distributed runtime (127.0.0.1, CPU) into one output folder, one
-of them killed mid-run; the rerun finishes the rest, and the merged folder equals a
-one-process run, label for label.
+of them killed mid-run; a rerun with another process count (3) finishes the rest without
+redoing anything, and the merged folder equals a one-process run, label for label.
 """
 from __future__ import annotations
 
@@ -77,8 +77,8 @@ def folders(tmp_path_factory):
         return [sys.executable, "-m", "dynaseg_jax.cli", "segment", str(root / "in"), "--out", str(out),
                 "--config", str(root / "tiny.toml"), "--no-progress", *extra]
 
-    def start(out, port, index):
-        return subprocess.Popen(cmd(out, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+    def start(out, port, index, count=2):
+        return subprocess.Popen(cmd(out, "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(count),
                                     "--process-id", str(index)),
                                 cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -99,11 +99,11 @@ def folders(tmp_path_factory):
             p.kill()
             p.wait()
     first = {"share0": lines(dist / "results.0.jsonl"), "share1": lines(dist / "results.1.jsonl")}
-    # The same command again finishes the rest.
+    # The command again, with 3 processes: the shares change, finished images are skipped.
     port = free_port()
-    procs = [start(dist, port, i) for i in range(2)]
+    procs = [start(dist, port, i, count=3) for i in range(3)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
     single = root / "one"
     proc = subprocess.run(cmd(single), cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -124,11 +124,12 @@ def test_killed_run_resumes_and_merges_to_a_one_process_run(folders):
         assert merged[name]["config"] == rec["config"] and merged[name]["iterations"] == rec["iterations"]
         stem = Path(name).stem
         np.testing.assert_array_equal(imio.read_labels(dist / f"{stem}.png"), imio.read_labels(single / f"{stem}.png"))
-    # The rerun redid nothing: process 0's share was done, process 1 did only the rest.
-    done_again = [json.loads(x) for x in (dist / "results.0.jsonl").read_text().splitlines()]
-    assert len(done_again) == N_IMAGES // 2
-    assert lines(dist / "results.1.jsonl") == N_IMAGES // 2
-    assert outs[0].strip().splitlines()[-1].startswith(f"0 segmented, {N_IMAGES // 2} already done")
+    # The rerun did exactly the images left: "<k> segmented, <m> already done" per process.
+    counts = [tuple(int(w) for w in out.strip().splitlines()[-1].replace(",", "").split()[0:3:2]) for out in outs]
+    assert sum(k for k, _ in counts) == N_IMAGES - first["share0"] - first["share1"]
+    assert sum(k + m for k, m in counts) == N_IMAGES
+    all_ok = [json.loads(x) for f in sorted(dist.glob("results.*.jsonl")) for x in f.read_text().splitlines()]
+    assert len(all_ok) == N_IMAGES and all(r["status"] == "ok" for r in all_ok)  # nothing twice
 
 
 def test_merge_is_idempotent_and_prefers_ok_records(tmp_path):
