@@ -1,5 +1,5 @@
-"""The ``dynaseg`` command line: ``segment``, ``evaluate``, ``merge``, ``sample``, ``config``
-and ``weights``.
+"""The ``dynaseg`` command line: ``segment``, ``evaluate``, ``report``, ``merge``, ``sample``,
+``config`` and ``weights``.
 
 Every command ends in one line and an exit code: 0 success, 1 some images or
 predictions failed, 2 a bad config, option or input folder, 3 an unexpected error
@@ -133,6 +133,23 @@ def _run_merge(args) -> int:
     return 0
 
 
+def _run_report(args) -> int:
+    from .report import build_report
+    if not os.path.isdir(args.out):
+        raise ConfigError(f"{args.out}: no such folder")
+    if args.dataset and not args.root:
+        raise ConfigError("--dataset needs --root DIR")
+    try:
+        path = build_report(args.out, args.dataset, args.root, args.split, args.html)
+    except ValueError as e:
+        from .datasets import DatasetError
+        if isinstance(e, DatasetError) or "no results" in str(e):
+            raise ConfigError(str(e)) from None
+        raise
+    print(f"wrote {path}")
+    return 0
+
+
 def _run_sample(args) -> int:
     from .sample import write_sample
     try:
@@ -188,6 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_segment(sub)
     _add_evaluate(sub)
+    p = sub.add_parser("report", help="write one self-contained HTML page for an output folder",
+                       description="Write OUT/report.html: the run's config, a summary and a sortable "
+                                   "grid of every image (image, overlay, label colours, iterations, "
+                                   "clusters, seconds; with --dataset, per-image scores), with the "
+                                   "images inlined.")
+    p.add_argument("out", help="the output folder of dynaseg segment")
+    p.add_argument("--dataset", choices=("bsds500", "voc2012"), help="score the images against this dataset")
+    p.add_argument("--root", help="dataset folder (with --dataset)")
+    p.add_argument("--split", help="dataset split (default: the dataset's)")
+    p.add_argument("--html", help="where to write the page (default OUT/report.html)")
     p = sub.add_parser("merge", help="merge the results files of a multi-process run",
                        description="Write the union of OUT/results.jsonl and every process's "
                                    "OUT/results.<i>.jsonl to OUT/results.jsonl, one record per image. "
@@ -212,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"segment": _run_segment, "evaluate": _run_evaluate, "merge": _run_merge, "sample": _run_sample,
-            "config": _run_config, "weights": _run_weights}
+COMMANDS = {"segment": _run_segment, "evaluate": _run_evaluate, "report": _run_report, "merge": _run_merge,
+            "sample": _run_sample, "config": _run_config, "weights": _run_weights}
 # Commands that train networks: only they pay for the huge-page restart (runtime.py).
 TRAINING_COMMANDS = ("segment",)
 

@@ -113,7 +113,10 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
     Returns:
       A JSON-serialisable dict: the protocol's scores (see the module docstring), ``images``
       (how many were scored), ``missing`` (ids without a prediction), ``missing_ids`` (the
-      first few of them), and the run's settings.
+      first few of them), the run's settings, and for the ``bsds`` and ``best_overlap``
+      protocols ``per_image``: ``{id: {"best_overlap": mean best-overlap IoU of the
+      image's ground-truth segments (all annotations), "hungarian": its Hungarian mIoU}}``
+      (for looking at images; the dataset scores pool segments, not images).
 
     Raises:
       DatasetError: unknown dataset/protocol pair, missing or malformed dataset files,
@@ -141,6 +144,7 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
     per_image_ious: list[list[np.ndarray]] = []  # bsds / best_overlap
     hungarian: list[float] = []
     segments: list[int] = []  # protocol none
+    per_image: dict = {}  # bsds / best_overlap: id -> this image's scores
     coco = metrics.CocoStuffAccumulator() if protocol == "cocostuff27" else None
 
     for id_ in ids:
@@ -164,6 +168,8 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
                 scores = [metrics.overlap_scores(pred, a) for a in annotations]
                 per_image_ious.append([ious for ious, _ in scores])
                 hungarian.append(_nanmean([h for _, h in scores]))
+                per_image[id_] = {"best_overlap": float(np.concatenate(per_image_ious[-1]).mean()),
+                                  "hungarian": hungarian[-1]}
             elif protocol == "best_overlap":
                 gt = ds.load_gt(id_)
                 pred = metrics.resize_prediction(pred, gt.shape)
@@ -172,6 +178,8 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
                 ious, h = metrics.overlap_scores(pred, gt, ignore=VOC_VOID)
                 per_image_ious.append([ious])
                 hungarian.append(h)
+                per_image[id_] = {"best_overlap": float(ious.mean()) if ious.size else float("nan"),
+                                  "hungarian": h}
             else:  # cocostuff27
                 gt = ds.load_gt(id_)
                 if pred.shape != gt.shape:
@@ -209,6 +217,8 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
         result.update(coco.result())
     else:
         result["segments_per_image"] = float(np.mean(segments)) if segments else float("nan")
+    if protocol in ("bsds", "best_overlap"):
+        result["per_image"] = per_image
     result["images"] = scored
     result["missing"] = len(missing)
     result["missing_ids"] = missing[:_MISSING_LISTED]
