@@ -2,7 +2,7 @@
 
 A config is a tree of frozen dataclasses, one per TOML table::
 
-    seed = 0
+    seed = 0      init = "per_image"
     [model]       the network                      model.name, model.channels, ...
     [schedule]    mu as a function of q'           schedule.kind, schedule.alpha, ...
     [optim]       SGD                              optim.lr, optim.momentum, ...
@@ -158,8 +158,12 @@ class Config:
     ``config.optim.lr``. Every path and its doc: ``dynaseg config``.
     """
 
-    seed: int = _field(0, "PRNG seed of the initial network (the same for every image) and of the "
-                          "silhouette sample.")
+    seed: int = _field(0, "PRNG seed of the initial networks and of the silhouette sample.")
+    init: str = _field("per_image", "initial network of each image: 'per_image' (its own, from "
+                                    "fold_in(seed, crc32 of the image's output name): a fresh network "
+                                    "per image as in the authors' script, reproducible and independent "
+                                    "of the batch) or 'shared' (one network from seed for every image).",
+                       ("per_image", "shared"))
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)

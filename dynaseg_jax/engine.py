@@ -96,10 +96,16 @@ def bucket_shape(height: int, width: int, config: Config, model=None) -> tuple[i
 
 @dataclasses.dataclass
 class WorkItem:
-    """One image to optimise: ``image`` is float32 RGB (H, W, 3) in [0, 1]."""
+    """One image to optimise: ``image`` is float32 RGB (H, W, 3) in [0, 1].
+
+    ``name`` is the image's output name (file stem or dataset id): under ``init =
+    "per_image"`` its initial network comes from ``train.image_key(seed, name)``; None
+    starts it from the network shared by all (``init = "shared"``'s).
+    """
     key: Any
     image: np.ndarray
     k_min: int
+    name: str | None = None
 
 
 @dataclasses.dataclass
@@ -154,6 +160,11 @@ class Engine:
         self.model = model or build_model(self.config)
         self.params = params if params is not None else train.init_params(self.config, model=self.model)
         self.fresh_state = train.init_state(self.config, self.params)
+        self.per_image_init = self.config.init == "per_image"
+        self._image_variables = jax.jit(
+            lambda key, base: train.image_variables(self.config, self.model, base, key))
+        self._image_state = jax.jit(
+            lambda key, base: train.init_state(self.config, train.image_variables(self.config, self.model, base, key)))
         # One-axis mesh over the local devices the slots are spread over (None: one device).
         n_devices = self.config.engine.devices
         if mesh is None and n_devices > 1:
@@ -246,8 +257,20 @@ class Engine:
             self._fns["set_slot"] = jax.jit(set_slot, donate_argnums=(0, 1, 2), out_shardings=out)
         return self._fns["set_slot"]
 
-    def new_state(self, k_min: int):
-        return {**self.fresh_state, "k_min": jnp.asarray(k_min, jnp.int32)}
+    def initial_variables(self, name: str | None = None) -> dict:
+        """The full initial variables of the image called ``name`` (its own network under
+        ``init = "per_image"``; the shared one under "shared" or for ``name`` None)."""
+        if not self.per_image_init or name is None:
+            return self.params
+        return self._image_variables(train.image_key(self.config.seed, name), self.params)
+
+    def new_state(self, k_min: int, name: str | None = None):
+        """A fresh slot state for the image called ``name`` (``initial_variables``)."""
+        if not self.per_image_init or name is None:
+            state = self.fresh_state
+        else:
+            state = self._image_state(train.image_key(self.config.seed, name), self.params)
+        return {**state, "k_min": jnp.asarray(k_min, jnp.int32)}
 
     # -- the host loop ------------------------------------------------------------------
     def run(self, items: Iterable[WorkItem]) -> Iterator[SlotResult]:
@@ -318,7 +341,7 @@ class _SlotGroup:
     def load(self, item: WorkItem, transposed: bool) -> None:
         slot = self.items.index(None)
         image, mask = pad_to_bucket(item.image, self.shape + (transposed,))
-        state = self.engine.new_state(item.k_min)
+        state = self.engine.new_state(item.k_min, item.name)
         if self.vectorized:
             self.states, self.images, self.masks = self.engine.set_slot_fn()(
                 self.states, self.images, self.masks, slot, state, image, mask)

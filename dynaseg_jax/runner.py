@@ -44,39 +44,43 @@ class KStarEstimator:
 
     Args:
       config: a Config.
-      params: the initial network parameters the images start from.
+      variables: the initial network variables the images start from, or a function
+        ``name -> that image's initial variables`` (``Engine.initial_variables``: under
+        ``init = "per_image"`` each image's features come from its own network).
       model: the network (the engine's; default: ``build_model(config)``).
     """
 
-    def __init__(self, config: Config, params, model=None):
+    def __init__(self, config: Config, variables, model=None):
         self.config = config
         self.trace_count = 0
         self._features = None
+        self._variables = variables if callable(variables) else (lambda name: variables)
         self._model = model = model or build_model(config)
         # Features of the image as given: padded, never transposed.
         self._pad_config = config.replace({"engine.transpose_portrait": False})
         if config.stop.k_min == "silhouette" and config.silhouette.features == "network":
-            def features(img, mask):
+            def features(img, mask, params):
                 self.trace_count += 1  # runs at trace time only
                 return model.apply(params, img, mask, method="features")
 
             self._features = jax.jit(features)
 
-    def features(self, image: np.ndarray) -> np.ndarray:
-        """(H*W, D) per-pixel features of the configured kind for float RGB ``image``."""
+    def features(self, image: np.ndarray, name: str | None = None) -> np.ndarray:
+        """(H*W, D) per-pixel features of the configured kind for float RGB ``image``
+        (network features: from the initial network of the image called ``name``)."""
         c = self.config
         if self._features is None:
             return silhouette.color_position_features(image, c.silhouette.position_scale)
         h, w, _ = image.shape
         padded, mask = pad_to_bucket(image, bucket_shape(h, w, self._pad_config, self._model))
-        feats = np.asarray(self._features(jnp.asarray(padded), jnp.asarray(mask)))[:h, :w]
-        return feats.reshape(h * w, -1)
+        feats = self._features(jnp.asarray(padded), jnp.asarray(mask), self._variables(name))
+        return np.asarray(feats)[:h, :w].reshape(h * w, -1)
 
-    def __call__(self, image: np.ndarray) -> int:
+    def __call__(self, image: np.ndarray, name: str | None = None) -> int:
         c = self.config
         if c.stop.k_min != "silhouette":
             return int(c.stop.k_min)
-        k, _ = silhouette.estimate_k(self.features(image), c.silhouette.k_range,
+        k, _ = silhouette.estimate_k(self.features(image, name), c.silhouette.k_range,
                                      c.silhouette.samples, c.seed)
         return k
 
@@ -103,7 +107,8 @@ def _prefetch(jobs: Sequence, prepare: Callable, workers: int = 2, ahead: int = 
 
 def segment(images: Iterable, config=None, *, batch: int | None = None,
             progress: bool = False) -> list[dict]:
-    """Segments images with DynaSeg, each with its own freshly initialised network.
+    """Segments images with DynaSeg, each with its own freshly initialised network
+    (``init = "per_image"``: seeded by the file's stem, or an array's position).
 
     Args:
       images: arrays ((H, W, 3) uint8/uint16/float in [0, 1], or (H, W)) or file paths.
@@ -120,8 +125,11 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
     config = _as_config(config)
     if batch is not None:
         config = config.replace({"engine.batch": batch})
-    arrays = []
+    arrays, names = [], []
     for i, img in enumerate(images):
+        # An image's name seeds its own network (init = "per_image"): a file's stem, an
+        # array's position.
+        names.append(Path(img).stem if isinstance(img, (str, os.PathLike)) else str(i))
         if isinstance(img, (str, os.PathLike)):
             arrays.append(imio.load_image(img, config.engine.max_pixels))
         else:
@@ -129,15 +137,15 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
             imio.check_size(*arr.shape[:2], config.engine.max_pixels, f"images[{i}]")
             arrays.append(arr)
     engine = Engine(config)
-    kstar = KStarEstimator(engine.config, engine.params, engine.model)
+    kstar = KStarEstimator(engine.config, engine.initial_variables, engine.model)
     order = sorted(range(len(arrays)),
                    key=lambda i: _bucket_order(arrays[i].shape, engine.config, engine.model))
 
     def items():
-        for i, k in _prefetch(order, lambda i: kstar(arrays[i])):
+        for i, k in _prefetch(order, lambda i: kstar(arrays[i], names[i])):
             if isinstance(k, Exception):
                 raise k
-            yield WorkItem(key=i, image=arrays[i], k_min=k)
+            yield WorkItem(key=i, image=arrays[i], k_min=k, name=names[i])
 
     out: list[dict | None] = [None] * len(arrays)
     bar = _progress(len(arrays), progress)
@@ -389,7 +397,7 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
         record(entry, write=committed)
     if not todo:
         return
-    kstar = KStarEstimator(cfg, engine.params, engine.model)
+    kstar = KStarEstimator(cfg, engine.initial_variables, engine.model)
 
     todo.sort(key=lambda job: _job_bucket(job, scale, cfg, engine.model))
 
@@ -401,7 +409,7 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
         if scale != 1.0:
             image = imio.resize_image(original, scale)
             imio.check_size(*image.shape[:2], cfg.engine.max_pixels, f"{name} (scaled by {scale})")
-        return original, image, kstar(image)
+        return original, image, kstar(image, job[2])
 
     meta = {}
     bar = _progress(len(todo), progress)
@@ -418,7 +426,7 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
                 continue
             original, image, k = prepared
             meta[name] = (source, stem, original)
-            yield WorkItem(key=name, image=image, k_min=k)
+            yield WorkItem(key=name, image=image, k_min=k, name=stem)
 
     for r in engine.run(items()):
         source, stem, original = meta.pop(r.key)

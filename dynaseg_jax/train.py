@@ -24,14 +24,16 @@ batched).
 """
 from __future__ import annotations
 
+import zlib
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from . import losses
-from .models import build_model, load_pretrained
+from .models import build_model, load_pretrained, uses_pretrained
 from .schedules import make_schedule
 
 INIT_SHAPE = (8, 8)  # parameter shapes do not depend on the image size
@@ -44,8 +46,25 @@ def make_optimizer(config) -> optax.GradientTransformation:
                        optax.sgd(config.optim.lr, momentum=config.optim.momentum or None))
 
 
+def image_key(seed: int, name: str) -> jax.Array:
+    """The PRNG key of an image's own initial network (``init = "per_image"``):
+    ``fold_in(PRNGKey(seed), crc32(name))``, ``name`` the image's output name (file stem
+    or dataset id). CRC-32 of the UTF-8 bytes, not Python's ``hash()`` (salted per
+    process), so the key is the same in every run, process and machine."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), np.uint32(zlib.crc32(name.encode("utf-8"))))
+
+
+def _dummy_input(model):
+    """A tiny image and mask to initialise ``model`` (parameter shapes do not depend on
+    the image size; strided models need a minimum size)."""
+    shape = (max(INIT_SHAPE[0], model.input_multiple),) * 2
+    return jnp.zeros(shape + (3,), jnp.float32), jnp.ones(shape, jnp.float32)
+
+
 def init_params(config, key: jax.Array | None = None, model=None):
-    """Initial network parameters (PyTorch-default init) from ``key`` (default: config.seed).
+    """Initial network variables (PyTorch-default init, pretrained trunk loaded) from
+    ``key`` (default: ``PRNGKey(config.seed)``: the network every image shares under
+    ``init = "shared"``, and the source of the pretrained trunk under "per_image").
 
     Args:
       config: a Config.
@@ -55,11 +74,26 @@ def init_params(config, key: jax.Array | None = None, model=None):
     if key is None:
         key = jax.random.PRNGKey(config.seed)
     model = model or build_model(config)
-    shape = (max(INIT_SHAPE[0], model.input_multiple),) * 2  # strided models need a minimum size
-    dummy = jnp.zeros(shape + (3,), jnp.float32)
     # jit: eager flax init dispatches op by op and takes seconds on CPU.
-    params = jax.jit(model.init)(key, dummy, jnp.ones(shape, jnp.float32))
+    params = jax.jit(model.init)(key, *_dummy_input(model))
     return load_pretrained(config, params)
+
+
+def image_variables(config, model, base, key: jax.Array) -> dict:
+    """An image's own initial variables (``init = "per_image"``; traceable): the model's
+    init from ``key`` (``image_key``), with ``base``'s pretrained trunk (its weights and
+    statistics) where the config loads one, since a checkpoint is the same for every image.
+
+    Args:
+      config: a Config.
+      model: the network.
+      base: ``init_params(config)``, the loaded pretrained trunk's source.
+      key: the image's key.
+    """
+    fresh = model.init(key, *_dummy_input(model))
+    if uses_pretrained(config):
+        fresh = {c: {**tree, "trunk": base[c]["trunk"]} for c, tree in fresh.items()}
+    return fresh
 
 
 def split_variables(config, variables) -> tuple[dict, dict]:
@@ -90,9 +124,7 @@ def merge_variables(trainable: dict, shared: dict | None) -> dict:
 
 def init_state(config, params=None, k_min: int | jax.Array | None = None) -> dict:
     """A fresh per-image state from the model's full variables ``params`` (default:
-    ``init_params(config)``); it keeps their trainable part (``split_variables``).
-    Every image starts from the same seeded network, so an image's result never
-    depends on which other images share its batch."""
+    ``init_params(config)``); it keeps their trainable part (``split_variables``)."""
     if params is None:
         params = init_params(config)
     params, _ = split_variables(config, params)

@@ -100,7 +100,7 @@ def test_every_preset_round_trips_through_toml(name, tmp_path):
     config = load_config(name)
     text = to_toml(config, header=f"preset {name}")
     parsed = tomllib.loads(text)  # valid TOML, every field present, sections as tables
-    assert set(parsed) == {"seed", *SECTIONS}
+    assert set(parsed) == {"seed", "init", *SECTIONS}
     assert sum(len(v) if isinstance(v, dict) else 1 for v in parsed.values()) == len(field_paths())
     path = tmp_path / f"{name}.toml"
     path.write_text(text)
@@ -165,7 +165,7 @@ def test_digest_covers_labels_not_layout():
     for path, value in layout.items():
         assert config_digest(base.replace({path: value})) == d, path
     # Everything else: a different digest, field by field, and the scale too.
-    changed = {"seed": 1, "model.name": "resnet18_fpn", "model.weights": "random", "model.n_conv": 3, "model.channels": 64, "model.max_clusters": 50,
+    changed = {"seed": 1, "init": "shared", "model.name": "resnet18_fpn", "model.weights": "random", "model.n_conv": 3, "model.channels": 64, "model.max_clusters": 50,
                "model.conv_impl": "lax", "model.matmul_precision": "bfloat16", "schedule.kind": "fsf",
                "schedule.alpha": 15.0, "schedule.mu": 4.0, "schedule.uses_kstar": True, "optim.lr": 0.05,
                "optim.momentum": 0.5, "optim.weight_decay": 1e-4, "stop.k_min": 4, "stop.max_iters": 10,

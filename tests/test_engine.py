@@ -9,8 +9,9 @@ IMAGES = [smooth_image(16, 24, s) for s in range(4)]
 
 
 def run(engine, images, keys=None):
+    """Results by key; an image's name (which seeds its own network) is its key."""
     keys = keys if keys is not None else list(range(len(images)))
-    return {r.key: r for r in engine.run(WorkItem(k, im, 3) for k, im in zip(keys, images))}
+    return {r.key: r for r in engine.run(WorkItem(k, im, 3, name=str(k)) for k, im in zip(keys, images))}
 
 
 @pytest.fixture(scope="module", params=["per_image", "vmap"])
@@ -18,8 +19,30 @@ def engine(request, tiny_config):
     return Engine(tiny_config.replace({"engine.strategy": request.param, "engine.batch": 3}))
 
 
+def test_per_image_networks(engine, tiny_config):
+    import zlib
+
+    import jax
+
+    from dynaseg_jax import train
+    assert engine.config.init == "per_image"
+    # The key: fold_in(PRNGKey(seed), crc32(name)), the same in every process.
+    assert zlib.crc32(b"img7") == 3043256201  # the CRC-32 every implementation gives
+    np.testing.assert_array_equal(train.image_key(0, "img7"),
+                                  jax.random.fold_in(jax.random.PRNGKey(0), 3043256201))
+    a, b = (engine.initial_variables(n)["params"]["classifier"]["kernel"] for n in ("a", "b"))
+    assert not np.allclose(a, b)  # each image its own network ...
+    np.testing.assert_array_equal(a, engine.initial_variables("a")["params"]["classifier"]["kernel"])
+    shared = Engine(tiny_config.replace({"init": "shared"}))
+    np.testing.assert_array_equal(shared.initial_variables("a")["params"]["classifier"]["kernel"],
+                                  train.init_params(tiny_config)["params"]["classifier"]["kernel"])
+    # ... and the same image under two names gets two results.
+    two = {r.key: r for r in engine.run([WorkItem("x", IMAGES[0], 1, name="x"), WorkItem("y", IMAGES[0], 1, name="y")])}
+    assert not np.array_equal(two["x"].labels, two["y"].labels)
+
+
 def test_batch_independence(engine):
-    alone = {i: run(engine, [im])[0] for i, im in enumerate(IMAGES)}
+    alone = {i: run(engine, [im], keys=[i])[i] for i, im in enumerate(IMAGES)}
     together = run(engine, IMAGES)  # 4 images, 3 slots: one slot is refilled
     reversed_ = run(engine, IMAGES[::-1], keys=[3, 2, 1, 0])  # other slots
     for i in range(len(IMAGES)):

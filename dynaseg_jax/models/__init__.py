@@ -45,10 +45,15 @@ PRETRAINED: dict[str, Pretrained] = {
 }
 
 
+def uses_pretrained(config) -> bool:
+    """Whether the config's model starts from a checkpoint's trunk."""
+    return config.model.name in PRETRAINED and config.model.weights != "random"
+
+
 def check_pretrained(config) -> None:
     """Raises WeightsError now if the config's pretrained weights file cannot be found
     (before a run opens, or overwrites, its output folder)."""
-    if config.model.name in PRETRAINED and config.model.weights != "random":
+    if uses_pretrained(config):
         find_checkpoint(config.model.weights or None, PRETRAINED[config.model.name].checkpoint)
 
 
@@ -60,9 +65,9 @@ def load_pretrained(config, params):
     Raises:
       WeightsError: the checkpoint is missing, unreadable, or does not fit the model.
     """
-    pretrained = PRETRAINED.get(config.model.name)
-    if pretrained is None or config.model.weights == "random":
+    if not uses_pretrained(config):
         return params
+    pretrained = PRETRAINED[config.model.name]
     return pretrained.load(params, find_checkpoint(config.model.weights or None, pretrained.checkpoint))
 
 
@@ -76,5 +81,5 @@ def build_model(config, name: str | None = None):
     return builder(config)
 
 
-__all__ = ["MODELS", "PRETRAINED", "build_model", "check_pretrained", "load_pretrained", "Conv", "MaskedBatchNorm", "CONV_IMPLS", "MATMUL_PRECISIONS",
+__all__ = ["MODELS", "PRETRAINED", "build_model", "check_pretrained", "load_pretrained", "uses_pretrained", "Conv", "MaskedBatchNorm", "CONV_IMPLS", "MATMUL_PRECISIONS",
            "default_conv_impl", "cnn", "efficientnet", "resnet", "Pretrained"]
