@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import train
-from .config import Config, ConfigError
+from .config import LAYOUT_FIELDS, Config, ConfigError, config_digest, field_paths
 from .models import build_model, default_conv_impl
 
 SLOTS = "slots"  # the mesh axis the slots are split over
@@ -100,12 +100,16 @@ class WorkItem:
 
     ``name`` is the image's output name (file stem or dataset id): under ``init =
     "per_image"`` its initial network comes from ``train.image_key(seed, name)``; None
-    starts it from the network shared by all (``init = "shared"``'s).
+    starts it from the network shared by all (``init = "shared"``'s). ``setting``: the
+    config this image runs with, which may differ from the engine's in the per-slot
+    fields only (``train.PER_SLOT_FIELDS``: optimiser, schedule, stop rule, seed, init);
+    None: the engine's.
     """
     key: Any
     image: np.ndarray
     k_min: int
     name: str | None = None
+    setting: Config | None = None
 
 
 @dataclasses.dataclass
@@ -160,11 +164,12 @@ class Engine:
         self.model = model or build_model(self.config)
         self.params = params if params is not None else train.init_params(self.config, model=self.model)
         self.fresh_state = train.init_state(self.config, self.params)
-        self.per_image_init = self.config.init == "per_image"
         self._image_variables = jax.jit(
             lambda key, base: train.image_variables(self.config, self.model, base, key))
         self._image_state = jax.jit(
-            lambda key, base: train.init_state(self.config, train.image_variables(self.config, self.model, base, key)))
+            lambda key, base, setting: train.init_state(
+                self.config, train.image_variables(self.config, self.model, base, key), setting=setting))
+        self._checked_settings: set = set()
         # One-axis mesh over the local devices the slots are spread over (None: one device).
         n_devices = self.config.engine.devices
         if mesh is None and n_devices > 1:
@@ -257,19 +262,46 @@ class Engine:
             self._fns["set_slot"] = jax.jit(set_slot, donate_argnums=(0, 1, 2), out_shardings=out)
         return self._fns["set_slot"]
 
-    def initial_variables(self, name: str | None = None) -> dict:
+    def check_setting(self, setting: Config) -> None:
+        """Raises ConfigError unless ``setting`` differs from the engine's config in
+        per-slot and layout fields only (the rest shapes the compiled program)."""
+        digest = config_digest(setting)
+        if digest in self._checked_settings:
+            return
+        resolved = resolve_config(setting.replace({p: self.config.get(p) for p in LAYOUT_FIELDS}))
+        for path in field_paths():
+            if path not in train.PER_SLOT_FIELDS and resolved.get(path) != self.config.get(path):
+                raise ConfigError(f"{path} = {setting.get(path)!r}: differs from the run's "
+                                  f"{self.config.get(path)!r}, and it shapes the compiled program; only "
+                                  f"{', '.join(train.PER_SLOT_FIELDS)} may differ between the images of a run")
+        self._checked_settings.add(digest)
+
+    def _key(self, setting: Config, name: str | None) -> jax.Array | None:
+        """The PRNG key of an image's initial network; None: the engine's own network."""
+        if setting.init == "per_image" and name is not None:
+            return train.image_key(setting.seed, name)
+        return None if setting.seed == self.config.seed else jax.random.PRNGKey(setting.seed)
+
+    def initial_variables(self, name: str | None = None, setting: Config | None = None) -> dict:
         """The full initial variables of the image called ``name`` (its own network under
         ``init = "per_image"``; the shared one under "shared" or for ``name`` None)."""
-        if not self.per_image_init or name is None:
-            return self.params
-        return self._image_variables(train.image_key(self.config.seed, name), self.params)
+        key = self._key(setting or self.config, name)
+        return self.params if key is None else self._image_variables(key, self.params)
 
-    def new_state(self, k_min: int, name: str | None = None):
-        """A fresh slot state for the image called ``name`` (``initial_variables``)."""
-        if not self.per_image_init or name is None:
+    def new_state(self, k_min: int, name: str | None = None, setting: Config | None = None):
+        """A fresh slot state for the image called ``name``, running ``setting`` (default:
+        the engine's config; ``initial_variables``, ``train.slot_setting``)."""
+        if setting is None or setting is self.config:
+            setting = self.config
+        else:
+            self.check_setting(setting)
+        key = self._key(setting, name)
+        if key is None and setting is self.config:
             state = self.fresh_state
         else:
-            state = self._image_state(train.image_key(self.config.seed, name), self.params)
+            if key is None:
+                key = jax.random.PRNGKey(setting.seed)
+            state = self._image_state(key, self.params, train.slot_setting(setting))
         return {**state, "k_min": jnp.asarray(k_min, jnp.int32)}
 
     # -- the host loop ------------------------------------------------------------------
@@ -341,7 +373,7 @@ class _SlotGroup:
     def load(self, item: WorkItem, transposed: bool) -> None:
         slot = self.items.index(None)
         image, mask = pad_to_bucket(item.image, self.shape + (transposed,))
-        state = self.engine.new_state(item.k_min, item.name)
+        state = self.engine.new_state(item.k_min, item.name, item.setting)
         if self.vectorized:
             self.states, self.images, self.masks = self.engine.set_slot_fn()(
                 self.states, self.images, self.masks, slot, state, image, mask)

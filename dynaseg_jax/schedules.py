@@ -5,6 +5,7 @@ jit- and vmap-friendly (``n_clusters`` may be a traced scalar).
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -39,6 +40,20 @@ def scf(alpha: float = 50.0):
 
 
 SCHEDULES = {"fixed": fixed, "fsf": fsf, "scf": scf}
+SCHEDULE_KINDS = tuple(SCHEDULES)  # a kind's index is its per-slot code
+
+
+def per_slot(kind: jax.Array, alpha: jax.Array, mu: jax.Array):
+    """The schedule whose kind (index into ``SCHEDULE_KINDS``), alpha and mu are traced
+    values, so one compiled step serves every setting (each slot carries its own)."""
+
+    def schedule(n_clusters, step):
+        del step
+        q = jnp.asarray(n_clusters, jnp.float32)
+        return jnp.select([kind == 0, kind == 1], [jnp.broadcast_to(mu, q.shape), q / alpha],
+                          alpha / jnp.maximum(q, 1.0))
+
+    return schedule
 
 
 def make_schedule(config):

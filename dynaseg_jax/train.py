@@ -2,7 +2,11 @@
 
 The state is a plain dict (big_vision style):
   params, opt_state: the network's trainable variables (``{"params": ...}``) and their
-              SGD-momentum state;
+              SGD-momentum state, whose hyper-parameters (lr, momentum, weight decay)
+              are values in the state (``optax.inject_hyperparams``);
+  setting:    this image's schedule and stop values (``slot_setting``): with the
+              optimiser's, every per-slot field (``PER_SLOT_FIELDS``) is a value, not a
+              constant of the compiled step, so one compile serves every setting;
   step:       updates done so far (int32);
   n_clusters: q' of the last forward pass (int32);
   k_min:      this image's stopping threshold (int32; k* under the silhouette phase);
@@ -34,16 +38,49 @@ import optax
 
 from . import losses
 from .models import build_model, load_pretrained, uses_pretrained
-from .schedules import make_schedule
+from .schedules import SCHEDULE_KINDS, per_slot
+
+# Config fields that may differ between the slots of one run (one compiled step): the
+# optimiser's and the schedule's values and the stop rule live in each slot's state;
+# seed, init and the silhouette phase act on the host before an image enters its slot.
+PER_SLOT_FIELDS = ("seed", "init", "optim.lr", "optim.momentum", "optim.weight_decay", "schedule.kind",
+                   "schedule.alpha", "schedule.mu", "schedule.uses_kstar", "stop.k_min", "stop.max_iters",
+                   "silhouette.features", "silhouette.k_range", "silhouette.samples",
+                   "silhouette.position_scale")
 
 INIT_SHAPE = (8, 8)  # parameter shapes do not depend on the image size
 
 
+def _torch_sgd(learning_rate, momentum, weight_decay):
+    # torch.optim.SGD: decay added to the gradient before the momentum trace; the trace
+    # starts at zero, so the first trace equals the first gradient (torch's first
+    # buffer); momentum 0 gives trace = gradient, plain SGD, with one state structure.
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum),
+                       optax.scale_by_learning_rate(learning_rate))
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
-    """torch.optim.SGD(lr, momentum, weight_decay): decay is added to the gradient
-    before the momentum trace, and the first trace equals the first gradient."""
-    return optax.chain(optax.add_decayed_weights(config.optim.weight_decay),
-                       optax.sgd(config.optim.lr, momentum=config.optim.momentum or None))
+    """torch.optim.SGD(lr, momentum, weight_decay), its hyper-parameters held in the
+    optimiser state (``optax.inject_hyperparams``), where each slot may set its own."""
+    return optax.inject_hyperparams(_torch_sgd)(
+        learning_rate=config.optim.lr, momentum=config.optim.momentum,
+        weight_decay=config.optim.weight_decay)
+
+
+def slot_setting(config) -> dict:
+    """A config's per-slot values (``PER_SLOT_FIELDS`` that the step reads) as arrays:
+    the optimiser's hyper-parameters and the schedule and stop values."""
+    return {"learning_rate": jnp.asarray(config.optim.lr, jnp.float32),
+            "momentum": jnp.asarray(config.optim.momentum, jnp.float32),
+            "weight_decay": jnp.asarray(config.optim.weight_decay, jnp.float32),
+            "schedule_kind": jnp.asarray(SCHEDULE_KINDS.index(config.schedule.kind), jnp.int32),
+            "alpha": jnp.asarray(config.schedule.alpha, jnp.float32),
+            "mu": jnp.asarray(config.schedule.mu, jnp.float32),
+            "uses_kstar": jnp.asarray(bool(config.schedule.uses_kstar)),
+            "max_iters": jnp.asarray(int(config.stop.max_iters), jnp.int32)}
+
+
+OPTIMIZER_HYPERPARAMS = ("learning_rate", "momentum", "weight_decay")
 
 
 def image_key(seed: int, name: str) -> jax.Array:
@@ -122,17 +159,23 @@ def merge_variables(trainable: dict, shared: dict | None) -> dict:
     return merged
 
 
-def init_state(config, params=None, k_min: int | jax.Array | None = None) -> dict:
+def init_state(config, params=None, k_min: int | jax.Array | None = None, setting: dict | None = None) -> dict:
     """A fresh per-image state from the model's full variables ``params`` (default:
-    ``init_params(config)``); it keeps their trainable part (``split_variables``)."""
+    ``init_params(config)``); it keeps their trainable part (``split_variables``).
+    ``setting``: the slot's values (``slot_setting``; default the config's), which may
+    be traced arrays."""
     if params is None:
         params = init_params(config)
     params, _ = split_variables(config, params)
     if k_min is None:
         k_min = config.stop.k_min if isinstance(config.stop.k_min, int) else 1
+    setting = slot_setting(config) if setting is None else setting
+    opt_state = make_optimizer(config).init(params)
+    opt_state = opt_state._replace(hyperparams={k: setting[k] for k in OPTIMIZER_HYPERPARAMS})
     return {
         "params": params,
-        "opt_state": make_optimizer(config).init(params),
+        "opt_state": opt_state,
+        "setting": {k: v for k, v in setting.items() if k not in OPTIMIZER_HYPERPARAMS},
         "step": jnp.zeros((), jnp.int32),
         "n_clusters": jnp.zeros((), jnp.int32),
         "k_min": jnp.asarray(k_min, jnp.int32),
@@ -147,7 +190,7 @@ def all_finite(tree) -> jax.Array:
 
 
 def loss_terms(params, image, mask, *, model, schedule, step, k_min=None,
-               mu_uses_kstar: bool = False, shared=None):
+               mu_uses_kstar: bool | jax.Array = False, shared=None):
     """Forward pass and the DynaSeg loss. Returns (loss, aux dict).
 
     ``params``: the trainable variables; ``shared``: the rest (``split_variables``)."""
@@ -156,7 +199,8 @@ def loss_terms(params, image, mask, *, model, schedule, step, k_min=None,
     n_clusters = losses.count_clusters(labels, mask, response.shape[-1])
     l_sim = losses.similarity_loss(response, labels, mask)
     l_con = losses.continuity_loss(response, mask)
-    seen = jnp.maximum(n_clusters, k_min) if mu_uses_kstar else n_clusters
+    # mu from max(q', k*) under uses_kstar (a per-slot value: a select, not a branch)
+    seen = n_clusters if k_min is None else jnp.where(mu_uses_kstar, jnp.maximum(n_clusters, k_min), n_clusters)
     mu = schedule(seen, step)
     loss = l_sim + mu * l_con
     return loss, {"loss": loss, "l_sim": l_sim, "l_con": l_con, "mu": mu,
@@ -174,22 +218,26 @@ def make_train_step(config, schedule: Callable | None = None, model=None):
     step, with no host sync: the engine reports that image as failed. ``shared``: the
     variables every image shares (``split_variables``; None when there are none).
 
+    The optimiser's hyper-parameters, the schedule, ``max_iters`` and ``uses_kstar``
+    are read from the state (``init_state``'s ``setting``), so the step compiled once
+    runs every setting; only the model is fixed by ``config``.
+
     Args:
-      config: a Config.
-      schedule: optional mu schedule ``(q', step) -> mu``; default from the config.
+      config: a Config (its model; the rest is the default of ``init_state``).
+      schedule: optional mu schedule ``(q', step) -> mu`` used instead of each slot's.
       model: optional flax module; default ``build_model(config)``.
     """
     model = model or build_model(config)
-    schedule = schedule or make_schedule(config)
     optimizer = make_optimizer(config)
-    max_iters = int(config.stop.max_iters)
-    mu_uses_kstar = bool(config.schedule.uses_kstar)
 
     def train_step(state, image, mask, shared=None):
+        setting = state["setting"]
+        mu_schedule = schedule or per_slot(setting["schedule_kind"], setting["alpha"], setting["mu"])
+
         def loss_fn(params):
-            return loss_terms(params, image, mask, model=model, schedule=schedule,
+            return loss_terms(params, image, mask, model=model, schedule=mu_schedule,
                               step=state["step"], k_min=state["k_min"],
-                              mu_uses_kstar=mu_uses_kstar, shared=shared)
+                              mu_uses_kstar=setting["uses_kstar"], shared=shared)
 
         grads, aux = jax.grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -202,7 +250,8 @@ def make_train_step(config, schedule: Callable | None = None, model=None):
             "step": state["step"] + 1,
             "n_clusters": q,
             "k_min": state["k_min"],
-            "done": (q <= state["k_min"]) | (state["step"] + 1 >= max_iters) | diverged,
+            "setting": setting,
+            "done": (q <= state["k_min"]) | (state["step"] + 1 >= setting["max_iters"]) | diverged,
             "diverged": diverged,
         }
         frozen = state["done"]

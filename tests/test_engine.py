@@ -124,3 +124,34 @@ def test_bucket_shape_consults_the_model(tiny_config):
     from dynaseg_jax.models import build_model
     cnn = build_model(tiny_config)
     assert bucket_shape(18, 13, tiny_config, cnn) == bucket_shape(18, 13, tiny_config) == (16, 24, True)
+
+
+def test_per_slot_settings_share_one_compile(tiny_config):
+    """Images running different optimiser/schedule/stop/seed settings in one vmap run:
+    one compiled step, and each image's labels equal a run of its setting alone at the
+    same slot count and strategy."""
+    import pytest as _pytest
+
+    from dynaseg_jax.config import ConfigError
+    base = tiny_config.replace({"engine.strategy": "vmap", "engine.batch": 3})
+    settings = [base,
+                base.replace({"optim.lr": 0.05, "optim.momentum": 0.0}),
+                base.replace({"schedule.kind": "fsf", "schedule.alpha": 15.0, "optim.weight_decay": 1e-3}),
+                base.replace({"schedule.kind": "fixed", "schedule.mu": 5.0, "stop.max_iters": 5}),
+                base.replace({"seed": 7, "schedule.uses_kstar": True}),
+                base.replace({"init": "shared", "seed": 3})]
+    engine = Engine(base)
+    items = [WorkItem(i, IMAGES[i % 2], 3, name=f"im{i % 2}", setting=s) for i, s in enumerate(settings)]
+    mixed = {r.key: r for r in engine.run(items)}
+    steps = {tag: n for tag, n in engine.compile_counts().items() if tag[0] == "vmap"}
+    assert steps == {("vmap", (16, 24)): 1}
+    for i, s in enumerate(settings):
+        alone = Engine(s)
+        (r,) = alone.run([WorkItem(i, IMAGES[i % 2], 3, name=f"im{i % 2}")])
+        np.testing.assert_array_equal(mixed[i].labels, r.labels)
+        assert mixed[i].iterations == r.iterations
+    assert mixed[3].iterations <= 5 < tiny_config.stop.max_iters
+    assert len({mixed[i].labels.tobytes() for i in range(len(settings))}) == len(settings)  # all differ
+    # A field that shapes the program cannot differ within a run.
+    with _pytest.raises(ConfigError, match=r"model.channels = 8: differs from the run's 16, and it shapes"):
+        list(engine.run([WorkItem(0, IMAGES[0], 3, setting=base.replace({"model.channels": 8}))]))
