@@ -1,5 +1,5 @@
-"""The ``dynaseg`` command line: ``segment``, ``evaluate``, ``report``, ``merge``, ``sample``,
-``config`` and ``weights``.
+"""The ``dynaseg`` command line: ``segment``, ``sweep``, ``evaluate``, ``report``, ``merge``,
+``sample``, ``config`` and ``weights``.
 
 Every command ends in one line and an exit code: 0 success, 1 some images or
 predictions failed, 2 a bad config, option or input folder, 3 an unexpected error
@@ -90,23 +90,7 @@ def _run_segment(args) -> int:
     config = load_config(args.config, overrides)
     if not (args.scale > 0 and args.scale < float("inf")):
         raise ConfigError(f"--scale {args.scale}: must be finite and > 0")
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit {args.limit}: must be >= 1")
-    inputs = list(args.inputs)
-    if args.dataset:
-        from .datasets import DEFAULT_SPLITS, open_dataset
-        from .runner import DatasetInput
-        if not args.root:
-            raise ConfigError("--dataset needs --root DIR")
-        ds = open_dataset(args.dataset, args.root, args.split, id_list=args.id_list)
-        ids = ds.ids()[: args.limit] if args.limit else ds.ids()
-        # The resume key of an image: dataset, resolved root, the split actually read, id.
-        split = args.split or DEFAULT_SPLITS[args.dataset] or ""
-        root = os.path.realpath(args.root)
-        inputs += [DatasetInput(i, f"{args.dataset}:{root}:{split}:{i}", (lambda i=i: ds.load(i).image))
-                   for i in ids]
-    elif args.limit or args.root or args.split:
-        raise ConfigError("--root, --split and --limit need --dataset")
+    inputs = list(args.inputs) + _dataset_inputs(args)
     if not inputs:
         raise ConfigError("nothing to segment: give INPUT files/folders or --dataset/--root")
     _init_distributed(args)
@@ -122,6 +106,49 @@ def _run_segment(args) -> int:
             print(f"  {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _dataset_inputs(args) -> list:
+    """``--dataset/--root/--split/--limit/--id-list`` as ``DatasetInput`` items ([] without --dataset)."""
+    if not args.dataset:
+        if args.limit or args.root or args.split:
+            raise ConfigError("--root, --split and --limit need --dataset")
+        return []
+    from .datasets import DEFAULT_SPLITS, open_dataset
+    from .runner import DatasetInput
+    if not args.root:
+        raise ConfigError("--dataset needs --root DIR")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: must be >= 1")
+    ds = open_dataset(args.dataset, args.root, args.split, id_list=getattr(args, "id_list", None))
+    ids = ds.ids()[: args.limit] if args.limit else ds.ids()
+    # The resume key of an image: dataset, resolved root, the split actually read, id.
+    split = args.split or DEFAULT_SPLITS[args.dataset] or ""
+    root = os.path.realpath(args.root)
+    return [DatasetInput(i, f"{args.dataset}:{root}:{split}:{i}", (lambda i=i: ds.load(i).image)) for i in ids]
+
+
+def _run_sweep(args) -> int:
+    from .sweep import parse_grid, run_sweep
+    overrides = list(args.overrides)
+    if args.batch is not None:
+        overrides.append(f"engine.batch={args.batch}")
+    config = load_config(args.config, overrides)
+    grid = parse_grid(args.grid)
+    if not grid:
+        raise ConfigError("--grid key=v1,v2,...: give at least one")
+    if not (args.scale > 0 and args.scale < float("inf")):
+        raise ConfigError(f"--scale {args.scale}: must be finite and > 0")
+    inputs = list(args.inputs) + _dataset_inputs(args)
+    if not inputs:
+        raise ConfigError("nothing to segment: give INPUT files/folders or --dataset/--root")
+    scored = args.dataset if args.dataset in ("bsds500", "voc2012") else None
+    report = run_sweep(inputs, args.out, config, grid, scale=args.scale,
+                       dataset=(scored, args.root, args.split) if scored else None,
+                       progress=not args.no_progress and sys.stderr.isatty())
+    print(f"{len(report['settings'])} settings: {report['segmented']} segmented, {report['skipped']} already "
+          f"done, {report['failed']} failed in {report['seconds']:.1f} s -> {os.path.join(args.out, 'sweep.csv')}")
+    return 1 if report["failed"] else 0
 
 
 def _run_merge(args) -> int:
@@ -215,6 +242,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="dataset folder (with --dataset)")
     p.add_argument("--split", help="dataset split (default: the dataset's)")
     p.add_argument("--html", help="where to write the page (default OUT/report.html)")
+    p = sub.add_parser("sweep", help="run a grid of settings over images in one engine run",
+                       description="Segment every image with every combination of the --grid values "
+                                   "(per-slot fields: optimiser, schedule, stop rule, seed, init, "
+                                   "silhouette), all pairs in one engine run; writes OUT/<setting>/ "
+                                   "per setting and, with a dataset with ground truth, OUT/sweep.csv, "
+                                   "sweep.json and sweep.png. Resumable like segment.")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files or folders")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="a swept field and its values (parsed as TOML: a list is [2, 12]); repeat "
+                        "for more, e.g. --grid schedule.alpha=10,15,50 --grid seed=0,1,2")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--config", default="dynaseg_scf", help="the base preset or .toml file")
+    _add_set(p)
+    p.add_argument("--batch", type=int, help="slots (config field engine.batch)")
+    p.add_argument("--scale", type=float, default=1.0, help="resize images by this factor first")
+    p.add_argument("--dataset", choices=("bsds500", "voc2012", "cocostuff27", "folder"),
+                   help="sweep over a dataset split (scored when it has ground truth: bsds500, voc2012)")
+    p.add_argument("--root", help="dataset folder (with --dataset)")
+    p.add_argument("--split", help="dataset split")
+    p.add_argument("--limit", type=int, help="with --dataset: only the first N images")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = sub.add_parser("merge", help="merge the results files of a multi-process run",
                        description="Write the union of OUT/results.jsonl and every process's "
                                    "OUT/results.<i>.jsonl to OUT/results.jsonl, one record per image. "
@@ -239,10 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"segment": _run_segment, "evaluate": _run_evaluate, "report": _run_report, "merge": _run_merge,
+COMMANDS = {"segment": _run_segment, "evaluate": _run_evaluate, "sweep": _run_sweep, "report": _run_report,
+            "merge": _run_merge,
             "sample": _run_sample, "config": _run_config, "weights": _run_weights}
 # Commands that train networks: only they pay for the huge-page restart (runtime.py).
-TRAINING_COMMANDS = ("segment",)
+TRAINING_COMMANDS = ("segment", "sweep")
 
 
 def main(argv=None) -> int:

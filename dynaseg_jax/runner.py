@@ -292,6 +292,24 @@ def segment_files(inputs: Sequence, out_dir: str | os.PathLike, config: Config, 
     return summary
 
 
+def resolve_jobs(inputs: Sequence, out: Path) -> tuple[list, list]:
+    """Inputs (files, folders, ``DatasetInput``, ``(name, loader)``) -> ``(jobs, problems)``:
+    jobs ``(name, source, stem, loader or Path)``, problems ``(path, message)`` of inputs
+    that are not images; ``out`` is never searched."""
+    jobs = []
+    file_inputs = [x for x in inputs if isinstance(x, (str, os.PathLike))]
+    paths, problems = find_images(file_inputs, exclude=out)
+    for p in paths:
+        jobs.append((str(p), str(p.resolve()), p.stem, p))
+    for x in inputs:
+        if isinstance(x, DatasetInput):
+            jobs.append((x.name, x.source, x.name, x.load))  # a dataset id names its outputs as is
+        elif isinstance(x, tuple):
+            name, loader = x
+            jobs.append((str(name), str(name), str(name), loader))
+    return jobs, problems
+
+
 def _share(jobs: list, index: int, count: int, scale: float, cfg: Config) -> list:
     """This process's share of the jobs: all (unique by source) sorted by bucket and
     source, every ``count``-th from the ``index``-th. A function of the inputs only, so
@@ -339,21 +357,11 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
                 "error": str(err), "height": None, "width": None, "iterations": iterations,
                 "clusters": None, "k_min": None, "seconds": None}
 
-    # Resolve inputs to (name, source, stem, loader) jobs.
-    jobs = []
-    file_inputs = [x for x in inputs if isinstance(x, (str, os.PathLike))]
-    paths, problems = find_images(file_inputs, exclude=out)
+    jobs, problems = resolve_jobs(inputs, out)
+    paths = [job[3] for job in jobs if isinstance(job[3], Path)]
     index, count = folder.process
     for p, msg in problems if index == 0 else ():  # reported once
         pending_errors.append(error_entry(p, msg))
-    for p in paths:
-        jobs.append((str(p), str(p.resolve()), p.stem, p))
-    for x in inputs:
-        if isinstance(x, DatasetInput):
-            jobs.append((x.name, x.source, x.name, x.load))  # a dataset id names its outputs as is
-        elif isinstance(x, tuple):
-            name, loader = x
-            jobs.append((str(name), str(name), str(name), loader))
 
     if count > 1:
         jobs = _share(jobs, index, count, scale, cfg)

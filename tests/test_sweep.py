@@ -1,0 +1,99 @@
+"""``dynaseg sweep``: grid parsing, one engine run for all (image, setting) pairs whose
+labels equal single ``segment`` runs, resume, scoring against ground truth."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dynaseg_jax import images as imio
+from dynaseg_jax.cli import main
+from dynaseg_jax.config import ConfigError
+from dynaseg_jax.sweep import expand, parse_grid, split_values
+from tests.conftest import smooth_image
+from tests.test_datasets import make_bsds
+
+TINY = """
+[model]
+channels = 16
+max_clusters = 16
+conv_impl = "lax"
+[stop]
+max_iters = 12
+k_min = 3
+[engine]
+bucket_multiple = 8
+strategy = "vmap"
+batch = 3
+"""
+
+
+def test_grid_parsing(tiny_config):
+    assert split_values("10,15,50") == [10, 15, 50]
+    assert split_values("[2,12],[2, 8]") == [[2, 12], [2, 8]]
+    assert split_values('fsf,scf,"a,b"') == ["fsf", "scf", "a,b"]
+    grid = parse_grid(["schedule.alpha=10,15", "seed=0,1", "schedule.kind=fsf"])
+    assert grid == {"schedule.alpha": [10, 15], "seed": [0, 1], "schedule.kind": ["fsf"]}
+    settings = expand(tiny_config, grid)
+    assert [s.name for s in settings][:2] == ["schedule.alpha_10__seed_0__schedule.kind_fsf",
+                                             "schedule.alpha_10__seed_1__schedule.kind_fsf"]
+    # Values that resolve to the same config are run once: alpha 10 and 10.0.
+    assert len(expand(tiny_config, parse_grid(["schedule.alpha=10,10.0,15"]))) == 2
+    for bad, msg in (("optim.lr", "expected key=v1,v2"), ("optim.lrr=1", "unknown field"),
+                     ("model.channels=8,16", "shapes the compiled program")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_grid([bad])
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    (root / "in").mkdir()
+    for i, (h, w) in enumerate([(16, 24), (20, 24), (16, 24)]):
+        Image.fromarray((smooth_image(h, w, i) * 255).astype(np.uint8)).save(root / "in" / f"im{i}.png")
+    (root / "tiny.toml").write_text(TINY)
+    return root
+
+
+def test_sweep_pairs_equal_single_runs_and_resume(folder, capsys):
+    out = folder / "sweep"
+    args = ["sweep", str(folder / "in"), "--out", str(out), "--config", str(folder / "tiny.toml"), "--no-progress",
+            "--grid", "optim.lr=0.05,0.1", "--grid", "seed=0,1"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith("4 settings: 12 segmented, 0 already done, 0 failed")
+    # One setting of the four, as a single segment run (same slot count and strategy).
+    single = folder / "single"
+    assert main(["segment", str(folder / "in"), "--out", str(single), "--config", str(folder / "tiny.toml"),
+                 "--no-progress", "--set", "optim.lr=0.05", "--set", "seed=1"]) == 0
+    capsys.readouterr()
+    swept = out / "optim.lr_0.05__seed_1"
+    for i in range(3):
+        np.testing.assert_array_equal(imio.read_labels(swept / f"im{i}.png"), imio.read_labels(single / f"im{i}.png"))
+    assert (swept / "config.toml").read_text().splitlines()[1] == (single / "config.toml").read_text().splitlines()[1]
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [r["setting"] for r in rows] == ["optim.lr_0.05__seed_0", "optim.lr_0.05__seed_1",
+                                           "optim.lr_0.1__seed_0", "optim.lr_0.1__seed_1"]
+    assert all(r["images"] == "3" for r in rows)
+    # The rerun does nothing.
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith("4 settings: 0 segmented, 12 already done")
+
+
+def test_sweep_scores_a_dataset(tmp_path, capsys):
+    root = tmp_path / "bsds"
+    make_bsds(root, "val", ids=("11", "22"), shape=(16, 24))
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY)
+    out = tmp_path / "out"
+    assert main(["sweep", "--dataset", "bsds500", "--root", str(root), "--split", "val", "--out", str(out),
+                 "--config", str(cfg), "--no-progress", "--grid", "schedule.alpha=10,50"]) == 0
+    capsys.readouterr()
+    report = json.loads((out / "sweep.json").read_text())
+    from dynaseg_jax.evaluate import evaluate_predictions
+    for row in report["settings"]:
+        want = evaluate_predictions("bsds500", root, "val", out / row["setting"])
+        assert row["all"] == want["all"] and row["hungarian"] == want["hungarian"] and row["images"] == 2
+    assert (out / "sweep.png").stat().st_size > 0  # the plot (matplotlib: the bench extra)
