@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 import os
 from pathlib import Path
@@ -95,6 +96,8 @@ def build_report(out_dir: str | os.PathLike, dataset: str | None = None, root: s
       ValueError: ``out_dir`` has no results file.
     """
     out = Path(out_dir)
+    if (out / "sweep.json").is_file():
+        return _sweep_report(out, dataset, root, split, html_path, thumb_width)
     records = _latest_records(out)
     if not records:
         raise ValueError(f"{out}: no results (results.jsonl) to report")
@@ -164,7 +167,51 @@ def build_report(out_dir: str | os.PathLike, dataset: str | None = None, root: s
         title=html.escape(f"dynaseg report: {out.resolve().name}"),
         folder=html.escape(str(out.resolve())),
         summary="".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary),
-        head=head, body="\n".join(body), config=html.escape(config_text))
+        head=head, body="\n".join(body), config=html.escape(config_text),
+        images_head="<th>image</th><th>overlay</th><th>labels</th>", section="Images", plot="",
+        config_title="Config")
+    path = Path(html_path) if html_path else out / REPORT
+    imio.write_text_atomic(path, page)
+    return path
+
+
+def _sweep_report(out: Path, dataset, root, split, html_path, thumb_width) -> Path:
+    """The page of a ``dynaseg sweep`` folder: its table (one sortable row per setting,
+    linking to that setting's own report, written too), its plot, the base config."""
+    report = json.loads((out / "sweep.json").read_text())
+    rows = report["settings"]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    head = "".join(f'<th data-col="{i}">{html.escape(c)}</th>' for i, c in enumerate(columns))
+    body = []
+    for row in rows:
+        if (out / row["setting"]).is_dir() and row.get("images"):
+            build_report(out / row["setting"], dataset, root, split, thumb_width=thumb_width)
+        tds = []
+        for c in columns:
+            v = row.get(c)
+            text = json.dumps(v) if isinstance(v, (list, tuple)) else _fmt(v)
+            sort = "" if v is None or (isinstance(v, float) and math.isnan(v)) else html.escape(
+                json.dumps(v) if isinstance(v, (list, tuple)) else str(v), quote=True)
+            cell = html.escape(text)
+            if c == "setting" and (out / v / REPORT).is_file():
+                cell = f'<a href="{html.escape(v, quote=True)}/{REPORT}">{cell}</a>'
+            tds.append(f'<td data-sort="{sort}">{cell}</td>')
+        body.append(f'<tr class="ok">{"".join(tds)}</tr>')
+    plot = ""
+    if (out / "sweep.png").is_file():
+        data = base64.b64encode((out / "sweep.png").read_bytes()).decode("ascii")
+        plot = f'<h2>Plot</h2><img src="data:image/png;base64,{data}" alt="sweep plot">'
+    grid = "; ".join(f"{k} = {', '.join(json.dumps(v) for v in vals)}" for k, vals in report["grid"].items())
+    summary = [("settings", len(rows)), ("grid", grid), ("scale", report.get("scale")),
+               ("pairs segmented (last run)", report.get("segmented")), ("failed", report.get("failed"))]
+    first = out / rows[0]["setting"] / CONFIG if rows else None
+    config_text = first.read_text() if first is not None and first.is_file() else "(no config.toml)"
+    page = _PAGE.format(
+        title=html.escape(f"dynaseg sweep report: {out.resolve().name}"), folder=html.escape(str(out.resolve())),
+        summary="".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary),
+        head=head, body="\n".join(body), config=html.escape(config_text), images_head="",
+        section="Settings (a setting's name opens its images)", plot=plot,
+        config_title=f"Config of the first setting ({html.escape(rows[0]['setting']) if rows else ''})")
     path = Path(html_path) if html_path else out / REPORT
     imio.write_text_atomic(path, page)
     return path
@@ -187,13 +234,14 @@ pre {{ background: #f7f7f7; padding: 1em; overflow-x: auto; }}
 <h1>{title}</h1>
 <p>Output folder: <code>{folder}</code>. Click a column title to sort by it.</p>
 <table class="summary">{summary}</table>
-<h2>Images</h2>
+<h2>{section}</h2>
 <table class="grid" id="images">
-<thead><tr><th>image</th><th>overlay</th><th>labels</th>{head}</tr></thead>
+<thead><tr>{images_head}{head}</tr></thead>
 <tbody>
 {body}
 </tbody></table>
-<h2>Config</h2>
+{plot}
+<h2>{config_title}</h2>
 <pre>{config}</pre>
 <script>
 document.querySelectorAll("#images th[data-col]").forEach(function (th) {{

@@ -97,3 +97,28 @@ def test_sweep_scores_a_dataset(tmp_path, capsys):
         want = evaluate_predictions("bsds500", root, "val", out / row["setting"])
         assert row["all"] == want["all"] and row["hungarian"] == want["hungarian"] and row["images"] == 2
     assert (out / "sweep.png").stat().st_size > 0  # the plot (matplotlib: the bench extra)
+
+
+def test_report_of_a_sweep(tmp_path, capsys):
+    from tests.test_report import Page
+    root = tmp_path / "bsds"
+    make_bsds(root, "val", ids=("11",), shape=(16, 24))
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY)
+    out = tmp_path / "out"
+    common = ["--dataset", "bsds500", "--root", str(root), "--split", "val"]
+    assert main(["sweep", *common, "--out", str(out), "--config", str(cfg), "--no-progress",
+                 "--grid", "seed=0,1,2"]) == 0
+    assert main(["report", str(out), *common]) == 0
+    capsys.readouterr()
+    text = (out / "report.html").read_text()
+    page = Page()
+    page.feed(text)
+    assert len(page.rows) == 3 and 'src="data:image/png;base64,' in text  # the plot, inlined
+    for seed in range(3):
+        assert f'href="seed_{seed}/report.html"' in text and (out / f"seed_{seed}" / "report.html").is_file()
+    rows = json.loads((out / "sweep.json").read_text())["settings"]
+    by_name = {r[0][1]: r for r in page.rows}
+    for row in rows:  # the page's numbers are the table's
+        cells = by_name[row["setting"]]
+        assert float(cells[list(row).index("all")][0]) == row["all"]
