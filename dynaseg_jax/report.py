@@ -24,17 +24,18 @@ from . import images as imio
 from .outputs import CONFIG, read_all_records
 
 REPORT = "report.html"
-THUMB_WIDTH = 200
+THUMB_WIDTH = 160  # thumbnails fit a box of this width and 3/4 of it in height
 
 
 def _data_uri(rgb: np.ndarray, width: int, fmt: str) -> str:
-    """A thumbnail ``width`` pixels wide as a data URI (JPEG for photos, PNG for labels,
-    whose flat colours JPEG would smear)."""
+    """A thumbnail that fits ``width`` x ``3/4 width`` as a data URI (JPEG for photos,
+    PNG for labels, whose flat colours JPEG would smear); never enlarged."""
     img = Image.fromarray(rgb)
-    if img.width > width:
-        height = max(1, round(img.height * width / img.width))
+    factor = min(width / img.width, 0.75 * width / img.height)
+    if factor < 1:
+        size = (max(1, round(img.width * factor)), max(1, round(img.height * factor)))
         resample = Image.NEAREST if fmt == "PNG" else Image.BILINEAR
-        img = img.resize((width, height), resample)
+        img = img.resize(size, resample)
     buf = io.BytesIO()
     img.save(buf, format=fmt, **({"quality": 85} if fmt == "JPEG" else {}))
     mime = "image/jpeg" if fmt == "JPEG" else "image/png"
@@ -158,7 +159,7 @@ def build_report(out_dir: str | os.PathLike, dataset: str | None = None, root: s
         for key, _ in columns:
             v = values.get(key)
             sort = "" if v is None or (isinstance(v, float) and math.isnan(v)) else html.escape(str(v), quote=True)
-            text = html.escape(_fmt(v))
+            text = html.escape(_fmt(v, 1 if key == "seconds" else 3))
             if key == "status" and error:
                 text = f'<span title="{html.escape(str(error), quote=True)}">{text}</span>'
             tds.append(f'<td data-sort="{sort}">{text}</td>')
@@ -225,7 +226,8 @@ table.grid {{ border-collapse: collapse; }}
 table.grid th, table.grid td {{ border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: right; vertical-align: middle; }}
 table.grid th[data-col] {{ cursor: pointer; background: #f3f3f3; position: sticky; top: 0; }}
 table.grid th[data-col]:hover {{ background: #e4e4e4; }}
-table.grid img {{ display: block; }}
+table.grid img {{ display: block; margin: auto; }}
+table.grid td:has(img), table.grid th:not([data-col]) {{ text-align: center; }}
 tr.error td {{ background: #fff0f0; }}
 table.summary th {{ text-align: left; padding-right: 1em; font-weight: normal; color: #555; }}
 pre {{ background: #f7f7f7; padding: 1em; overflow-x: auto; }}
