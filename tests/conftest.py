@@ -31,6 +31,13 @@ def tiny_config() -> Config:
                              "engine.bucket_multiple": 8})
 
 
+def tiny_toml(max_iters: int, k_min: int, strategy: str, batch: int) -> str:
+    """A config file for command-line tests: the tiny network of ``tiny_config``."""
+    return (f'[model]\nchannels = 16\nmax_clusters = 16\nconv_impl = "lax"\n'
+            f'[stop]\nmax_iters = {max_iters}\nk_min = {k_min}\n'
+            f'[engine]\nbucket_multiple = 8\nstrategy = "{strategy}"\nbatch = {batch}\n')
+
+
 def smooth_image(h: int, w: int, seed: int) -> np.ndarray:
     """A float RGB image with a few smooth regions (tiny, deterministic)."""
     rng = np.random.default_rng(seed)

@@ -19,22 +19,10 @@ from PIL import Image
 
 from dynaseg_jax import images as imio
 from dynaseg_jax.outputs import merge_results
-from tests.conftest import smooth_image
+from tests.conftest import smooth_image, tiny_toml
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = """
-[model]
-channels = 16
-max_clusters = 16
-conv_impl = "lax"
-[stop]
-max_iters = 150
-k_min = 1
-[engine]
-bucket_multiple = 8
-strategy = "per_image"
-batch = 1
-"""
+TINY = tiny_toml(max_iters=150, k_min=1, strategy="per_image", batch=1)
 N_IMAGES = 8
 
 

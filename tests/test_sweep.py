@@ -13,22 +13,10 @@ from dynaseg_jax import images as imio
 from dynaseg_jax.cli import main
 from dynaseg_jax.config import ConfigError
 from dynaseg_jax.sweep import expand, parse_grid, split_values
-from tests.conftest import smooth_image
+from tests.conftest import smooth_image, tiny_toml
 from tests.test_datasets import make_bsds
 
-TINY = """
-[model]
-channels = 16
-max_clusters = 16
-conv_impl = "lax"
-[stop]
-max_iters = 12
-k_min = 3
-[engine]
-bucket_multiple = 8
-strategy = "vmap"
-batch = 3
-"""
+TINY = tiny_toml(max_iters=12, k_min=3, strategy="vmap", batch=3)
 
 
 def test_grid_parsing(tiny_config):
