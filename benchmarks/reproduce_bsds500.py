@@ -347,7 +347,12 @@ def describe(method: str, settings: dict, args) -> str:
     kind = c["schedule.kind"]
     mu = f"mu={c['schedule.mu']:g}" if kind == "fixed" else f"{kind.upper()} alpha={c['schedule.alpha']:g}"
     text = (f"{mu}, k_min={c['stop.k_min']}, max_iters={c['stop.max_iters']}, p={c['model.channels']}, "
-            f"q={c['model.max_clusters']}, n_conv={c['model.n_conv']}")
+            f"q={c['model.max_clusters']}, ")
+    if c.get("model.name", "cnn") == "cnn":
+        text += f"n_conv={c['model.n_conv']}"
+    else:
+        text += (f"model {c['model.name']} (trunk {c.get('model.trunk', 'finetune')}, BatchNorm "
+                 f"{c.get('model.trunk_norm', 'batch')} statistics, weights {c.get('model.weights') or 'published'})")
     if c["stop.k_min"] == "silhouette":
         text += f", features={c['silhouette.features']}, k in {list(c['silhouette.k_range'])}"
     return text
