@@ -133,10 +133,30 @@ class SameConv(nn.Module):
             x, padding = same_pad_stride2(x, mask, k)
         else:
             padding = ((k // 2, k // 2), (k // 2, k // 2))
+        if self.depthwise:
+            return depthwise_conv(x, kernel[:, :, 0, :], self.stride, padding)
         return jax.lax.conv_general_dilated(
             x[None], kernel, (self.stride, self.stride), padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=cin if self.depthwise else 1, precision=self.precision)[0]
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)[0]
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
+    """A depthwise conv (kernel (k, k, C)) as a sum of k*k shifted, strided slices times
+    the kernel's taps: elementwise work that XLA fuses, forward and backward (as a
+    grouped ``conv_general_dilated`` with one group per channel, its backward pass is
+    several times slower on XLA:CPU). The same products as the conv, summed tap by tap."""
+    (pt, pb), (pl, pr) = padding
+    k = kernel.shape[0]
+    xp = jnp.pad(x, ((pt, pb), (pl, pr), (0, 0)))
+    h_out = (xp.shape[0] - k) // stride + 1
+    w_out = (xp.shape[1] - k) // stride + 1
+    y = None
+    for i in range(k):
+        for j in range(k):
+            tap = jax.lax.slice(xp, (i, j, 0), (i + (h_out - 1) * stride + 1, j + (w_out - 1) * stride + 1,
+                                                xp.shape[2]), (stride, stride, 1)) * kernel[i, j]
+            y = tap if y is None else y + tap
+    return y
 
 
 class MBConvBlock(nn.Module):
