@@ -52,7 +52,7 @@ def xla_step_flops(engine, h: int, w: int) -> float:
     bh, bw, _ = bucket_shape(h, w, engine.config, engine.model)
     state = engine.new_state(0)
     step = jax.jit(train.make_train_step(engine.config, model=engine.model))
-    cost = step.lower(state, jnp.zeros((bh, bw, 3)), jnp.ones((bh, bw))).compile().cost_analysis()
+    cost = step.lower(state, jnp.zeros((bh, bw, 3)), jnp.ones((bh, bw)), engine.shared).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
 
