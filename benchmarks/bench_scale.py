@@ -217,13 +217,13 @@ def plot(report: dict, path: str) -> None:
         rows = report["devices"]
         labels = [f"{r['devices']}{' (mesh)' if r['sharded'] and r['devices'] == 1 else ''}" for r in rows]
         axes[0].bar(labels, [r["images_per_s"] for r in rows])
-        axes[0].set(title="vmap engine, forced CPU devices\n(shared cores: overhead, not speed-up)",
+        axes[0].set(title="vmap engine, forced devices\n(on a CPU they share its cores)",
                     xlabel="devices", ylabel="images / s")
     if report.get("processes"):
         p = report["processes"]
         axes[1].bar(["1 process", "2 processes"], [p["one_process_images_per_s"], p["two_process_images_per_s"]])
         axes[1].set(title="dynaseg segment, whole commands", ylabel="images / s")
-    for name, bal in (("folder", report.get("balance")), ("results", report.get("balance_results"))):
+    for name, bal in (("mixed-size folder", report.get("balance")), ("--results run", report.get("balance_results"))):
         if bal:
             ps = [s["processes"] for s in bal["shares"]]
             axes[2].plot(ps, [s["round_robin_max_over_mean"] for s in bal["shares"]], "o-",
