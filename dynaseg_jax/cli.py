@@ -69,7 +69,7 @@ def _init_distributed(args) -> None:
     if not args.distributed and any(v is None for v in explicit):
         raise ConfigError("--coordinator, --num-processes and --process-id go together "
                           "(or --distributed, to read them from the launcher)")
-    if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+    if None not in (args.num_processes, args.process_id) and not 0 <= args.process_id < args.num_processes:
         raise ConfigError(f"--process-id {args.process_id}: must be in 0..{args.num_processes - 1}")
     import jax
     try:

@@ -226,27 +226,40 @@ def _delete_outputs(path: Path, records: list) -> None:
                 (path / name).unlink(missing_ok=True)
 
 
+def one_record_per_image(records: list[dict]) -> list[dict]:
+    """One record per image (by source): its last ``ok`` record if it has one, else its
+    last record; in order of first appearance."""
+    best: dict = {}
+    for r in records:
+        key = r.get("source") or r.get("file")
+        if r.get("status") == "ok" or best.get(key, {}).get("status") != "ok":
+            best[key] = r
+    return list(best.values())
+
+
 def merge_results(out_dir: str | os.PathLike) -> int:
     """Writes the union of a folder's results files to ``results.jsonl``, one record per
     image (its ``ok`` record if it has one, else its last), sorted by source; returns
-    the number of records. Idempotent and safe beside running processes: it holds
-    ``.dynaseg.merge.lock`` while it reads and replaces the file atomically.
+    the number of records. Idempotent, and safe beside the processes of a multi-process
+    run: it holds ``.dynaseg.lock`` shared, as they do (so never beside a one-process
+    run, which appends to results.jsonl itself), and ``.dynaseg.merge.lock`` while it
+    reads and replaces the file atomically.
+
+    Raises:
+      OutputFolderError: a one-process run is writing into the folder.
     """
     path = Path(out_dir)
+    shared = _lock(path, LOCK, exclusive=False)
     fd = _lock(path, MERGE_LOCK, exclusive=True, wait=True)
     try:
-        best: dict = {}
-        for r in read_all_records(path):
-            key = (r.get("source") or r.get("file"), r.get("config"))
-            if r.get("status") == "ok" or best.get(key, {}).get("status") != "ok":
-                best[key] = r
-        records = sorted(best.values(), key=lambda r: (str(r.get("source") or r.get("file")),
-                                                       str(r.get("config"))))
+        records = sorted(one_record_per_image(read_all_records(path)),
+                         key=lambda r: str(r.get("source") or r.get("file")))
         imio.write_text_atomic(path / RESULTS,
                                "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
         return len(records)
     finally:
         _unlock(fd)
+        _unlock(shared)
 
 
 def _lock(path: Path, name: str, exclusive: bool, wait: bool = False) -> int | None:

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from . import images as imio
-from .outputs import CONFIG, read_all_records
+from .outputs import CONFIG, one_record_per_image, read_all_records
 
 REPORT = "report.html"
 THUMB_WIDTH = 160  # thumbnails fit a box of this width and 3/4 of it in height
@@ -59,16 +59,6 @@ def _source_image(record: dict, dataset, dataset_ids: set) -> np.ndarray | None:
     return None
 
 
-def _latest_records(out: Path) -> list[dict]:
-    """One record per image (its ok record if any, else its last), in file order."""
-    best: dict = {}
-    for r in read_all_records(out):
-        key = r.get("source") or r.get("file")
-        if r.get("status") == "ok" or best.get(key, {}).get("status") != "ok":
-            best[key] = r
-    return list(best.values())
-
-
 def _fmt(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
@@ -99,7 +89,7 @@ def build_report(out_dir: str | os.PathLike, dataset: str | None = None, root: s
     out = Path(out_dir)
     if (out / "sweep.json").is_file():
         return _sweep_report(out, dataset, root, split, html_path, thumb_width)
-    records = _latest_records(out)
+    records = one_record_per_image(read_all_records(out))
     if not records:
         raise ValueError(f"{out}: no results (results.jsonl) to report")
     ds, ds_ids, scores = None, set(), {}

@@ -145,13 +145,17 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
             engine.check_setting(s.config)
         estimators = [KStarEstimator(resolve_config(s.config), lambda n, s=s: engine.initial_variables(n, s.config),
                                      engine.model) for s in settings]
-        stems, todo = {}, []
+        done = [f.done_sources() for f in folders]  # read once, not per image
+        stems, todo, queued = {}, [], set()
         for job in jobs:
             name, source, stem, _ = job
+            if source in queued:
+                continue  # the same file given twice (a folder and a file in it)
+            queued.add(source)
             if stems.setdefault(stem.casefold(), source) != source:
                 log(f"error: {name}: output name {stem}.png is already used by {stems[stem.casefold()]}")
                 continue
-            pending = [i for i, f in enumerate(folders) if source not in f.done_sources()]
+            pending = [i for i, d in enumerate(done) if source not in d]
             if pending:
                 todo.append((job, pending))
         skipped = sum(len(settings) - len(p) for _, p in todo) + (len(jobs) - len(todo)) * len(settings)
@@ -226,11 +230,11 @@ def summarize(out: Path, settings: list[Setting], dataset: tuple | None) -> list
     """One row per setting: its swept values, mean iterations and clusters, and its
     scores against the dataset's ground truth (if given)."""
     from .evaluate import evaluate_predictions
-    from .outputs import read_all_records
+    from .outputs import one_record_per_image, read_all_records
 
     rows = []
     for s in settings:
-        ok = [r for r in read_all_records(out / s.name) if r.get("status") == "ok"]
+        ok = [r for r in one_record_per_image(read_all_records(out / s.name)) if r.get("status") == "ok"]
         row = {"setting": s.name, **{k: s.values[k] for k in s.values}, "images": len(ok),
                "mean_iterations": float(np.mean([r["iterations"] for r in ok])) if ok else math.nan,
                "mean_clusters": float(np.mean([r["clusters"] for r in ok])) if ok else math.nan}

@@ -45,10 +45,7 @@ def nets():
     """(torch net float32, the same in float64) on the ImageNet weights, random FPN."""
     torch.manual_seed(0)
     t32 = ref.TorchEfficientNetLite0FPN(16, 8, weights_path=str(weights_file()))
-    t64 = ref.TorchEfficientNetLite0FPN(16, 8)
-    t64.load_state_dict(t32.state_dict())
-    t64.double()
-    return t32, t64
+    return t32, test_resnet.float64_twin(t32, ref.TorchEfficientNetLite0FPN(16, 8))
 
 
 def image(shape=SHAPE, seed=0):
@@ -81,7 +78,7 @@ def test_trunk_stages_match_the_package(nets, trunk_norm):
     ours = apply(trunk_vars, jnp.asarray(img), jnp.ones(SHAPE))
     padded, mask = in_bucket(img)
     bucketed = apply(trunk_vars, jnp.asarray(padded), jnp.asarray(mask))
-    for level, (a, p, b, c) in enumerate(zip(ours, bucketed, want32, want64), 2):
+    for level, (a, p, b, c) in enumerate(zip(ours, bucketed, want32, want64, strict=True), 2):
         h, w = b.shape[-2:]
         assert a.shape[:2] == (h, w) == (-(-SHAPE[0] // 2 ** level), -(-SHAPE[1] // 2 ** level))
         b, c = b[0].permute(1, 2, 0), c[0].permute(1, 2, 0)

@@ -50,11 +50,15 @@ def nets():
     """(torch FPN float32, the same in float64, our params float32) from one seeded init."""
     torch.manual_seed(0)
     t32 = ref.TorchResNet18FPN(16, 8).train()
-    t64 = ref.TorchResNet18FPN(16, 8).train()
-    t64.load_state_dict(t32.state_dict())
-    t64.double()
     params = jax.tree.map(jnp.asarray, ref.torch_fpn_to_jax_params(t32))
-    return t32, t64, params
+    return t32, float64_twin(t32, ref.TorchResNet18FPN(16, 8)), params
+
+
+def float64_twin(t32, blank):
+    """``blank`` (a network of ``t32``'s class) with ``t32``'s weights, in float64 and in
+    ``t32``'s train/eval mode: the truth the float32 runs are measured against."""
+    blank.load_state_dict(t32.state_dict())
+    return blank.double().train(t32.training)
 
 
 def image():
@@ -86,7 +90,7 @@ def test_trunk_stages_match_torchvision(nets):
     with torch.no_grad():
         want32 = t32.stages(to_torch(x, torch.float32))
         want64 = t64.stages(to_torch(x, torch.float64))
-    for level, (a, b, c, hw) in enumerate(zip(ours, want32, want64, resnet.stage_shapes(*SHAPE)), 2):
+    for level, (a, b, c, hw) in enumerate(zip(ours, want32, want64, resnet.stage_shapes(*SHAPE), strict=True), 2):
         assert a.shape[:2] == hw == tuple(b.shape[-2:])
         assert_within_torch_error(a, b[0].permute(1, 2, 0), c[0].permute(1, 2, 0), f"C{level}")
 
@@ -155,9 +159,7 @@ def test_trunk_running_statistics_match_torchvision_eval_mode():
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
     t32.eval()
-    t64 = ref.TorchResNet18FPN(16, 8)
-    t64.load_state_dict(t32.state_dict())
-    t64.double().eval()
+    t64 = float64_twin(t32, ref.TorchResNet18FPN(16, 8))
     variables = jax.tree.map(jnp.asarray, ref.torch_fpn_to_jax_params(t32, running_stats=True))
     trunk = resnet.ResNet18Trunk(precision="float32", norm=resnet.trunk_norm_layer("running"))
     trunk_vars = {c: variables[c]["trunk"] for c in ("params", "batch_stats")}
@@ -167,7 +169,7 @@ def test_trunk_running_statistics_match_torchvision_eval_mode():
     with torch.no_grad():
         want32 = t32.stages(to_torch(x, torch.float32))
         want64 = t64.stages(to_torch(x, torch.float64))
-    for level, (a, b, c) in enumerate(zip(ours, want32, want64), 2):
+    for level, (a, b, c) in enumerate(zip(ours, want32, want64, strict=True), 2):
         assert_within_torch_error(a, b[0].permute(1, 2, 0), c[0].permute(1, 2, 0), f"C{level} (running)")
     # The batch-statistics trunk gives another result on the same weights: the mode is used.
     batch = jax.jit(resnet.ResNet18Trunk(precision="float32").apply)(

@@ -41,11 +41,8 @@ def nets():
     """(torch net float32, the same in float64, our params float32) from one seeded init."""
     torch.manual_seed(0)
     t32 = ref.TorchResNet18Layer1(Q).train()
-    t64 = ref.TorchResNet18Layer1(Q).train()
-    t64.load_state_dict(t32.state_dict())
-    t64.double()
     params = jax.tree.map(jnp.asarray, ref.torch_layer1_to_jax_params(t32))
-    return t32, t64, params
+    return t32, test_resnet.float64_twin(t32, ref.TorchResNet18Layer1(Q)), params
 
 
 def image():

@@ -80,6 +80,7 @@ def test_sweep_scores_a_dataset(tmp_path, capsys):
                  "--config", str(cfg), "--no-progress", "--grid", "schedule.alpha=10,50"]) == 0
     capsys.readouterr()
     report = json.loads((out / "sweep.json").read_text())
+    assert len(report["settings"]) == 2
     from dynaseg_jax.evaluate import evaluate_predictions
     for row in report["settings"]:
         want = evaluate_predictions("bsds500", root, "val", out / row["setting"])
