@@ -54,16 +54,18 @@ class TorchDynaSeg(nn.Module):
       channels: p, the width of the feature extractor.
       n_clusters: q, the number of output channels (the most labels an image can get).
       n_conv: number of conv3x3 blocks (reference BSD script: 2).
+      padding_mode: the convs' ``padding_mode`` ('zeros' in the authors' script).
     """
 
     def __init__(self, in_channels: int = 3, channels: int = 100, n_clusters: int = 100,
-                 n_conv: int = 2):
+                 n_conv: int = 2, padding_mode: str = "zeros"):
         super().__init__()
         self.convs = nn.ModuleList()
         self.bns = nn.ModuleList()
         for i in range(n_conv):
             self.convs.append(nn.Conv2d(in_channels if i == 0 else channels, channels,
-                                        kernel_size=3, stride=1, padding=1))
+                                        kernel_size=3, stride=1, padding=1,
+                                        padding_mode=padding_mode))
             self.bns.append(nn.BatchNorm2d(channels, eps=BN_EPS, track_running_stats=False))
         self.classifier = nn.Conv2d(channels, n_clusters, kernel_size=1)
         self.bn_out = nn.BatchNorm2d(n_clusters, eps=BN_EPS, track_running_stats=False)
@@ -307,7 +309,8 @@ def build_model(config: Config) -> nn.Module:
         return TorchResNet18Layer1(config.model.max_clusters)
     if config.model.name == "efficientnet_lite0_fpn":
         return TorchEfficientNetLite0FPN(config.model.channels, config.model.max_clusters)
-    return TorchDynaSeg(3, config.model.channels, config.model.max_clusters, config.model.n_conv)
+    return TorchDynaSeg(3, config.model.channels, config.model.max_clusters, config.model.n_conv,
+                        config.model.padding)
 
 
 def make_optimizer(model: nn.Module, config: Config) -> torch.optim.SGD:

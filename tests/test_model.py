@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dynaseg_jax.models.cnn import DynaSegCNN
-from dynaseg_jax.models.conv3x3 import CONV3X3, conv3x3_im2col, conv3x3_winograd
+from dynaseg_jax.models.conv3x3 import CONV3X3, conv3x3_im2col, conv3x3_winograd, pad_about_edge
 from dynaseg_jax.models.layers import Conv, MaskedBatchNorm
 from tests.conftest import smooth_image
 
@@ -97,9 +97,27 @@ def test_winograd_gradients_under_vmap_match_direct():
             assert np.linalg.norm(g - w) / np.linalg.norm(w) < 1e-5
 
 
-@pytest.mark.parametrize("impl", ["lax", "im2col", "winograd"])
-def test_padding_does_not_change_response(impl):
-    model = DynaSegCNN(channels=8, max_clusters=6, n_conv=2, conv=cnn_conv(impl))
+@pytest.mark.parametrize("mode, numpy_mode", [("reflect", "reflect"), ("replicate", "edge")])
+@pytest.mark.parametrize("real", [(5, 7), (8, 9), (2, 3)])
+def test_pad_about_edge_is_numpy_pad_of_the_real_image(mode, numpy_mode, real):
+    # A (5, 7) image in an (8, 9) bucket: the ring just past its real edge holds the
+    # reflected/replicated pixels (a copy, so exact), whatever the bucket held.
+    rng = np.random.default_rng(4)
+    h, w = real
+    x = np.zeros((8, 9, 2), np.float32)
+    x[:h, :w] = rng.normal(size=(h, w, 2))
+    mask = np.zeros((8, 9), bool)
+    mask[:h, :w] = True
+    got = np.asarray(jax.jit(pad_about_edge, static_argnums=2)(jnp.asarray(x), jnp.asarray(mask), mode))
+    assert got.shape == (10, 11, 2)
+    want = np.pad(x[:h, :w], ((1, 1), (1, 1), (0, 0)), mode=numpy_mode)
+    np.testing.assert_array_equal(got[:h + 2, :w + 2], want)
+
+
+@pytest.mark.parametrize("impl, padding", [("lax", "zeros"), ("im2col", "zeros"), ("winograd", "zeros"),
+                                           ("lax", "reflect"), ("winograd", "replicate")])
+def test_padding_does_not_change_response(impl, padding):
+    model = DynaSegCNN(channels=8, max_clusters=6, n_conv=2, conv=cnn_conv(impl), padding=padding)
     img = smooth_image(10, 13, 0)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((8, 8, 3)), jnp.ones((8, 8)))
     want = model.apply(params, jnp.asarray(img), jnp.ones((10, 13)))

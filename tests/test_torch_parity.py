@@ -843,3 +843,52 @@ def test_whole_runs_real_images(real_images, init_weights, jax_fns):
     # Same initial network, so label ids agree where the runs agree; rounding moves only
     # the borders between clusters. Measured 0.978-0.999 against 0.8.
     assert np.median(agreement) >= 0.8
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("padding", ["reflect", "replicate"])
+def test_padding_modes_match_torch(padding, impl, init_weights):
+    """``model.padding`` is torch's ``padding_mode``: r' and the kernel gradients of a
+    smooth loss of r', for an image alone in its array and in a bucket (its real edge
+    inside the array), each within the module's criterion against a float64 torch run."""
+    state_dict, params = init_weights
+    config = CONFIG.replace({"model.padding": padding, "model.conv_impl": impl})
+    image = smooth_image(*TINY)
+    torch32 = ref.build_model(config)
+    torch32.load_state_dict(state_dict)
+    torch64 = ref.build_model(config).double()
+    torch64.load_state_dict(state_dict)
+
+    def torch_side(model, dtype):
+        model.zero_grad(set_to_none=True)
+        r = model(ref.image_to_tensor(image, dtype=dtype))
+        torch.sin(r).sum().backward()
+        grads = {f"conv{i}": conv.weight.grad.permute(2, 3, 1, 0).numpy().astype(np.float64)
+                 for i, conv in enumerate(model.convs)}
+        return _hwc(r).astype(np.float64), grads
+
+    truth_r, truth_g = torch_side(torch64, torch.float64)
+    torch_r, torch_g = torch_side(torch32, torch.float32)
+    model = build_model(config)
+    h, w = TINY
+
+    def loss(p, x, m):
+        r = model.apply(p, x, m)
+        return jnp.sum(jnp.sin(r) * m[..., None]), r
+
+    grad_fn = jax.jit(jax.grad(loss, has_aux=True))
+    for bucket in (TINY, (h + 3, w + 5)):
+        x = np.zeros(bucket + (3,), np.float32)
+        x[:h, :w] = image
+        m = np.zeros(bucket, np.float32)
+        m[:h, :w] = 1
+        grads, r = grad_fn(params, jnp.asarray(x), jnp.asarray(m))
+        rows = [("r'", np.asarray(r, np.float64)[:h, :w], torch_r, truth_r, 9 * CONFIG.model.channels)]
+        rows += [(name, np.asarray(grads["params"][name]["kernel"], np.float64), torch_g[name], truth_g[name],
+                  h * w) for name in truth_g]
+        for name, ours, theirs, truth, n in rows:
+            # The module's criterion; the floor: float32 sums of n terms (a conv's 9p
+            # products for r', a kernel gradient's h*w pixels) at the truth's size.
+            bound = C_ORDER * KAPPA[impl] * np.linalg.norm(theirs - truth) + sum_floor(n, truth)
+            err = np.linalg.norm(ours - truth)
+            assert err <= bound, (padding, impl, bucket, name, err, bound)

@@ -9,7 +9,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 
-from .conv3x3 import CONV3X3, default_conv_impl
+from .conv3x3 import CONV3X3, default_conv_impl, pad_about_edge
 from .layers import Conv, MaskedBatchNorm
 
 
@@ -23,6 +23,8 @@ class DynaSegCNN(nn.Module):
       conv: the conv layer, ``conv(features, kernel_size, name=...)``; default ``Conv``
         with ``lax.conv``; ``build`` injects the configured formulation and precision.
       norm: the normalisation, ``norm(name=...)(x, mask)``; default ``MaskedBatchNorm``.
+      padding: what the 3x3 convs read past each image's real edge: 'zeros', 'reflect'
+        or 'replicate' (``conv3x3.pad_about_edge``).
 
     Call with ``(image (H, W, 3), mask (H, W))``; returns r' of shape (H, W, q).
     ``features`` (``apply(..., method="features")``) gives the p-dim feature map.
@@ -33,6 +35,7 @@ class DynaSegCNN(nn.Module):
     n_conv: int = 2
     conv: Callable = Conv
     norm: Callable = MaskedBatchNorm
+    padding: str = "zeros"
 
     # The model contract (models/__init__.py): no strides, and transposition is harmless.
     input_multiple = 1
@@ -49,8 +52,12 @@ class DynaSegCNN(nn.Module):
         m = mask[..., None].astype(image.dtype)
         x = image * m
         for conv, norm in zip(self.convs, self.norms):
+            if self.padding == "zeros":
+                y = conv(x)
+            else:  # the conv's own zero padding then only touches the cropped ring
+                y = conv(pad_about_edge(x, mask, self.padding))[1:-1, 1:-1]
             # Zero the padding after each block so the next conv sees torch's zero border.
-            x = norm(nn.relu(conv(x)), mask) * m
+            x = norm(nn.relu(y), mask) * m
         return x
 
     def __call__(self, image: jax.Array, mask: jax.Array) -> jax.Array:
@@ -62,4 +69,4 @@ def build(config) -> DynaSegCNN:
     impl = default_conv_impl() if config.model.conv_impl == "auto" else config.model.conv_impl
     conv = functools.partial(Conv, conv3x3=CONV3X3[impl], precision=config.model.matmul_precision)
     return DynaSegCNN(channels=config.model.channels, max_clusters=config.model.max_clusters,
-                      n_conv=config.model.n_conv, conv=conv)
+                      n_conv=config.model.n_conv, conv=conv, padding=config.model.padding)

@@ -149,6 +149,45 @@ def conv3x3_winograd_layer(x: jax.Array, kernel: jax.Array, precision=None) -> j
     return conv3x3_winograd(x, kernel, precision)
 
 
+PADDING_MODES = ("zeros", "reflect", "replicate")
+# Where padding row -1 and row h (of an image with h real rows) read from, as offsets in
+# the padded array: reflect takes rows 1 and h - 2, replicate rows 0 and h - 1 (torch's
+# padding_mode semantics).
+_EDGE_SOURCE = {"reflect": 2, "replicate": 1}
+
+
+def pad_about_edge(x: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
+    """Pads x by one pixel on each side with ``mode`` values about its real edge.
+
+    An image in a bucket fills only the top-left ``h x w`` of its ``(H, W)`` array (the
+    ``mask``); torch pads that ``h x w`` image, so the rows/columns just past the real
+    edge (row h, column w), not those past the array, get the reflected or replicated
+    values. Every 3x3 formulation then runs unchanged on the ``(H + 2, W + 2)`` result
+    and its output is cropped by one pixel: its real part equals torch's
+    ``Conv2d(padding=1, padding_mode=mode)`` on the ``h x w`` image.
+
+    Args:
+      x: (H, W, C), zero outside the real region.
+      mask: (H, W) bool, the real region (a top-left rectangle).
+      mode: 'reflect' (needs h, w >= 2) or 'replicate'.
+
+    Returns:
+      (H + 2, W + 2, C).
+    """
+    shift = _EDGE_SOURCE[mode]
+    h = jnp.sum(jnp.any(mask, axis=1))
+    w = jnp.sum(jnp.any(mask, axis=0))
+    xp = jnp.pad(x, ((1, 1), (1, 1), (0, 0)))
+    for axis, size in ((0, h), (1, w)):
+        n = xp.shape[axis]
+        index = jnp.arange(n).reshape((n, 1, 1) if axis == 0 else (1, n, 1))
+        # Padded index 0 (row -1) reads padded index `shift`; padded index size + 1 (row
+        # h) reads size + 1 - shift. jnp.roll wraps, but neither read crosses the ends.
+        xp = jnp.where(index == 0, jnp.roll(xp, -shift, axis=axis),
+                       jnp.where(index == size + 1, jnp.roll(xp, shift, axis=axis), xp))
+    return xp
+
+
 # conv_impl name -> the function a Conv layer is given.
 CONV3X3 = {"lax": conv3x3_lax, "im2col": conv3x3_im2col, "winograd": conv3x3_winograd_layer}
 CONV_IMPLS = tuple(CONV3X3)
