@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run a grid of settings over images in one engine run",
                        description="Segment every image with every combination of the --grid values "
                                    "(per-slot fields: optimiser, schedule, stop rule, seed, init, "
-                                   "silhouette), all pairs in one engine run; writes OUT/<setting>/ "
+                                   "silhouette, post-processing), all pairs in one engine run; writes OUT/<setting>/ "
                                    "per setting and, with a dataset with ground truth, OUT/sweep.csv, "
                                    "sweep.json and sweep.png. Resumable like segment.")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files or folders")

@@ -127,6 +127,21 @@ class SilhouetteConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PostprocessConfig:
+    """Clean-up of each label map on the host, after the optimisation (docs/algorithm.md section 6)."""
+
+    connected: bool = _field(False, "give every 4-connected region of a cluster its own label (the "
+                                    "BSDS authors advise scoring regions this way).")
+    min_region: float = _field(0.0, "with connected = true: merge regions smaller than this fraction of "
+                                    "the image's pixels into the adjacent region of the closest mean "
+                                    "colour, smallest first; 0 = off.")
+
+
+# Applied on the host after the engine: they may differ between the images of one run.
+POSTPROCESS_FIELDS = tuple(f"postprocess.{f.name}" for f in dataclasses.fields(PostprocessConfig))
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How a run is laid out: slots, buckets, host syncs (README: How the engine works)."""
 
@@ -150,7 +165,7 @@ class EngineConfig:
 
 
 SECTIONS = {"model": ModelConfig, "schedule": ScheduleConfig, "optim": OptimConfig, "stop": StopConfig,
-            "silhouette": SilhouetteConfig, "engine": EngineConfig}
+            "silhouette": SilhouetteConfig, "postprocess": PostprocessConfig, "engine": EngineConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +188,7 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     stop: StopConfig = dataclasses.field(default_factory=StopConfig)
     silhouette: SilhouetteConfig = dataclasses.field(default_factory=SilhouetteConfig)
+    postprocess: PostprocessConfig = dataclasses.field(default_factory=PostprocessConfig)
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
 
     def replace(self, changes: Mapping[str, Any] | None = None, /, **sections) -> "Config":
@@ -337,6 +353,12 @@ def validate(config: Config) -> Config:
             if config.get(path) != default:
                 raise ConfigError(f"{path} = {config.get(path)!r}: model {config.model.name!r} has no "
                                   f"pretrained trunk (only {', '.join(TRUNK_MODELS)})")
+    min_region = config.postprocess.min_region
+    if not 0.0 <= min_region < 1.0:
+        raise ConfigError(f"postprocess.min_region = {min_region}: a fraction of the image, in [0, 1)")
+    if min_region > 0 and not config.postprocess.connected:
+        raise ConfigError(f"postprocess.min_region = {min_region}: merges connected regions; set "
+                          f"postprocess.connected = true")
     if config.model.name != "cnn" and config.model.padding != "zeros":
         raise ConfigError(f"model.padding = {config.model.padding!r}: applies to model 'cnn' only "
                           f"(model {config.model.name!r} keeps its published padding)")

@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import train
-from .config import LAYOUT_FIELDS, Config, ConfigError, config_digest, field_paths
+from .config import LAYOUT_FIELDS, POSTPROCESS_FIELDS, Config, ConfigError, config_digest, field_paths
 from .models import build_model, default_conv_impl
 
 SLOTS = "slots"  # the mesh axis the slots are split over
@@ -269,11 +269,12 @@ class Engine:
         if digest in self._checked_settings:
             return
         resolved = resolve_config(setting.replace({p: self.config.get(p) for p in LAYOUT_FIELDS}))
+        free = train.PER_SLOT_FIELDS + POSTPROCESS_FIELDS  # per-slot values, host-side steps
         for path in field_paths():
-            if path not in train.PER_SLOT_FIELDS and resolved.get(path) != self.config.get(path):
+            if path not in free and resolved.get(path) != self.config.get(path):
                 raise ConfigError(f"{path} = {setting.get(path)!r}: differs from the run's "
                                   f"{self.config.get(path)!r}, and it shapes the compiled program; only "
-                                  f"{', '.join(train.PER_SLOT_FIELDS)} may differ between the images of a run")
+                                  f"{', '.join(free)} may differ between the images of a run")
         self._checked_settings.add(digest)
 
     def _key(self, setting: Config, name: str | None) -> jax.Array | None:

@@ -24,6 +24,7 @@ from .engine import Engine, WorkItem, bucket_shape, pad_to_bucket, resolve_confi
 from .metrics import resize_prediction
 from .models import build_model, check_pretrained
 from .outputs import OutputFolder, merge_results
+from .postprocess import postprocess
 
 
 def _as_config(config) -> Config:
@@ -150,7 +151,8 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
     out: list[dict | None] = [None] * len(arrays)
     bar = _progress(len(arrays), progress)
     for r in engine.run(items()):
-        out[r.key] = {"labels": imio.renumber(r.labels), "iterations": r.iterations,
+        labels = r.labels if r.error else postprocess(r.labels, arrays[r.key], engine.config)
+        out[r.key] = {"labels": imio.renumber(labels), "iterations": r.iterations,
                       "clusters": r.clusters, "k_min": r.k_min, "seconds": r.seconds,
                       "error": r.error}
         bar.update(1)
@@ -310,6 +312,59 @@ def resolve_jobs(inputs: Sequence, out: Path) -> tuple[list, list]:
     return jobs, problems
 
 
+def load_job_image(job, scale: float, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """(original, image): a job's image as read, and as the network sees it (scaled,
+    then checked against the size limits under its own name)."""
+    name, _, _, src = job
+    original = imio.load_image(src, cfg.engine.max_pixels) if isinstance(src, Path) else \
+        imio.as_float_image(src(), name)
+    image = original
+    if scale != 1.0:
+        image = imio.resize_image(original, scale)
+        imio.check_size(*image.shape[:2], cfg.engine.max_pixels, f"{name} (scaled by {scale})")
+    return original, image
+
+
+def finish_labels(labels: np.ndarray, original: np.ndarray, image: np.ndarray, cfg: Config) -> np.ndarray:
+    """The label map written for an image: post-processed (``cfg.postprocess``) at the
+    size the network saw, resized to the original (nearest neighbour), numbered 0..K-1."""
+    labels = postprocess(labels, image, cfg)
+    if labels.shape != original.shape[:2]:
+        labels = resize_prediction(labels, original.shape[:2])
+    return imio.renumber(labels)
+
+
+def write_outputs(folder: Path, stem: str, original: np.ndarray, labels: np.ndarray,
+                  color_labels: bool = False) -> None:
+    """``<stem>.png`` and ``<stem>_overlay.png``, each written atomically."""
+    imio.save_labels(folder / f"{stem}.png", labels, color=color_labels)
+    imio.save_overlay(folder / f"{stem}_overlay.png", original, labels)
+
+
+def ok_entry(job, original: np.ndarray, labels: np.ndarray, result) -> dict:
+    """The results.jsonl record of an image segmented (``result``: the engine's)."""
+    name, source, stem, _ = job
+    return {"file": name, "source": source, "stem": stem, "status": "ok", "error": None,
+            "height": int(original.shape[0]), "width": int(original.shape[1]),
+            "iterations": result.iterations, "clusters": int(labels.max()) + 1,
+            "k_min": result.k_min, "seconds": round(result.seconds, 4)}
+
+
+def error_entry(name, err, stem=None, source=None, iterations=None) -> dict:
+    """The results.jsonl record of an image that failed (``err``: its one-line message)."""
+    return {"file": str(name), "source": source, "stem": stem, "status": "error",
+            "error": str(err), "height": None, "width": None, "iterations": iterations,
+            "clusters": None, "k_min": None, "seconds": None}
+
+
+def error_message(name: str, exc: Exception) -> str:
+    """One line naming the image: the message itself where it already names it."""
+    msg = str(exc)
+    if not isinstance(exc, ValueError) or name not in msg:
+        msg = f"{name}: {type(exc).__name__}: {exc}"
+    return msg
+
+
 def _share(jobs: list, index: int, count: int, scale: float, cfg: Config) -> list:
     """This process's share of the jobs: all (unique by source) sorted by bucket and
     source, every ``count``-th from the ``index``-th. A function of the inputs only, so
@@ -351,11 +406,6 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
             summary.failed += 1
             summary.errors.append(entry["error"])
             log(f"error: {entry['error']}")
-
-    def error_entry(name, err, stem=None, source=None, iterations=None):
-        return {"file": str(name), "source": source, "stem": stem, "status": "error",
-                "error": str(err), "height": None, "width": None, "iterations": iterations,
-                "clusters": None, "k_min": None, "seconds": None}
 
     jobs, problems = resolve_jobs(inputs, out)
     paths = [job[3] for job in jobs if isinstance(job[3], Path)]
@@ -410,13 +460,7 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
     todo.sort(key=lambda job: _job_bucket(job, scale, cfg, engine.model))
 
     def prepare(job):
-        name, _, _, src = job
-        original = imio.load_image(src, cfg.engine.max_pixels) if isinstance(src, Path) else \
-            imio.as_float_image(src(), name)
-        image = original
-        if scale != 1.0:
-            image = imio.resize_image(original, scale)
-            imio.check_size(*image.shape[:2], cfg.engine.max_pixels, f"{name} (scaled by {scale})")
+        original, image = load_job_image(job, scale, cfg)
         return original, image, kstar(image, job[2])
 
     meta = {}
@@ -426,34 +470,25 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
         for job, prepared in _prefetch(todo, prepare):
             name, source, stem, _ = job
             if isinstance(prepared, Exception):
-                msg = str(prepared)
-                if not isinstance(prepared, ValueError) or name not in msg:
-                    msg = f"{name}: {type(prepared).__name__}: {prepared}"
-                record(error_entry(name, msg, stem, source))
+                record(error_entry(name, error_message(name, prepared), stem, source))
                 bar.update(1)
                 continue
             original, image, k = prepared
-            meta[name] = (source, stem, original)
+            meta[name] = (job, original, image)
             yield WorkItem(key=name, image=image, k_min=k, name=stem)
 
     for r in engine.run(items()):
-        source, stem, original = meta.pop(r.key)
+        job, original, image = meta.pop(r.key)
+        _, source, stem, _ = job
         bar.update(1)
         if r.error:
             record(error_entry(r.key, f"{r.key}: {r.error}", stem, source, r.iterations))
             continue
-        labels = r.labels
-        if labels.shape != original.shape[:2]:
-            labels = resize_prediction(labels, original.shape[:2])
-        labels = imio.renumber(labels)
+        labels = finish_labels(r.labels, original, image, cfg)
         try:
-            imio.save_labels(out / f"{stem}.png", labels, color=color_labels)
-            imio.save_overlay(out / f"{stem}_overlay.png", original, labels)
+            write_outputs(out, stem, original, labels, color_labels)
         except (OSError, ValueError) as e:
             record(error_entry(r.key, f"{r.key}: cannot write outputs: {e}", stem, source))
             continue
-        record({"file": r.key, "source": source, "stem": stem, "status": "ok", "error": None,
-                "height": int(original.shape[0]), "width": int(original.shape[1]),
-                "iterations": r.iterations, "clusters": int(labels.max()) + 1,
-                "k_min": r.k_min, "seconds": round(r.seconds, 4)})
+        record(ok_entry(job, original, labels, r))
     bar.close()

@@ -1,8 +1,9 @@
 """``dynaseg sweep``: a grid of settings over a folder or a dataset, in one engine run.
 
 Every (image, setting) pair is one slot of one engine: settings differ in per-slot fields
-only (``train.PER_SLOT_FIELDS``: optimiser, schedule, stop rule, seed, init, silhouette),
-so one compiled step serves the whole grid, and refill works as for ``segment``. Each
+only (``train.PER_SLOT_FIELDS``: optimiser, schedule, stop rule, seed, init, silhouette)
+and in the host's post-processing (``config.POSTPROCESS_FIELDS``), so one compiled step
+serves the whole grid, and refill works as for ``segment``. Each
 setting gets its own output folder ``OUT/<setting>/`` (the ``segment`` layout: label
 maps, overlays, results, config.toml; resumable the same way). With a dataset that has
 ground truth, every setting is scored and ``OUT/sweep.csv``, ``OUT/sweep.json`` and
@@ -58,7 +59,10 @@ def parse_grid(items: Sequence[str]) -> dict[str, list]:
       ConfigError: a malformed item, an unknown key, a key given twice, or a key that
         shapes the compiled program (not per-slot: run such values as separate sweeps).
     """
+    from .config import POSTPROCESS_FIELDS
     from .train import PER_SLOT_FIELDS
+
+    free = PER_SLOT_FIELDS + POSTPROCESS_FIELDS
 
     grid: dict[str, list] = {}
     for item in items:
@@ -70,9 +74,9 @@ def parse_grid(items: Sequence[str]) -> dict[str, list]:
             raise ConfigError(f"--grid {key}: unknown field (dynaseg config lists them)")
         if key in grid:
             raise ConfigError(f"--grid {key}: given twice")
-        if key not in PER_SLOT_FIELDS:
+        if key not in free:
             raise ConfigError(f"--grid {key}: shapes the compiled program, so it cannot vary within one "
-                              f"run; sweep it with separate runs (per-slot fields: {', '.join(PER_SLOT_FIELDS)})")
+                              f"run; sweep it with separate runs (fields that can: {', '.join(free)})")
         grid[key] = split_values(raw)
     return grid
 
@@ -81,7 +85,7 @@ def setting_name(values: dict) -> str:
     """A folder name for a setting: ``schedule.alpha_10__seed_0`` (characters other than
     letters, digits, '.', '-' and '_' replaced by '_')."""
     def clean(v):
-        text = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+        text = json.dumps(v) if isinstance(v, (list, tuple, bool)) else str(v)  # TOML spellings
         return re.sub(r"[^A-Za-z0-9.\-]+", "_", text).strip("_") or "_"
     return "__".join(f"{k}_{clean(v)}" for k, v in values.items()) or "base"
 
@@ -121,9 +125,9 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
     from tqdm.auto import tqdm
 
     from .engine import Engine, WorkItem, resolve_config
-    from .metrics import resize_prediction
     from .outputs import OutputFolder
-    from .runner import KStarEstimator, _job_bucket, _prefetch, resolve_jobs
+    from .runner import (KStarEstimator, _job_bucket, _prefetch, error_entry, error_message, finish_labels,
+                         load_job_image, ok_entry, resolve_jobs, write_outputs)
 
     t0 = time.perf_counter()
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -167,17 +171,13 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
         meta = {}
 
         def prepare(entry):
-            (name, _, stem, src), pending = entry
-            original = imio.load_image(src, cfg.engine.max_pixels) if isinstance(src, Path) else \
-                imio.as_float_image(src(), name)
-            image = imio.resize_image(original, scale) if scale != 1.0 else original
-            return original, image, [estimators[i](image, stem) for i in pending]
+            job, pending = entry
+            original, image = load_job_image(job, scale, cfg)
+            return original, image, [estimators[i](image, job[2]) for i in pending]
 
-        def record_error(i, job, msg):
+        def record_error(i, job, msg, iterations=None):
             name, source, stem, _ = job
-            folders[i].append({"file": name, "source": source, "stem": stem, "status": "error", "error": msg,
-                               "height": None, "width": None, "iterations": None, "clusters": None,
-                               "k_min": None, "seconds": None})
+            folders[i].append(error_entry(name, msg, stem, source, iterations))
             counts["failed"] += 1
             log(f"error: {msg}")
 
@@ -186,34 +186,30 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
                 job, pending = entry
                 if isinstance(prepared, Exception):
                     for i in pending:
-                        record_error(i, job, f"{job[0]}: {prepared}")
+                        record_error(i, job, error_message(job[0], prepared))
                         bar.update(1)
                     continue
                 original, image, ks = prepared
                 for i, k in zip(pending, ks):
-                    meta[(i, job[1])] = (job, original)
+                    meta[(i, job[1])] = (job, original, image)
                     yield WorkItem(key=(i, job[1]), image=image, k_min=k, name=job[2],
                                    setting=settings[i].config)
 
         for r in engine.run(items()):
             i, _ = r.key
-            job, original = meta.pop(r.key)
-            name, source, stem, _ = job
+            job, original, image = meta.pop(r.key)
+            name, _, stem, _ = job
             bar.update(1)
             if r.error:
-                record_error(i, job, f"{name}: {r.error}")
+                record_error(i, job, f"{name}: {r.error}", r.iterations)
                 continue
-            labels = r.labels
-            if labels.shape != original.shape[:2]:
-                labels = resize_prediction(labels, original.shape[:2])
-            labels = imio.renumber(labels)
-            folder = folders[i].path
-            imio.save_labels(folder / f"{stem}.png", labels)
-            imio.save_overlay(folder / f"{stem}_overlay.png", original, labels)
-            folders[i].append({"file": name, "source": source, "stem": stem, "status": "ok", "error": None,
-                               "height": int(original.shape[0]), "width": int(original.shape[1]),
-                               "iterations": r.iterations, "clusters": int(labels.max()) + 1,
-                               "k_min": r.k_min, "seconds": round(r.seconds, 4)})
+            labels = finish_labels(r.labels, original, image, settings[i].config)
+            try:
+                write_outputs(folders[i].path, stem, original, labels)
+            except (OSError, ValueError) as e:
+                record_error(i, job, f"{name}: cannot write outputs: {e}")
+                continue
+            folders[i].append(ok_entry(job, original, labels, r))
             counts["segmented"] += 1
         bar.close()
     finally:

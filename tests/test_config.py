@@ -172,11 +172,14 @@ def test_digest_covers_labels_not_layout():
                "optim.momentum": 0.5, "optim.weight_decay": 1e-4, "stop.k_min": 4, "stop.max_iters": 10,
                "silhouette.features": "color_position", "silhouette.k_range": (2, 9),
                "silhouette.samples": 100, "silhouette.position_scale": 2.0,
-               "engine.transpose_portrait": False}
+               "postprocess.connected": True, "engine.transpose_portrait": False}
     trunk = {"model.trunk": "frozen", "model.trunk_norm": "running"}  # fields of trunk models only
-    assert set(changed) | set(layout) | set(trunk) == set(field_paths())
+    needs_connected = {"postprocess.min_region"}  # checked below
+    assert set(changed) | set(layout) | set(trunk) | needs_connected == set(field_paths())
     for path, value in changed.items():
         assert config_digest(base.replace({path: value})) != d, path
+    merged = base.replace({"postprocess.connected": True})
+    assert config_digest(merged.replace({"postprocess.min_region": 0.01})) != config_digest(merged)
     fpn = base.replace({"model.name": "resnet18_fpn"})
     for path, value in trunk.items():
         assert config_digest(fpn.replace({path: value})) != config_digest(fpn), path

@@ -12,6 +12,7 @@ from PIL import Image
 from dynaseg_jax import images as imio
 from dynaseg_jax.cli import main
 from dynaseg_jax.config import ConfigError
+from dynaseg_jax.metrics import relabel_connected
 from dynaseg_jax.sweep import expand, parse_grid, split_values
 from tests.conftest import smooth_image, tiny_toml
 from tests.test_datasets import make_bsds
@@ -68,6 +69,17 @@ def test_sweep_pairs_equal_single_runs_and_resume(folder, capsys):
     # The rerun does nothing.
     assert main(args) == 0
     assert capsys.readouterr().out.startswith("4 settings: 0 segmented, 12 already done")
+
+
+def test_sweep_varies_postprocessing_on_the_host(folder, capsys):
+    out = folder / "sweep_post"
+    assert main(["sweep", str(folder / "in"), "--out", str(out), "--config", str(folder / "tiny.toml"),
+                 "--no-progress", "--grid", "postprocess.connected=false,true"]) == 0
+    assert capsys.readouterr().out.startswith("2 settings: 6 segmented")
+    for i in range(3):
+        raw = imio.read_labels(out / "postprocess.connected_false" / f"im{i}.png")
+        split = imio.read_labels(out / "postprocess.connected_true" / f"im{i}.png")
+        np.testing.assert_array_equal(split, relabel_connected(raw))
 
 
 def test_sweep_scores_a_dataset(tmp_path, capsys):
