@@ -55,10 +55,11 @@ class TorchDynaSeg(nn.Module):
       n_clusters: q, the number of output channels (the most labels an image can get).
       n_conv: number of conv3x3 blocks (reference BSD script: 2).
       padding_mode: the convs' ``padding_mode`` ('zeros' in the authors' script).
+      output_norm: BatchNorm on r' (the authors' script); False: the classifier's output.
     """
 
     def __init__(self, in_channels: int = 3, channels: int = 100, n_clusters: int = 100,
-                 n_conv: int = 2, padding_mode: str = "zeros"):
+                 n_conv: int = 2, padding_mode: str = "zeros", output_norm: bool = True):
         super().__init__()
         self.convs = nn.ModuleList()
         self.bns = nn.ModuleList()
@@ -68,7 +69,8 @@ class TorchDynaSeg(nn.Module):
                                         padding_mode=padding_mode))
             self.bns.append(nn.BatchNorm2d(channels, eps=BN_EPS, track_running_stats=False))
         self.classifier = nn.Conv2d(channels, n_clusters, kernel_size=1)
-        self.bn_out = nn.BatchNorm2d(n_clusters, eps=BN_EPS, track_running_stats=False)
+        self.bn_out = (nn.BatchNorm2d(n_clusters, eps=BN_EPS, track_running_stats=False) if output_norm
+                       else nn.Identity())
 
     def forward(self, x: torch.Tensor, relu_masks=None) -> torch.Tensor:
         """Args: x (N, 3, H, W). Returns: r' (N, q, H, W).
@@ -310,7 +312,7 @@ def build_model(config: Config) -> nn.Module:
     if config.model.name == "efficientnet_lite0_fpn":
         return TorchEfficientNetLite0FPN(config.model.channels, config.model.max_clusters)
     return TorchDynaSeg(3, config.model.channels, config.model.max_clusters, config.model.n_conv,
-                        config.model.padding)
+                        config.model.padding, config.model.output_norm)
 
 
 def make_optimizer(model: nn.Module, config: Config) -> torch.optim.SGD:
@@ -512,8 +514,9 @@ def jax_params_to_torch_state_dict(params: Mapping) -> dict[str, torch.Tensor]:
         sd[f"bns.{i}.bias"] = t(p[f"bn{i}"]["bias"])
     sd["classifier.weight"] = t(np.transpose(np.asarray(p["classifier"]["kernel"]), (3, 2, 0, 1)))
     sd["classifier.bias"] = t(p["classifier"]["bias"])
-    sd["bn_out.weight"] = t(p["bn_out"]["scale"])
-    sd["bn_out.bias"] = t(p["bn_out"]["bias"])
+    if "bn_out" in p:  # absent with model.output_norm = false
+        sd["bn_out.weight"] = t(p["bn_out"]["scale"])
+        sd["bn_out.bias"] = t(p["bn_out"]["bias"])
     return sd
 
 
@@ -534,7 +537,8 @@ def torch_state_dict_to_jax_params(state_dict: Mapping, dtype=np.float32) -> dic
         p[f"bn{i}"] = {"scale": sd[f"bns.{i}.weight"], "bias": sd[f"bns.{i}.bias"]}
     p["classifier"] = {"kernel": np.transpose(sd["classifier.weight"], (2, 3, 1, 0)),
                        "bias": sd["classifier.bias"]}
-    p["bn_out"] = {"scale": sd["bn_out.weight"], "bias": sd["bn_out.bias"]}
+    if "bn_out.weight" in sd:  # absent with model.output_norm = false
+        p["bn_out"] = {"scale": sd["bn_out.weight"], "bias": sd["bn_out.bias"]}
     return {"params": p}
 
 

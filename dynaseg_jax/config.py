@@ -53,7 +53,7 @@ class ModelConfig:
                               "'resnet18_fpn' (ResNet-18 trunk + FPN), 'resnet18_layer1' (the "
                               "authors' COCO network) or 'efficientnet_lite0_fpn' (EfficientNet-Lite0 "
                               "trunk + FPN), docs/algorithm.md section 3; model.n_conv and "
-                              "model.conv_impl and model.padding apply to 'cnn' only.", MODEL_NAMES)
+                              "model.conv_impl, model.padding and model.output_norm apply to 'cnn' only.", MODEL_NAMES)
     n_conv: int = _field(2, "number of conv3x3-ReLU-BN blocks (reference BSD script: 2).")
     channels: int = _field(100, "p, width of the feature extractor.")
     max_clusters: int = _field(100, "q, channels of the classifier = the most clusters (labels) an image "
@@ -65,6 +65,8 @@ class ModelConfig:
                                    "authors' network, torch's default), 'reflect' or 'replicate' (torch's "
                                    "padding_mode of the same name, about each image's own edge in a "
                                    "bucket too).", ("zeros", "reflect", "replicate"))
+    output_norm: bool = _field(True, "BatchNorm on the response r' (the authors' network); false: the "
+                                     "classifier's output as it is.")
     weights: str = _field("", "pretrained trunk weights of the models that have them: a checkpoint "
                               "file (.pth, .safetensors, .npz); '' = the model's published file (ResNet: "
                               "torchvision's, in PyTorch's hub cache; EfficientNet-Lite0: from the "
@@ -359,9 +361,11 @@ def validate(config: Config) -> Config:
     if min_region > 0 and not config.postprocess.connected:
         raise ConfigError(f"postprocess.min_region = {min_region}: merges connected regions; set "
                           f"postprocess.connected = true")
-    if config.model.name != "cnn" and config.model.padding != "zeros":
-        raise ConfigError(f"model.padding = {config.model.padding!r}: applies to model 'cnn' only "
-                          f"(model {config.model.name!r} keeps its published padding)")
+    if config.model.name != "cnn":
+        for path, default in (("model.padding", "zeros"), ("model.output_norm", True)):
+            if config.get(path) != default:
+                raise ConfigError(f"{path} = {config.get(path)!r}: applies to model 'cnn' only (model "
+                                  f"{config.model.name!r} keeps its published layers)")
     for path in ("engine.sync_every", "engine.batch", "engine.devices"):
         if config.get(path) < 0:
             raise ConfigError(f"{path} = {config.get(path)}: must be >= 0 (0 = auto)")

@@ -846,13 +846,17 @@ def test_whole_runs_real_images(real_images, init_weights, jax_fns):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("padding", ["reflect", "replicate"])
-def test_padding_modes_match_torch(padding, impl, init_weights):
-    """``model.padding`` is torch's ``padding_mode``: r' and the kernel gradients of a
-    smooth loss of r', for an image alone in its array and in a bucket (its real edge
-    inside the array), each within the module's criterion against a float64 torch run."""
+@pytest.mark.parametrize("padding, output_norm", [("reflect", True), ("replicate", True), ("zeros", False)])
+def test_padding_modes_and_output_norm_match_torch(padding, output_norm, impl, init_weights):
+    """``model.padding`` is torch's ``padding_mode``, and ``model.output_norm = false``
+    drops the last BatchNorm on both sides: r' and the kernel gradients of a smooth loss
+    of r', for an image alone in its array and in a bucket (its real edge inside the
+    array), each within the module's criterion against a float64 torch run."""
     state_dict, params = init_weights
-    config = CONFIG.replace({"model.padding": padding, "model.conv_impl": impl})
+    config = CONFIG.replace({"model.padding": padding, "model.conv_impl": impl, "model.output_norm": output_norm})
+    if not output_norm:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("bn_out.")}
+        params = {"params": {k: v for k, v in params["params"].items() if k != "bn_out"}}
     image = smooth_image(*TINY)
     torch32 = ref.build_model(config)
     torch32.load_state_dict(state_dict)

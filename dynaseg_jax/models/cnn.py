@@ -25,6 +25,7 @@ class DynaSegCNN(nn.Module):
       norm: the normalisation, ``norm(name=...)(x, mask)``; default ``MaskedBatchNorm``.
       padding: what the 3x3 convs read past each image's real edge: 'zeros', 'reflect'
         or 'replicate' (``conv3x3.pad_about_edge``).
+      output_norm: BatchNorm on r' (the authors'); False: the classifier's output.
 
     Call with ``(image (H, W, 3), mask (H, W))``; returns r' of shape (H, W, q).
     ``features`` (``apply(..., method="features")``) gives the p-dim feature map.
@@ -36,6 +37,7 @@ class DynaSegCNN(nn.Module):
     conv: Callable = Conv
     norm: Callable = MaskedBatchNorm
     padding: str = "zeros"
+    output_norm: bool = True
 
     # The model contract (models/__init__.py): no strides, and transposition is harmless.
     input_multiple = 1
@@ -45,7 +47,8 @@ class DynaSegCNN(nn.Module):
         self.convs = [self.conv(self.channels, 3, name=f"conv{i}") for i in range(self.n_conv)]
         self.norms = [self.norm(name=f"bn{i}") for i in range(self.n_conv)]
         self.classifier = self.conv(self.max_clusters, 1, name="classifier")
-        self.norm_out = self.norm(name="bn_out")
+        if self.output_norm:
+            self.norm_out = self.norm(name="bn_out")
 
     def features(self, image: jax.Array, mask: jax.Array) -> jax.Array:
         """The p-dim feature map (H, W, p) before the classifier, zero on padding."""
@@ -61,7 +64,8 @@ class DynaSegCNN(nn.Module):
         return x
 
     def __call__(self, image: jax.Array, mask: jax.Array) -> jax.Array:
-        return self.norm_out(self.classifier(self.features(image, mask)), mask)
+        response = self.classifier(self.features(image, mask))
+        return self.norm_out(response, mask) if self.output_norm else response
 
 
 def build(config) -> DynaSegCNN:
@@ -69,4 +73,5 @@ def build(config) -> DynaSegCNN:
     impl = default_conv_impl() if config.model.conv_impl == "auto" else config.model.conv_impl
     conv = functools.partial(Conv, conv3x3=CONV3X3[impl], precision=config.model.matmul_precision)
     return DynaSegCNN(channels=config.model.channels, max_clusters=config.model.max_clusters,
-                      n_conv=config.model.n_conv, conv=conv, padding=config.model.padding)
+                      n_conv=config.model.n_conv, conv=conv, padding=config.model.padding,
+                      output_norm=config.model.output_norm)
