@@ -125,7 +125,7 @@ def _dataset_inputs(args) -> list:
     # The resume key of an image: dataset, resolved root, the split actually read, id.
     split = args.split or DEFAULT_SPLITS[args.dataset] or ""
     root = os.path.realpath(args.root)
-    return [DatasetInput(i, f"{args.dataset}:{root}:{split}:{i}", (lambda i=i: ds.load(i).image)) for i in ids]
+    return [DatasetInput(i, f"{args.dataset}:{root}:{split}:{i}", (lambda i=i: ds.load_image(i))) for i in ids]
 
 
 def _run_sweep(args) -> int:

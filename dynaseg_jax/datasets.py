@@ -135,14 +135,6 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
         return np.asarray(img.convert("RGB"), np.uint8).copy()
 
 
-def _read_label_png(path: Path, modes: Sequence[str], what: str) -> np.ndarray:
-    with _open_image(path) as img:
-        if img.mode not in modes:
-            raise DatasetError(f"{path}: {what} must be a single-channel PNG (mode {'/'.join(modes)}), "
-                               f"got mode {img.mode}")
-        return np.asarray(img).astype(np.int32)
-
-
 def load_bsds_annotations(path: str | os.PathLike) -> list[np.ndarray]:
     """Reads a BSDS500 ``groundTruth/<split>/<id>.mat`` file.
 
@@ -196,7 +188,7 @@ def load_voc_objects(path: str | os.PathLike) -> np.ndarray:
     Returns:
       int32 (H, W) object ids: 0 background, 1..n objects, 255 void.
     """
-    return _read_label_png(Path(path), ("P", "L"), "a VOC object map")
+    return imio.read_labels(path, ("P", "L"), "a VOC object map", error=DatasetError)
 
 
 @functools.lru_cache(maxsize=1)
@@ -338,8 +330,11 @@ class _Bsds500:
     def load_gt(self, id_: str) -> list[np.ndarray]:
         return load_bsds_annotations(self.gt_path(id_))
 
+    def load_image(self, id_: str) -> np.ndarray:
+        return read_rgb(self.image_path(id_))
+
     def load(self, id_: str) -> Record:
-        image = read_rgb(self.image_path(id_))
+        image = self.load_image(id_)
         gt = self.load_gt(id_)
         _check_same_size(image, gt[0], self.gt_path(id_), self.image_path(id_))
         return Record(id_, image, gt)
@@ -370,8 +365,11 @@ class _Voc2012:
     def load_gt(self, id_: str) -> np.ndarray:
         return load_voc_objects(self.gt_path(id_))
 
+    def load_image(self, id_: str) -> np.ndarray:
+        return read_rgb(self.image_path(id_))
+
     def load(self, id_: str) -> Record:
-        image = read_rgb(self.image_path(id_))
+        image = self.load_image(id_)
         gt = self.load_gt(id_)
         _check_same_size(image, gt, self.gt_path(id_), self.image_path(id_))
         return Record(id_, image, gt)
@@ -413,13 +411,21 @@ class _CocoStuff27:
         """(H, W) of the uncropped label map, read from the PNG header."""
         return header_size(self.gt_path(id_))
 
-    def load(self, id_: str) -> Record:
+    def _read_image(self, id_: str) -> tuple[np.ndarray, tuple[int, int]]:
+        """(the image as segmented: resized and centre-cropped as the labels are, its
+        stored (H, W))."""
         with _open_image(self.image_path(id_)) as img:
             full = (img.size[1], img.size[0])
             rgb = img.convert("RGB")
             if self.crop is not None:
                 rgb = _resize_shorter_crop(rgb, self.crop, Image.BILINEAR)
-            image = np.asarray(rgb, np.uint8).copy()
+            return np.asarray(rgb, np.uint8).copy(), full
+
+    def load_image(self, id_: str) -> np.ndarray:
+        return self._read_image(id_)[0]
+
+    def load(self, id_: str) -> Record:
+        image, full = self._read_image(id_)
         gt_full = self.gt_full_size(id_)
         if gt_full != full:
             raise DatasetError(f"{self.gt_path(id_)}: label map is {gt_full[0]}x{gt_full[1]} but the image "
@@ -455,13 +461,17 @@ class _Folder:
     def load_gt(self, id_: str) -> None:
         return None
 
+    def load_image(self, id_: str) -> np.ndarray:
+        return read_rgb(self.image_path(id_))
+
     def load(self, id_: str) -> Record:
-        return Record(id_, read_rgb(self.image_path(id_)), None)
+        return Record(id_, self.load_image(id_), None)
 
 
 def open_dataset(dataset: str, root: str | os.PathLike, split: str | None = None,
                  id_list: str | os.PathLike | None = None):
-    """A dataset layout object with ``ids()``, ``load(id)``, ``load_gt(id)`` and ``image_path(id)``.
+    """A dataset layout object with ``ids()``, ``load_image(id)`` (the image alone), ``load(id)`` (image
+    and ground truth), ``load_gt(id)`` and ``image_path(id)``.
 
     Args:
       dataset: one of :data:`DATASETS`.

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from . import images as imio
 from .datasets import (COCO_CROP, DATASETS, DEFAULT_SPLITS, DatasetError, coco_resize_crop, header_size,
@@ -67,25 +66,120 @@ def read_prediction(path: str | os.PathLike) -> np.ndarray:
       int32 (H, W) labels.
 
     Raises:
-      DatasetError: unreadable file or a colour (multi-channel) image.
+      DatasetError: missing or unreadable file, or a colour (multi-channel) image.
     """
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode not in ("I;16", "I;16B", "I;16L", "I", "L", "P"):
-                raise DatasetError(f"{path}: prediction must be a single-channel label PNG, got mode {img.mode}")
-            return np.asarray(img).astype(np.int32)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: missing prediction") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DatasetError(f"{path}: cannot read prediction ({e})") from None
+    return imio.read_labels(path, what="prediction", error=DatasetError)
 
 
 def _nanmean(values) -> float:
     vals = np.asarray(values, np.float64)
     vals = vals[~np.isnan(vals)]
     return float(vals.mean()) if vals.size else float("nan")
+
+
+class _Protocol:
+    """One protocol's scoring: ``add`` takes each image's prediction, ``result`` gives
+    the dataset's scores. ``per_image``: {id: scores} where the protocol has them."""
+
+    def __init__(self, ds, connected: bool):
+        self.ds = ds
+        self.connected = connected
+        self.per_image: dict | None = None
+
+    def _fit(self, pred: np.ndarray, shape) -> np.ndarray:
+        from . import metrics
+        pred = metrics.resize_prediction(pred, shape)
+        return metrics.relabel_connected(pred) if self.connected else pred
+
+
+class _NoProtocol(_Protocol):
+    """Plain folders: the prediction's size against the image's; segments per image."""
+
+    def __init__(self, ds, connected):
+        super().__init__(ds, connected)
+        self.segments: list[int] = []
+
+    def add(self, id_, pred):
+        pred = self._fit(pred, header_size(self.ds.image_path(id_)))
+        self.segments.append(int(np.unique(pred).size))
+
+    def result(self) -> dict:
+        return {"segments_per_image": float(np.mean(self.segments)) if self.segments else float("nan")}
+
+
+class _BsdsProtocol(_Protocol):
+    """BSDS500: best-overlap IoUs against every annotation, pooled by ``metrics.bsds_scores``."""
+
+    def __init__(self, ds, connected):
+        super().__init__(ds, connected)
+        self.ious: list[list[np.ndarray]] = []
+        self.hungarian: list[float] = []
+        self.per_image = {}
+
+    def add(self, id_, pred):
+        from . import metrics
+        annotations = self.ds.load_gt(id_)
+        pred = self._fit(pred, annotations[0].shape)
+        scores = [metrics.overlap_scores(pred, a) for a in annotations]
+        self.ious.append([ious for ious, _ in scores])
+        self.hungarian.append(_nanmean([h for _, h in scores]))
+        self.per_image[id_] = {"best_overlap": float(np.concatenate(self.ious[-1]).mean()),
+                               "hungarian": self.hungarian[-1]}
+
+    def result(self) -> dict:
+        from . import metrics
+        scores = metrics.bsds_scores(self.ious)
+        return {**{k: scores[k] for k in ("all", "fine", "coarse", "mean")},
+                "hungarian": _nanmean(self.hungarian), "segments": scores["segments_all"]}
+
+
+class _BestOverlapProtocol(_Protocol):
+    """VOC2012 objects: best-overlap IoU per object (255 void ignored), pooled."""
+
+    def __init__(self, ds, connected):
+        super().__init__(ds, connected)
+        self.ious: list[np.ndarray] = []
+        self.hungarian: list[float] = []
+        self.per_image = {}
+
+    def add(self, id_, pred):
+        from . import metrics
+        gt = self.ds.load_gt(id_)
+        ious, h = metrics.overlap_scores(self._fit(pred, gt.shape), gt, ignore=VOC_VOID)
+        self.ious.append(ious)
+        self.hungarian.append(h)
+        self.per_image[id_] = {"best_overlap": float(ious.mean()) if ious.size else float("nan"),
+                               "hungarian": h}
+
+    def result(self) -> dict:
+        pooled = np.concatenate(self.ious) if self.ious else np.zeros(0)
+        return {"miou": float(pooled.mean()) if pooled.size else float("nan"),
+                "hungarian": _nanmean(self.hungarian), "segments": int(pooled.size)}
+
+
+class _CocoStuffProtocol(_Protocol):
+    """COCO-Stuff-27: per-image Hungarian matching into one dataset confusion."""
+
+    def __init__(self, ds, connected):
+        from . import metrics
+        super().__init__(ds, connected)
+        self.confusion = metrics.CocoStuffAccumulator()
+
+    def add(self, id_, pred):
+        gt = self.ds.load_gt(id_)
+        if pred.shape != gt.shape:
+            # A prediction of the whole image: check its orientation against the full
+            # label map, then crop it exactly as the ground truth was cropped.
+            from . import metrics
+            pred = coco_resize_crop(metrics.resize_prediction(pred, self.ds.gt_full_size(id_)), COCO_CROP)
+        self.confusion.add(self._fit(pred, gt.shape), gt)
+
+    def result(self) -> dict:
+        return self.confusion.result()
+
+
+_PROTOCOL_SCORING = {"bsds": _BsdsProtocol, "best_overlap": _BestOverlapProtocol,
+                     "cocostuff27": _CocoStuffProtocol, "none": _NoProtocol}
 
 
 def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | None,
@@ -141,12 +235,7 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
     start = time.perf_counter()
     missing: list[str] = []
     scored = 0
-    per_image_ious: list[list[np.ndarray]] = []  # bsds / best_overlap
-    hungarian: list[float] = []
-    segments: list[int] = []  # protocol none
-    per_image: dict = {}  # bsds / best_overlap: id -> this image's scores
-    coco = metrics.CocoStuffAccumulator() if protocol == "cocostuff27" else None
-
+    scoring = _PROTOCOL_SCORING[protocol](ds, connected)
     for id_ in ids:
         pred_path = pred_dir / f"{id_}.png"
         if not pred_path.is_file():
@@ -154,42 +243,7 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
             continue
         pred = read_prediction(pred_path)
         try:
-            if protocol == "none":
-                target = header_size(ds.image_path(id_))
-                pred = metrics.resize_prediction(pred, target)
-                if connected:
-                    pred = metrics.relabel_connected(pred)
-                segments.append(int(np.unique(pred).size))
-            elif protocol == "bsds":
-                annotations = ds.load_gt(id_)
-                pred = metrics.resize_prediction(pred, annotations[0].shape)
-                if connected:
-                    pred = metrics.relabel_connected(pred)
-                scores = [metrics.overlap_scores(pred, a) for a in annotations]
-                per_image_ious.append([ious for ious, _ in scores])
-                hungarian.append(_nanmean([h for _, h in scores]))
-                per_image[id_] = {"best_overlap": float(np.concatenate(per_image_ious[-1]).mean()),
-                                  "hungarian": hungarian[-1]}
-            elif protocol == "best_overlap":
-                gt = ds.load_gt(id_)
-                pred = metrics.resize_prediction(pred, gt.shape)
-                if connected:
-                    pred = metrics.relabel_connected(pred)
-                ious, h = metrics.overlap_scores(pred, gt, ignore=VOC_VOID)
-                per_image_ious.append([ious])
-                hungarian.append(h)
-                per_image[id_] = {"best_overlap": float(ious.mean()) if ious.size else float("nan"),
-                                  "hungarian": h}
-            else:  # cocostuff27
-                gt = ds.load_gt(id_)
-                if pred.shape != gt.shape:
-                    # A prediction of the whole image: check its orientation against the full
-                    # label map, then crop it exactly as the ground truth was cropped.
-                    pred = metrics.resize_prediction(pred, ds.gt_full_size(id_))
-                    pred = coco_resize_crop(pred, COCO_CROP)
-                if connected:
-                    pred = metrics.relabel_connected(pred)
-                coco.add(pred, gt)
+            scoring.add(id_, pred)
         except ValueError as e:
             if isinstance(e, DatasetError):
                 raise
@@ -202,23 +256,10 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
         "protocol": protocol,
         "connected": bool(connected),
         "pred_dir": str(pred_dir),
+        **scoring.result(),
     }
-    if protocol == "bsds":
-        scores = metrics.bsds_scores(per_image_ious)
-        result.update({k: scores[k] for k in ("all", "fine", "coarse", "mean")})
-        result["hungarian"] = _nanmean(hungarian)
-        result["segments"] = scores["segments_all"]
-    elif protocol == "best_overlap":
-        pooled = np.concatenate([a for anns in per_image_ious for a in anns]) if per_image_ious else np.zeros(0)
-        result["miou"] = float(pooled.mean()) if pooled.size else float("nan")
-        result["hungarian"] = _nanmean(hungarian)
-        result["segments"] = int(pooled.size)
-    elif protocol == "cocostuff27":
-        result.update(coco.result())
-    else:
-        result["segments_per_image"] = float(np.mean(segments)) if segments else float("nan")
-    if protocol in ("bsds", "best_overlap"):
-        result["per_image"] = per_image
+    if scoring.per_image is not None:
+        result["per_image"] = scoring.per_image
     result["images"] = scored
     result["missing"] = len(missing)
     result["missing_ids"] = missing[:_MISSING_LISTED]

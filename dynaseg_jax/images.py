@@ -13,6 +13,7 @@ import struct
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, TiffImagePlugin, UnidentifiedImageError
@@ -333,10 +334,32 @@ def save_labels(path: str | os.PathLike, labels: np.ndarray, color: bool = False
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
-def read_labels(path: str | os.PathLike) -> np.ndarray:
-    """Reads a label PNG written by ``save_labels`` (16-bit or palette; or any integer PNG)
-    as int32: a palette PNG gives its palette indices."""
-    with Image.open(path) as img:
+# Single-channel integer modes: 16-bit and 32-bit grayscale, 8-bit grayscale, palette.
+LABEL_MODES = ("I;16", "I;16B", "I;16L", "I", "L", "P")
+
+
+def read_labels(path: str | os.PathLike, modes: Sequence[str] = LABEL_MODES, what: str = "label map",
+                error: type[Exception] = ImageError) -> np.ndarray:
+    """Reads a label PNG (as ``save_labels`` writes it, or any single-channel integer
+    image) as int32; a palette PNG gives its palette indices, not its colours. The one
+    reader of label maps: predictions, VOC object maps, our own outputs.
+
+    Args:
+      path: the file.
+      modes: the PIL modes accepted (default: every single-channel integer mode).
+      what: what the file is, for the error message.
+      error: the exception type raised (``ImageError``; the datasets use theirs).
+
+    Raises:
+      ``error``: missing, unreadable or truncated file, or a mode not in ``modes``
+        (e.g. an RGB image), in one line naming the file.
+    """
+    path = Path(path)
+    with open_image(path, error=error) as img:
+        decode_now(img, path, error=error)
+        if img.mode not in modes:
+            raise error(f"{path}: {what} must be a single-channel label PNG (mode {'/'.join(modes)}), "
+                        f"got mode {img.mode}")
         return np.asarray(img).astype(np.int32)
 
 

@@ -51,7 +51,7 @@ def _source_image(record: dict, dataset, dataset_ids: set) -> np.ndarray | None:
     source = str(record.get("source") or "")
     try:
         if dataset is not None and record.get("stem") in dataset_ids:
-            return imio.as_float_image(dataset.load(record["stem"]).image)
+            return imio.as_float_image(dataset.load_image(record["stem"]))
         if source and os.path.isfile(source):
             return imio.load_image(source)
     except (ValueError, OSError):

@@ -355,3 +355,17 @@ def test_bad_seed_and_k_range_are_config_errors(tmp_path, capsys):
     for bad in ("seed=-1", "seed=4294967296", "silhouette.k_range=[2.5, 8]", 'silhouette.k_range=["a", "b"]'):
         code = main(["segment", str(tmp_path), "--out", str(tmp_path / "o"), "--set", bad])
         one_line_error(capsys, code, 2, bad.split("=")[0])
+
+
+def test_segment_dataset_reads_no_ground_truth(tmp_path, capsys):
+    # segment needs the images only: with every annotation file unreadable, the run still
+    # segments the split (evaluate is what reads ground truth).
+    from tests.test_datasets import make_bsds
+    root = tmp_path / "bsds"
+    make_bsds(root, "val", ids=("11", "22"), shape=(16, 24))
+    for mat in (root / "groundTruth" / "val").iterdir():
+        mat.write_bytes(b"not a MATLAB file")
+    out = tmp_path / "out"
+    assert main(["segment", "--dataset", "bsds500", "--root", str(root), "--split", "val", "--out", str(out),
+                 "--no-progress", *sets(*TINY)]) == 0
+    assert sorted(p.name for p in out.glob("??.png")) == ["11.png", "22.png"]

@@ -90,7 +90,7 @@ def test_bad_prediction_file(bsds):
     with pytest.raises(DatasetError, match="10.png: prediction must be a single-channel"):
         E.evaluate_predictions("bsds500", root, "val", pred_dir)
     (pred_dir / "10.png").write_bytes(b"garbage")
-    with pytest.raises(DatasetError, match="10.png: cannot read prediction"):
+    with pytest.raises(DatasetError, match="10.png: not an image file"):
         E.evaluate_predictions("bsds500", root, "val", pred_dir)
 
 
