@@ -114,6 +114,8 @@ class StopConfig:
     k_min: Union[int, str] = _field(3, "stop once q' <= k_min: an integer, or 'silhouette' to pick k* per "
                                        "image (docs/algorithm.md section 2).")
     max_iters: int = _field(1000, "stop after this many updates at most.")
+    plateau: int = _field(0, "also stop once q' has not fallen below its lowest value for this many "
+                             "updates (docs/algorithm.md section 6.4); 0 = off (the paper's rule).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,6 +371,8 @@ def validate(config: Config) -> Config:
     for path in ("engine.sync_every", "engine.batch", "engine.devices"):
         if config.get(path) < 0:
             raise ConfigError(f"{path} = {config.get(path)}: must be >= 0 (0 = auto)")
+    if config.stop.plateau < 0:
+        raise ConfigError(f"stop.plateau = {config.stop.plateau}: must be >= 0 (0 = off)")
     for path in ("stop.max_iters", "model.n_conv", "model.channels", "model.max_clusters",
                  "engine.bucket_multiple", "silhouette.samples", "engine.max_pixels"):
         if int(config.get(path)) < 1:

@@ -9,6 +9,8 @@ The state is a plain dict (big_vision style):
               constant of the compiled step, so one compile serves every setting;
   step:       updates done so far (int32);
   n_clusters: q' of the last forward pass (int32);
+  q_low:      the lowest q' so far (int32), and ``since_low`` the updates since q'
+              last fell below it: the plateau stop rule (``stop.plateau``) reads them;
   k_min:      this image's stopping threshold (int32; k* under the silhouette phase);
   done:       True once the stop rule fired; a done state is frozen by ``train_step``;
   diverged:   True when an update met a non-finite loss or produced non-finite
@@ -45,6 +47,7 @@ from .schedules import SCHEDULE_KINDS, per_slot
 # seed, init and the silhouette phase act on the host before an image enters its slot.
 PER_SLOT_FIELDS = ("seed", "init", "optim.lr", "optim.momentum", "optim.weight_decay", "schedule.kind",
                    "schedule.alpha", "schedule.mu", "schedule.uses_kstar", "stop.k_min", "stop.max_iters",
+                   "stop.plateau",
                    "silhouette.features", "silhouette.k_range", "silhouette.samples",
                    "silhouette.position_scale")
 
@@ -77,7 +80,8 @@ def slot_setting(config) -> dict:
             "alpha": jnp.asarray(config.schedule.alpha, jnp.float32),
             "mu": jnp.asarray(config.schedule.mu, jnp.float32),
             "uses_kstar": jnp.asarray(bool(config.schedule.uses_kstar)),
-            "max_iters": jnp.asarray(int(config.stop.max_iters), jnp.int32)}
+            "max_iters": jnp.asarray(int(config.stop.max_iters), jnp.int32),
+            "plateau": jnp.asarray(int(config.stop.plateau), jnp.int32)}
 
 
 OPTIMIZER_HYPERPARAMS = ("learning_rate", "momentum", "weight_decay")
@@ -178,6 +182,8 @@ def init_state(config, params=None, k_min: int | jax.Array | None = None, settin
         "setting": {k: v for k, v in setting.items() if k not in OPTIMIZER_HYPERPARAMS},
         "step": jnp.zeros((), jnp.int32),
         "n_clusters": jnp.zeros((), jnp.int32),
+        "q_low": jnp.asarray(np.iinfo(np.int32).max, jnp.int32),
+        "since_low": jnp.zeros((), jnp.int32),
         "k_min": jnp.asarray(k_min, jnp.int32),
         "done": jnp.zeros((), jnp.bool_),
         "diverged": jnp.zeros((), jnp.bool_),
@@ -212,7 +218,9 @@ def make_train_step(config, schedule: Callable | None = None, model=None):
 
     One step: forward pass, labels c = argmax r', q' = distinct labels, loss
     L_sim + mu(q', step) * L_con, SGD-momentum update, then the stop rule
-    ``done = q' <= k_min or step + 1 == max_iters`` (docs/algorithm.md section 1.9). A state that is
+    ``done = q' <= k_min or step + 1 == max_iters`` (docs/algorithm.md section 1.9), or
+    q' has not fallen below its lowest value for ``plateau`` updates (``stop.plateau``
+    > 0; section 6.4). A state that is
     already done is returned unchanged, so extra steps on finished slots are no-ops.
     A non-finite loss or updated parameters set ``diverged`` (and ``done``) inside the
     step, with no host sync: the engine reports that image as failed. ``shared``: the
@@ -244,14 +252,20 @@ def make_train_step(config, schedule: Callable | None = None, model=None):
         params = optax.apply_updates(state["params"], updates)
         q = aux["n_clusters"]
         diverged = ~(jnp.isfinite(aux["loss"]) & all_finite(params))
+        fell = q < state["q_low"]
+        since_low = jnp.where(fell, 0, state["since_low"] + 1)
+        plateaued = (setting["plateau"] > 0) & (since_low >= setting["plateau"])
         new = {
             "params": params,
             "opt_state": opt_state,
             "step": state["step"] + 1,
             "n_clusters": q,
+            "q_low": jnp.minimum(q, state["q_low"]),
+            "since_low": since_low,
             "k_min": state["k_min"],
             "setting": setting,
-            "done": (q <= state["k_min"]) | (state["step"] + 1 >= setting["max_iters"]) | diverged,
+            "done": ((q <= state["k_min"]) | (state["step"] + 1 >= setting["max_iters"]) | plateaued
+                     | diverged),
             "diverged": diverged,
         }
         frozen = state["done"]

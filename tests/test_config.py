@@ -169,7 +169,7 @@ def test_digest_covers_labels_not_layout():
                "model.conv_impl": "lax", "model.padding": "reflect", "model.output_norm": False, "model.matmul_precision": "bfloat16",
                "schedule.kind": "fsf",
                "schedule.alpha": 15.0, "schedule.mu": 4.0, "schedule.uses_kstar": True, "optim.lr": 0.05,
-               "optim.momentum": 0.5, "optim.weight_decay": 1e-4, "stop.k_min": 4, "stop.max_iters": 10,
+               "optim.momentum": 0.5, "optim.weight_decay": 1e-4, "stop.k_min": 4, "stop.max_iters": 10, "stop.plateau": 50,
                "silhouette.features": "color_position", "silhouette.k_range": (2, 9),
                "silhouette.samples": 100, "silhouette.position_scale": 2.0,
                "postprocess.connected": True, "engine.transpose_portrait": False}

@@ -136,3 +136,29 @@ def test_nonfinite_update_marks_divergence(tiny_config, step):
     assert bool(state["diverged"]) and bool(state["done"]) and int(state["step"]) == 2
     frozen, _ = wild(state, img, mask)
     chex.assert_trees_all_equal(frozen, state)
+
+
+def test_plateau_stop_fires_where_the_trace_says(tiny_config, step):
+    # The q' trace of a run without the plateau rule says, by hand, where a plateau of n
+    # updates first ends; the same compiled step with stop.plateau = n stops exactly there.
+    img, mask = jnp.asarray(smooth_image(16, 16, 2)), jnp.ones((16, 16))
+    free = tiny_config.replace({"stop.k_min": 1})
+    state = train.init_state(free, k_min=1)
+    trace = []
+    for _ in range(free.stop.max_iters):
+        state, metrics = step(state, img, mask)
+        trace.append(int(metrics["n_clusters"]))
+    for n in (1, 2, 3):
+        low, since, want = None, 0, len(trace)
+        for t, q in enumerate(trace):
+            since = 0 if low is None or q < low else since + 1
+            low = q if low is None else min(low, q)
+            if since >= n:
+                want = t + 1
+                break
+        config = free.replace({"stop.plateau": n})
+        state = train.init_state(config, k_min=1)
+        while not bool(state["done"]):
+            state, _ = step(state, img, mask)
+        assert int(state["step"]) == want, (n, trace)
+    assert any(b >= a for a, b in zip(trace, trace[1:]))  # the trace has a plateau to find
