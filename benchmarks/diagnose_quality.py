@@ -69,8 +69,9 @@ def run_one(config, image: np.ndarray, name: str, iters: int, cache: dict):
 
     from dynaseg_jax import train
     from dynaseg_jax.models import build_model
+    from dynaseg_jax.superpixels import superpixel_map
 
-    key = (config.model,)
+    key = (config.model, config.superpixels.method, config.superpixels.max_segments)
     if key not in cache:
         model = build_model(config)
         cache[key] = (model, train.init_params(config, model=model),
@@ -81,9 +82,11 @@ def run_one(config, image: np.ndarray, name: str, iters: int, cache: dict):
     state = train.init_state(config, variables, k_min=0)  # q' <= 0 never: no early stop
     x = jnp.asarray(image)
     mask = jnp.ones(image.shape[:2], jnp.float32)
+    segments = superpixel_map(image, config)
+    segments = None if segments is None else jnp.asarray(segments)
     trace = []
     for _ in range(iters):
-        state, metrics = step(state, x, mask)
+        state, metrics = step(state, x, mask, None, segments)
         trace.append(int(metrics["n_clusters"]))
     labels = np.asarray(predict(state["params"], x, mask))
     return trace, labels

@@ -8,6 +8,8 @@ A config is a tree of frozen dataclasses, one per TOML table::
     [optim]       SGD                              optim.lr, optim.momentum, ...
     [stop]        when an image is finished        stop.k_min, stop.max_iters
     [silhouette]  the k* phase                     silhouette.features, ...
+    [superpixels] superpixel-constrained targets   superpixels.method, ...
+    [postprocess] clean-up of the final labels     postprocess.connected, ...
     [engine]      how a run is laid out            engine.batch, engine.strategy, ...
 
 A field is named by its dotted path everywhere: in TOML files, in ``--set optim.lr=0.05``,
@@ -131,6 +133,29 @@ class SilhouetteConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SuperpixelsConfig:
+    """Superpixel-constrained targets (Kanezaki 2018; docs/algorithm.md section 6.5)."""
+
+    method: str = _field("none", "'none' (the paper: each update's targets are the argmax labels), "
+                                 "'felzenszwalb' or 'slic' (scikit-image, the superpixels extra): the "
+                                 "targets are made constant inside each superpixel of the image, by "
+                                 "majority.", ("none", "felzenszwalb", "slic"))
+    max_segments: int = _field(4096, "the most superpixels an image may have (a static size of the "
+                                     "compiled step; an image with more is an error).")
+    scale: float = _field(25.0, "felzenszwalb: scale (larger: larger segments), at the size the network "
+                                "sees.")
+    sigma: float = _field(0.5, "felzenszwalb: width of the Gaussian smoothing first, in pixels.")
+    min_size: int = _field(10, "felzenszwalb: smallest segment, in pixels.")
+    n_segments: int = _field(400, "slic: approximate number of superpixels.")
+    compactness: float = _field(10.0, "slic: colour against space (larger: squarer superpixels).")
+
+
+# The superpixel fields read on the host only (the superpixels an image gets).
+SUPERPIXEL_HOST_FIELDS = tuple(f"superpixels.{f.name}" for f in dataclasses.fields(SuperpixelsConfig)
+                               if f.name not in ("method", "max_segments"))
+
+
+@dataclasses.dataclass(frozen=True)
 class PostprocessConfig:
     """Clean-up of each label map on the host, after the optimisation (docs/algorithm.md section 6)."""
 
@@ -141,8 +166,10 @@ class PostprocessConfig:
                                     "colour, smallest first; 0 = off.")
 
 
-# Applied on the host after the engine: they may differ between the images of one run.
-POSTPROCESS_FIELDS = tuple(f"postprocess.{f.name}" for f in dataclasses.fields(PostprocessConfig))
+# Fields read on the host only, before an image enters its slot or after it leaves:
+# they may differ between the images of one run.
+HOST_FIELDS = SUPERPIXEL_HOST_FIELDS + tuple(f"postprocess.{f.name}"
+                                             for f in dataclasses.fields(PostprocessConfig))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +196,8 @@ class EngineConfig:
 
 
 SECTIONS = {"model": ModelConfig, "schedule": ScheduleConfig, "optim": OptimConfig, "stop": StopConfig,
-            "silhouette": SilhouetteConfig, "postprocess": PostprocessConfig, "engine": EngineConfig}
+            "silhouette": SilhouetteConfig, "superpixels": SuperpixelsConfig, "postprocess": PostprocessConfig,
+            "engine": EngineConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +220,7 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     stop: StopConfig = dataclasses.field(default_factory=StopConfig)
     silhouette: SilhouetteConfig = dataclasses.field(default_factory=SilhouetteConfig)
+    superpixels: SuperpixelsConfig = dataclasses.field(default_factory=SuperpixelsConfig)
     postprocess: PostprocessConfig = dataclasses.field(default_factory=PostprocessConfig)
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
 
@@ -373,6 +402,14 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"{path} = {config.get(path)}: must be >= 0 (0 = auto)")
     if config.stop.plateau < 0:
         raise ConfigError(f"stop.plateau = {config.stop.plateau}: must be >= 0 (0 = off)")
+    for path in ("superpixels.max_segments", "superpixels.n_segments", "superpixels.min_size"):
+        if int(config.get(path)) < 1:
+            raise ConfigError(f"{path} = {config.get(path)}: must be >= 1")
+    for path in ("superpixels.scale", "superpixels.compactness"):
+        if not config.get(path) > 0 or not math.isfinite(config.get(path)):
+            raise ConfigError(f"{path} = {config.get(path)}: must be a finite number > 0")
+    if not config.superpixels.sigma >= 0 or not math.isfinite(config.superpixels.sigma):
+        raise ConfigError(f"superpixels.sigma = {config.superpixels.sigma}: must be a finite number >= 0")
     for path in ("stop.max_iters", "model.n_conv", "model.channels", "model.max_clusters",
                  "engine.bucket_multiple", "silhouette.samples", "engine.max_pixels"):
         if int(config.get(path)) < 1:

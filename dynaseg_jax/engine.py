@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import train
-from .config import LAYOUT_FIELDS, POSTPROCESS_FIELDS, Config, ConfigError, config_digest, field_paths
+from .config import HOST_FIELDS, LAYOUT_FIELDS, Config, ConfigError, config_digest, field_paths
 from .models import build_model, default_conv_impl
 
 SLOTS = "slots"  # the mesh axis the slots are split over
@@ -103,13 +103,15 @@ class WorkItem:
     starts it from the network shared by all (``init = "shared"``'s). ``setting``: the
     config this image runs with, which may differ from the engine's in the per-slot
     fields only (``train.PER_SLOT_FIELDS``: optimiser, schedule, stop rule, seed, init);
-    None: the engine's.
+    None: the engine's. ``segments``: the image's superpixel ids
+    (``superpixels.superpixel_map``), exactly when the config uses superpixels.
     """
     key: Any
     image: np.ndarray
     k_min: int
     name: str | None = None
     setting: Config | None = None
+    segments: np.ndarray | None = None  # (H, W) superpixel ids, with superpixels.method
 
 
 @dataclasses.dataclass
@@ -134,6 +136,16 @@ def pad_to_bucket(image: np.ndarray, bucket: tuple[int, int, bool]):
     mask = np.zeros((bh, bw), np.float32)
     mask[:h, :w] = 1.0
     return padded, mask
+
+
+def pad_segments(segments: np.ndarray, bucket: tuple[int, int, bool]) -> np.ndarray:
+    """Superpixel ids padded like ``pad_to_bucket``'s image (padding: id 0, masked)."""
+    bh, bw, transposed = bucket
+    if transposed:
+        segments = segments.T
+    padded = np.zeros((bh, bw), np.int32)
+    padded[: segments.shape[0], : segments.shape[1]] = segments
+    return padded
 
 
 def unpad_labels(labels: np.ndarray, shape: tuple[int, int], transposed: bool) -> np.ndarray:
@@ -186,6 +198,7 @@ class Engine:
         self.loop_chunks = jax.default_backend() != "cpu"
         self._fns: dict = {}
         self._train_step = train.make_train_step(self.config, model=self.model)
+        self.uses_superpixels = self.config.superpixels.method != "none"
         self._predict = train.make_predict(self.config, model=self.model)
 
     def sharding(self, replicated: bool = False):
@@ -211,25 +224,25 @@ class Engine:
         tag = ("vmap" if vectorized else "per_image", bucket[:2])
         if tag not in self._fns:
             n = self.config.engine.sync_every
-            base = (jax.vmap(self._train_step, in_axes=(0, 0, 0, None)) if vectorized
+            base = (jax.vmap(self._train_step, in_axes=(0, 0, 0, None, 0)) if vectorized
                     else self._train_step)
 
             unroll = not self.loop_chunks
 
-            def steps(state, image, mask, shared):
+            def steps(state, image, mask, shared, segments):
                 # A chunk of n steps per dispatch: no host sync in between. Unrolled on
                 # CPU, where convs inside lax loops run far slower (jax-ml/jax#12868);
                 # a fori_loop elsewhere, so compile time does not grow with n.
                 if unroll or n == 1:
                     for _ in range(n):
-                        state, _ = base(state, image, mask, shared)
+                        state, _ = base(state, image, mask, shared, segments)
                     return state
-                return jax.lax.fori_loop(0, n, lambda _, s: base(s, image, mask, shared)[0], state)
+                return jax.lax.fori_loop(0, n, lambda _, s: base(s, image, mask, shared, segments)[0], state)
 
             if vectorized and self.mesh is not None:
                 # Each device steps its own block of slots (module docstring).
                 split, whole = PartitionSpec(SLOTS), PartitionSpec()
-                steps = jax.shard_map(steps, mesh=self.mesh, in_specs=(split, split, split, whole),
+                steps = jax.shard_map(steps, mesh=self.mesh, in_specs=(split, split, split, whole, split),
                                       out_specs=split)
             self._fns[tag] = jax.jit(self._counted(steps, tag), donate_argnums=0)
         return self._fns[tag]
@@ -254,12 +267,13 @@ class Engine:
 
     def set_slot_fn(self):
         if "set_slot" not in self._fns:
-            def set_slot(states, images, masks, slot, state, image, mask):
+            def set_slot(states, images, masks, segments, slot, state, image, mask, segment_map):
                 put = lambda big, one: big.at[slot].set(one)
-                return (jax.tree.map(put, states, state), put(images, image), put(masks, mask))
+                return (jax.tree.map(put, states, state), put(images, image), put(masks, mask),
+                        jax.tree.map(put, segments, segment_map))  # None without superpixels
             split = self.sharding()  # keep the slot axis where it is
-            out = None if split is None else (split, split, split)
-            self._fns["set_slot"] = jax.jit(set_slot, donate_argnums=(0, 1, 2), out_shardings=out)
+            out = None if split is None else (split, split, split, split)
+            self._fns["set_slot"] = jax.jit(set_slot, donate_argnums=(0, 1, 2, 3), out_shardings=out)
         return self._fns["set_slot"]
 
     def check_setting(self, setting: Config) -> None:
@@ -269,7 +283,7 @@ class Engine:
         if digest in self._checked_settings:
             return
         resolved = resolve_config(setting.replace({p: self.config.get(p) for p in LAYOUT_FIELDS}))
-        free = train.PER_SLOT_FIELDS + POSTPROCESS_FIELDS  # per-slot values, host-side steps
+        free = train.PER_SLOT_FIELDS + HOST_FIELDS  # per-slot values, host-side steps
         for path in field_paths():
             if path not in free and resolved.get(path) != self.config.get(path):
                 raise ConfigError(f"{path} = {setting.get(path)!r}: differs from the run's "
@@ -359,10 +373,13 @@ class _SlotGroup:
             self.states = jax.device_put(jax.tree.map(lambda x: jnp.array(stack(x)), empty), split)
             self.images = jax.device_put(jnp.zeros((self.n_slots, bh, bw, 3), jnp.float32), split)
             self.masks = jax.device_put(jnp.zeros((self.n_slots, bh, bw), jnp.float32), split)
+            self.segments = (jax.device_put(jnp.zeros((self.n_slots, bh, bw), jnp.int32), split)
+                             if engine.uses_superpixels else None)
         else:
             self.states = [None] * self.n_slots
             self.images = [None] * self.n_slots
             self.masks = [None] * self.n_slots
+            self.segments = [None] * self.n_slots
 
     @property
     def n_active(self) -> int:
@@ -374,25 +391,31 @@ class _SlotGroup:
     def load(self, item: WorkItem, transposed: bool) -> None:
         slot = self.items.index(None)
         image, mask = pad_to_bucket(item.image, self.shape + (transposed,))
+        if self.engine.uses_superpixels != (item.segments is not None):
+            raise ValueError(f"{item.key}: superpixels.method = "
+                             f"{self.engine.config.superpixels.method!r}, but the item "
+                             f"{'has no' if item.segments is None else 'has'} superpixels")
+        segments = None if item.segments is None else pad_segments(item.segments, self.shape + (transposed,))
         state = self.engine.new_state(item.k_min, item.name, item.setting)
         if self.vectorized:
-            self.states, self.images, self.masks = self.engine.set_slot_fn()(
-                self.states, self.images, self.masks, slot, state, image, mask)
+            self.states, self.images, self.masks, self.segments = self.engine.set_slot_fn()(
+                self.states, self.images, self.masks, self.segments, slot, state, image, mask, segments)
         else:
             # A private copy: the step donates (and so invalidates) its input state.
             self.states[slot] = jax.tree.map(jnp.array, state)
             self.images[slot] = jnp.asarray(image)
             self.masks[slot] = jnp.asarray(mask)
+            self.segments[slot] = None if segments is None else jnp.asarray(segments)
         self.items[slot] = (item, transposed, time.perf_counter())
 
     def advance(self) -> None:
         if self.vectorized:
-            self.states = self.step(self.states, self.images, self.masks, self.engine.shared)
+            self.states = self.step(self.states, self.images, self.masks, self.engine.shared, self.segments)
         else:
             for slot, it in enumerate(self.items):
                 if it is not None:
                     self.states[slot] = self.step(self.states[slot], self.images[slot], self.masks[slot],
-                                                  self.engine.shared)
+                                                  self.engine.shared, self.segments[slot])
 
     def collect(self) -> Iterator[SlotResult]:
         if self.vectorized:
@@ -416,7 +439,7 @@ class _SlotGroup:
                                       self.engine.shared)
                 steps = int(state["step"])
                 diverged = bool(state["diverged"])
-                self.states[slot] = self.images[slot] = self.masks[slot] = None
+                self.states[slot] = self.images[slot] = self.masks[slot] = self.segments[slot] = None
             error = None
             if diverged:
                 error = (f"diverged: non-finite loss or parameters at iteration {steps} "

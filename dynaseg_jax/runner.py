@@ -25,6 +25,8 @@ from .metrics import resize_prediction
 from .models import build_model, check_pretrained
 from .outputs import OutputFolder, merge_results
 from .postprocess import postprocess
+from .superpixels import check_available as check_superpixels
+from .superpixels import superpixel_map
 
 
 def _as_config(config) -> Config:
@@ -126,6 +128,7 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
     config = _as_config(config)
     if batch is not None:
         config = config.replace({"engine.batch": batch})
+    check_superpixels(config)
     arrays, names = [], []
     for i, img in enumerate(images):
         # An image's name seeds its own network (init = "per_image"): a file's stem, an
@@ -142,11 +145,15 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
     order = sorted(range(len(arrays)),
                    key=lambda i: _bucket_order(arrays[i].shape, engine.config, engine.model))
 
+    def prepare(i):
+        return kstar(arrays[i], names[i]), superpixel_map(arrays[i], engine.config)
+
     def items():
-        for i, k in _prefetch(order, lambda i: kstar(arrays[i], names[i])):
-            if isinstance(k, Exception):
-                raise k
-            yield WorkItem(key=i, image=arrays[i], k_min=k, name=names[i])
+        for i, prepared in _prefetch(order, prepare):
+            if isinstance(prepared, Exception):
+                raise prepared
+            k, segments = prepared
+            yield WorkItem(key=i, image=arrays[i], k_min=k, name=names[i], segments=segments)
 
     out: list[dict | None] = [None] * len(arrays)
     bar = _progress(len(arrays), progress)
@@ -276,6 +283,7 @@ def segment_files(inputs: Sequence, out_dir: str | os.PathLike, config: Config, 
         raise ConfigError(f"--color-labels: model.max_clusters = {config.model.max_clusters} labels do not "
                           f"fit an 8-bit palette PNG (at most 256)")
     check_pretrained(config)  # a missing checkpoint fails before anything else
+    check_superpixels(config)
     if process is None:
         process = (jax.process_index(), jax.process_count())
     folder = OutputFolder.open(out_dir, config, scale, overwrite=overwrite,
@@ -461,7 +469,7 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
 
     def prepare(job):
         original, image = load_job_image(job, scale, cfg)
-        return original, image, kstar(image, job[2])
+        return original, image, kstar(image, job[2]), superpixel_map(image, cfg)
 
     meta = {}
     bar = _progress(len(todo), progress)
@@ -473,9 +481,9 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
                 record(error_entry(name, error_message(name, prepared), stem, source))
                 bar.update(1)
                 continue
-            original, image, k = prepared
+            original, image, k, segments = prepared
             meta[name] = (job, original, image)
-            yield WorkItem(key=name, image=image, k_min=k, name=stem)
+            yield WorkItem(key=name, image=image, k_min=k, name=stem, segments=segments)
 
     for r in engine.run(items()):
         job, original, image = meta.pop(r.key)

@@ -2,8 +2,8 @@
 
 Every (image, setting) pair is one slot of one engine: settings differ in per-slot fields
 only (``train.PER_SLOT_FIELDS``: optimiser, schedule, stop rule, seed, init, silhouette)
-and in the host's post-processing (``config.POSTPROCESS_FIELDS``), so one compiled step
-serves the whole grid, and refill works as for ``segment``. Each
+and in the host's superpixel parameters and post-processing (``config.HOST_FIELDS``), so
+one compiled step serves the whole grid, and refill works as for ``segment``. Each
 setting gets its own output folder ``OUT/<setting>/`` (the ``segment`` layout: label
 maps, overlays, results, config.toml; resumable the same way). With a dataset that has
 ground truth, every setting is scored and ``OUT/sweep.csv``, ``OUT/sweep.json`` and
@@ -59,10 +59,10 @@ def parse_grid(items: Sequence[str]) -> dict[str, list]:
       ConfigError: a malformed item, an unknown key, a key given twice, or a key that
         shapes the compiled program (not per-slot: run such values as separate sweeps).
     """
-    from .config import POSTPROCESS_FIELDS
+    from .config import HOST_FIELDS
     from .train import PER_SLOT_FIELDS
 
-    free = PER_SLOT_FIELDS + POSTPROCESS_FIELDS
+    free = PER_SLOT_FIELDS + HOST_FIELDS
 
     grid: dict[str, list] = {}
     for item in items:
@@ -128,11 +128,13 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
     from .outputs import OutputFolder
     from .runner import (KStarEstimator, _job_bucket, _prefetch, error_entry, error_message, finish_labels,
                          load_job_image, ok_entry, resolve_jobs, write_outputs)
+    from .superpixels import check_available, superpixel_map
 
     t0 = time.perf_counter()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out_dir)
     settings = expand(base, grid)
+    check_available(base)
     names = [s.name for s in settings]
     if len(set(n.casefold() for n in names)) != len(names):
         raise ConfigError("--grid: two settings get the same folder name; use distinct values")
@@ -173,7 +175,13 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
         def prepare(entry):
             job, pending = entry
             original, image = load_job_image(job, scale, cfg)
-            return original, image, [estimators[i](image, job[2]) for i in pending]
+            maps = {}  # settings whose superpixel fields agree share one map
+            for i in pending:
+                sp = settings[i].config.superpixels
+                if sp not in maps:
+                    maps[sp] = superpixel_map(image, settings[i].config)
+            return original, image, [(estimators[i](image, job[2]), maps[settings[i].config.superpixels])
+                                     for i in pending]
 
         def record_error(i, job, msg, iterations=None):
             name, source, stem, _ = job
@@ -189,11 +197,11 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
                         record_error(i, job, error_message(job[0], prepared))
                         bar.update(1)
                     continue
-                original, image, ks = prepared
-                for i, k in zip(pending, ks):
+                original, image, per_setting = prepared
+                for i, (k, segments) in zip(pending, per_setting):
                     meta[(i, job[1])] = (job, original, image)
                     yield WorkItem(key=(i, job[1]), image=image, k_min=k, name=job[2],
-                                   setting=settings[i].config)
+                                   setting=settings[i].config, segments=segments)
 
         for r in engine.run(items()):
             i, _ = r.key

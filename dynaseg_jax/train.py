@@ -41,6 +41,7 @@ import optax
 from . import losses
 from .models import build_model, load_pretrained, uses_pretrained
 from .schedules import SCHEDULE_KINDS, per_slot
+from .superpixels import majority_targets
 
 # Config fields that may differ between the slots of one run (one compiled step): the
 # optimiser's and the schedule's values and the stop rule live in each slot's state;
@@ -196,14 +197,21 @@ def all_finite(tree) -> jax.Array:
 
 
 def loss_terms(params, image, mask, *, model, schedule, step, k_min=None,
-               mu_uses_kstar: bool | jax.Array = False, shared=None):
+               mu_uses_kstar: bool | jax.Array = False, shared=None, segments=None,
+               max_segments: int | None = None):
     """Forward pass and the DynaSeg loss. Returns (loss, aux dict).
 
-    ``params``: the trainable variables; ``shared``: the rest (``split_variables``)."""
+    ``params``: the trainable variables; ``shared``: the rest (``split_variables``).
+    ``segments``: the image's superpixel ids (< ``max_segments``), or None: the targets
+    of L_sim are then the superpixels' majority labels (``superpixels.majority_targets``)
+    instead of the argmax labels; q' still counts the argmax labels."""
     response = model.apply(merge_variables(params, shared), image, mask)
     labels = jax.lax.stop_gradient(losses.labels_from_response(response))
     n_clusters = losses.count_clusters(labels, mask, response.shape[-1])
-    l_sim = losses.similarity_loss(response, labels, mask)
+    targets = labels
+    if segments is not None:
+        targets = majority_targets(labels, segments, mask, max_segments, response.shape[-1])
+    l_sim = losses.similarity_loss(response, targets, mask)
     l_con = losses.continuity_loss(response, mask)
     # mu from max(q', k*) under uses_kstar (a per-slot value: a select, not a branch)
     seen = n_clusters if k_min is None else jnp.where(mu_uses_kstar, jnp.maximum(n_clusters, k_min), n_clusters)
@@ -214,7 +222,9 @@ def loss_terms(params, image, mask, *, model, schedule, step, k_min=None,
 
 
 def make_train_step(config, schedule: Callable | None = None, model=None):
-    """Builds ``train_step(state, image, mask, shared=None) -> (state, metrics)`` for one image.
+    """Builds ``train_step(state, image, mask, shared=None, segments=None) -> (state, metrics)``
+    for one image (``segments``: its superpixel ids, given exactly when the config's
+    ``superpixels.method`` is not 'none').
 
     One step: forward pass, labels c = argmax r', q' = distinct labels, loss
     L_sim + mu(q', step) * L_con, SGD-momentum update, then the stop rule
@@ -238,14 +248,20 @@ def make_train_step(config, schedule: Callable | None = None, model=None):
     model = model or build_model(config)
     optimizer = make_optimizer(config)
 
-    def train_step(state, image, mask, shared=None):
+    uses_superpixels = config.superpixels.method != "none"
+
+    def train_step(state, image, mask, shared=None, segments=None):
+        if uses_superpixels != (segments is not None):
+            raise ValueError(f"superpixels.method = {config.superpixels.method!r}: the step needs "
+                             f"{'the image superpixels' if uses_superpixels else 'no superpixels'}")
         setting = state["setting"]
         mu_schedule = schedule or per_slot(setting["schedule_kind"], setting["alpha"], setting["mu"])
 
         def loss_fn(params):
             return loss_terms(params, image, mask, model=model, schedule=mu_schedule,
                               step=state["step"], k_min=state["k_min"],
-                              mu_uses_kstar=setting["uses_kstar"], shared=shared)
+                              mu_uses_kstar=setting["uses_kstar"], shared=shared, segments=segments,
+                              max_segments=config.superpixels.max_segments)
 
         grads, aux = jax.grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])

@@ -172,7 +172,9 @@ def test_digest_covers_labels_not_layout():
                "optim.momentum": 0.5, "optim.weight_decay": 1e-4, "stop.k_min": 4, "stop.max_iters": 10, "stop.plateau": 50,
                "silhouette.features": "color_position", "silhouette.k_range": (2, 9),
                "silhouette.samples": 100, "silhouette.position_scale": 2.0,
-               "postprocess.connected": True, "engine.transpose_portrait": False}
+               "superpixels.method": "slic", "superpixels.max_segments": 100, "superpixels.scale": 5.0,
+               "superpixels.sigma": 0.1, "superpixels.min_size": 3, "superpixels.n_segments": 50,
+               "superpixels.compactness": 20.0, "postprocess.connected": True, "engine.transpose_portrait": False}
     trunk = {"model.trunk": "frozen", "model.trunk_norm": "running"}  # fields of trunk models only
     needs_connected = {"postprocess.min_region"}  # checked below
     assert set(changed) | set(layout) | set(trunk) | needs_connected == set(field_paths())

@@ -54,8 +54,8 @@ SCRIPT = textwrap.dedent("""
         return (st, jnp.stack([padded[i][0] for i in idx]), jnp.stack([padded[i][1] for i in idx]))
     s4 = jax.device_put(stacked(e4, range(8)), e4.sharding())
     s1 = stacked(e1, [6, 7])
-    n4 = e4.step_fn((32, 32, False), True)(*s4, e4.shared)["params"]
-    n1 = e1.step_fn((32, 32, False), True)(*s1, e1.shared)["params"]
+    n4 = e4.step_fn((32, 32, False), True)(*s4, e4.shared, None)["params"]
+    n1 = e1.step_fn((32, 32, False), True)(*s1, e1.shared, None)["params"]
     flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
     p4, p1 = flat(jax.tree.map(lambda x: x[6:], n4)), flat(n1)
     print(json.dumps({

@@ -1,0 +1,82 @@
+"""Superpixel-constrained targets (Kanezaki, "Unsupervised image segmentation by
+backpropagation", ICASSP 2018; docs/algorithm.md section 6.5).
+
+Before the optimisation, each image is cut into superpixels on the host (scikit-image's
+Felzenszwalb or SLIC, the ``superpixels`` extra). In every update the target of the
+similarity loss is then no longer the argmax label of each pixel but the most frequent
+argmax label of its superpixel (ties: the lower label), so the targets follow the
+superpixels' edges. q' and the final labels are still the argmax labels.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import Config, ConfigError
+
+__all__ = ["check_available", "superpixel_map", "majority_targets"]
+
+
+def check_available(config: Config) -> None:
+    """Raises ConfigError, with the install command, when the config asks for
+    superpixels and scikit-image is missing."""
+    if config.superpixels.method == "none":
+        return
+    try:
+        import skimage.segmentation  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"superpixels.method = {config.superpixels.method!r} needs scikit-image: "
+                          f"pip install 'dynaseg_jax[superpixels]'") from None
+
+
+def superpixel_map(image: np.ndarray, config: Config) -> np.ndarray | None:
+    """An image's superpixels as int32 ids 0..S-1, or None when ``method`` is 'none'.
+
+    Args:
+      image: (H, W, 3) float RGB in [0, 1], the image as the network sees it.
+      config: a Config (its ``superpixels`` section).
+
+    Raises:
+      ValueError: more than ``superpixels.max_segments`` superpixels.
+    """
+    sp = config.superpixels
+    if sp.method == "none":
+        return None
+    from skimage import segmentation
+
+    if sp.method == "felzenszwalb":
+        segments = segmentation.felzenszwalb(image, scale=sp.scale, sigma=sp.sigma, min_size=sp.min_size,
+                                             channel_axis=-1)
+    else:
+        segments = segmentation.slic(image, n_segments=sp.n_segments, compactness=sp.compactness,
+                                     start_label=0, channel_axis=-1)
+    _, segments = np.unique(segments, return_inverse=True)  # ids 0..S-1, none skipped
+    segments = segments.reshape(image.shape[:2]).astype(np.int32)
+    count = int(segments.max()) + 1
+    if count > sp.max_segments:
+        raise ValueError(f"{count} superpixels, more than superpixels.max_segments = {sp.max_segments} "
+                         f"(raise it, or make the superpixels larger)")
+    return segments
+
+
+def majority_targets(labels: jax.Array, segments: jax.Array, mask: jax.Array, n_segments: int,
+                     n_labels: int) -> jax.Array:
+    """Each pixel's target: the most frequent label among the real pixels of its
+    superpixel (ties: the lower label).
+
+    Args:
+      labels: (H, W) int32 argmax labels, in [0, n_labels).
+      segments: (H, W) int32 superpixel ids, in [0, n_segments).
+      mask: (H, W), 1 on real pixels (padding neither votes nor matters).
+      n_segments: a static bound on the ids (``superpixels.max_segments``).
+      n_labels: q.
+
+    Returns:
+      (H, W) int32 targets.
+    """
+    votes = jax.ops.segment_sum(mask.reshape(-1).astype(jnp.int32),
+                                (segments * n_labels + labels).reshape(-1),
+                                num_segments=n_segments * n_labels)
+    winner = jnp.argmax(votes.reshape(n_segments, n_labels), axis=-1).astype(jnp.int32)
+    return winner[segments]

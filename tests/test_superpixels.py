@@ -1,0 +1,136 @@
+"""Superpixel-constrained targets: majority votes, the maps, the engine's plumbing."""
+import builtins
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dynaseg_jax import losses, train
+from dynaseg_jax.config import Config, ConfigError
+from dynaseg_jax.engine import pad_segments, pad_to_bucket
+from dynaseg_jax.superpixels import check_available, majority_targets, superpixel_map
+from tests.conftest import require, smooth_image
+
+
+def majority_brute_force(labels, segments, mask):
+    """Per superpixel, the most frequent label among its real pixels (ties: lower)."""
+    out = np.zeros_like(labels)
+    for s in np.unique(segments):
+        inside = segments == s
+        votes = labels[inside & (mask > 0)]
+        winner = np.bincount(votes).argmax() if votes.size else 0
+        out[inside] = winner
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_majority_targets_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 5, (9, 11)).astype(np.int32)
+    segments = rng.integers(0, 7, (9, 11)).astype(np.int32)
+    mask = (rng.random((9, 11)) < 0.8).astype(np.float32)
+    got = np.asarray(majority_targets(jnp.asarray(labels), jnp.asarray(segments), jnp.asarray(mask), 8, 5))
+    np.testing.assert_array_equal(got, majority_brute_force(labels, segments, mask))
+
+
+def test_majority_tie_takes_the_lower_label():
+    labels = jnp.asarray([[3, 1, 1, 3]], jnp.int32)
+    got = majority_targets(labels, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4)), 1, 4)
+    np.testing.assert_array_equal(got, [[1, 1, 1, 1]])
+
+
+def test_superpixel_maps():
+    require("skimage")
+    image = smooth_image(24, 32, 0)
+    assert superpixel_map(image, Config()) is None
+    for method in ("felzenszwalb", "slic"):
+        config = Config().replace({"superpixels.method": method, "superpixels.n_segments": 12})
+        segments = superpixel_map(image, config)
+        assert segments.shape == (24, 32) and segments.dtype == np.int32
+        np.testing.assert_array_equal(np.unique(segments), np.arange(segments.max() + 1))  # no gaps
+        assert 2 <= segments.max() + 1 < 24 * 32
+    tight = Config().replace({"superpixels.method": "felzenszwalb", "superpixels.max_segments": 2,
+                              "superpixels.scale": 1.0, "superpixels.min_size": 1})
+    with pytest.raises(ValueError, match="superpixels, more than superpixels.max_segments = 2"):
+        superpixel_map(image, tight)
+
+
+def test_missing_scikit_image_is_a_config_error(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_skimage(name, *args, **kwargs):
+        if name.startswith("skimage"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_skimage)
+    check_available(Config())  # not asked for: fine
+    with pytest.raises(ConfigError, match=r"superpixels.method = 'slic' needs scikit-image: pip install "
+                                          r"'dynaseg_jax\[superpixels\]'"):
+        check_available(Config().replace({"superpixels.method": "slic"}))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_segments_are_padded_like_the_image(transposed):
+    image = smooth_image(13, 9, 1)
+    segments = (image[..., 0] * 5).astype(np.int32)  # a function of the pixels
+    padded, mask = pad_to_bucket(image, (16, 16, transposed))
+    got = pad_segments(segments, (16, 16, transposed))
+    real = mask > 0
+    np.testing.assert_array_equal(got[real], (padded[..., 0] * 5).astype(np.int32)[real])
+    assert not got[~real].any()
+
+
+def test_step_uses_the_superpixel_targets(tiny_config):
+    # One step's L_sim equals the cross-entropy against the brute-force majority targets
+    # of the same forward pass; q' still counts the argmax labels.
+    config = tiny_config.replace({"superpixels.method": "slic", "superpixels.max_segments": 64})
+    image = smooth_image(16, 16, 3)
+    segments = np.repeat(np.repeat(np.arange(16).reshape(4, 4), 4, 0), 4, 1).astype(np.int32)
+    mask = np.ones((16, 16), np.float32)
+    state = train.init_state(config)
+    _, metrics = jax.jit(train.make_train_step(config))(state, jnp.asarray(image), jnp.asarray(mask),
+                                                       None, jnp.asarray(segments))
+    response = train.build_model(config).apply(state["params"], jnp.asarray(image), jnp.asarray(mask))
+    labels = np.asarray(losses.labels_from_response(response))
+    targets = majority_brute_force(labels, segments, mask)
+    assert (targets != labels).any()  # the targets differ from the labels here
+    want = float(losses.similarity_loss(response, jnp.asarray(targets), jnp.asarray(mask)))
+    # Two float32 evaluations of one mean of 256 log-softmax terms: a few ulps of the sum.
+    assert float(metrics["l_sim"]) == pytest.approx(want, rel=1e-5)
+    assert int(metrics["n_clusters"]) == np.unique(labels).size
+    with pytest.raises(ValueError, match="the step needs the image superpixels"):
+        train.make_train_step(config)(state, jnp.asarray(image), jnp.asarray(mask))
+
+
+@pytest.mark.parametrize("strategy", ["per_image", "vmap"])
+def test_segment_and_sweep_with_superpixels(tmp_path, capsys, strategy):
+    require("skimage")
+    from PIL import Image
+
+    from dynaseg_jax import images as imio
+    from dynaseg_jax.cli import main
+    from tests.conftest import tiny_toml
+
+    (tmp_path / "in").mkdir()
+    for i, (h, w) in enumerate([(16, 24), (24, 16)]):  # a portrait one is transposed
+        Image.fromarray((smooth_image(h, w, i) * 255).astype(np.uint8)).save(tmp_path / "in" / f"im{i}.png")
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(tiny_toml(max_iters=6, k_min=1, strategy=strategy, batch=2))
+    base = ["--config", str(cfg), "--no-progress"]
+    assert main(["segment", str(tmp_path / "in"), "--out", str(tmp_path / "plain"), *base]) == 0
+    assert main(["segment", str(tmp_path / "in"), "--out", str(tmp_path / "sp"), *base,
+                 "--set", "superpixels.method=felzenszwalb", "--set", "superpixels.scale=5"]) == 0
+    # The superpixels reach the step: the labels change (6 updates of a 16-channel CNN).
+    assert any(not np.array_equal(imio.read_labels(tmp_path / "plain" / f"im{i}.png"),
+                                  imio.read_labels(tmp_path / "sp" / f"im{i}.png")) for i in range(2))
+    if strategy == "per_image":
+        return
+    # Host-side superpixel fields vary within one sweep; one setting equals its segment run.
+    assert main(["sweep", str(tmp_path / "in"), "--out", str(tmp_path / "sweep"), *base,
+                 "--set", "superpixels.method=felzenszwalb", "--grid", "superpixels.scale=5,50"]) == 0
+    assert "2 settings: 4 segmented" in capsys.readouterr().out
+    for i in range(2):
+        np.testing.assert_array_equal(imio.read_labels(tmp_path / "sweep" / "superpixels.scale_5" / f"im{i}.png"),
+                                      imio.read_labels(tmp_path / "sp" / f"im{i}.png"))
