@@ -149,8 +149,15 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
         cfg = engine.config
         for s in settings:
             engine.check_setting(s.config)
-        estimators = [KStarEstimator(resolve_config(s.config), lambda n, s=s: engine.initial_variables(n, s.config),
-                                     engine.model) for s in settings]
+        # k_min of an image depends on these fields only: settings that agree on them
+        # share one estimator (one compiled feature function) and one k* per image.
+        kstar_key = lambda c: (c.stop.k_min, c.silhouette, c.seed, c.init)
+        shared_estimators: dict = {}
+        for s in settings:
+            if kstar_key(s.config) not in shared_estimators:
+                shared_estimators[kstar_key(s.config)] = KStarEstimator(
+                    resolve_config(s.config), lambda n, s=s: engine.initial_variables(n, s.config), engine.model)
+        estimators = [shared_estimators[kstar_key(s.config)] for s in settings]
         done = [f.done_sources() for f in folders]  # read once, not per image
         stems, todo, queued = {}, [], set()
         for job in jobs:
@@ -175,12 +182,14 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
         def prepare(entry):
             job, pending = entry
             original, image = load_job_image(job, scale, cfg)
-            maps = {}  # settings whose superpixel fields agree share one map
+            maps, ks = {}, {}  # computed once per image for settings that agree
             for i in pending:
-                sp = settings[i].config.superpixels
+                sp, est = settings[i].config.superpixels, id(estimators[i])
                 if sp not in maps:
                     maps[sp] = superpixel_map(image, settings[i].config)
-            return original, image, [(estimators[i](image, job[2]), maps[settings[i].config.superpixels])
+                if est not in ks:
+                    ks[est] = estimators[i](image, job[2])
+            return original, image, [(ks[id(estimators[i])], maps[settings[i].config.superpixels])
                                      for i in pending]
 
         def record_error(i, job, msg, iterations=None):

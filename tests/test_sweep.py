@@ -123,3 +123,19 @@ def test_report_of_a_sweep(tmp_path, capsys):
     for row in rows:  # the page's numbers are the table's
         cells = by_name[row["setting"]]
         assert float(cells[list(row).index("all")][0]) == row["all"]
+
+
+def test_settings_that_agree_on_kstar_share_it(folder, monkeypatch, capsys):
+    # k* depends on stop.k_min, silhouette.*, seed and init only: over lr x seed, it is
+    # estimated once per image and seed, by one estimator per seed.
+    from dynaseg_jax import runner
+    calls = []
+    real = runner.KStarEstimator.__call__
+    monkeypatch.setattr(runner.KStarEstimator, "__call__",
+                        lambda self, image, name: calls.append((id(self), name)) or real(self, image, name))
+    assert main(["sweep", str(folder / "in"), "--out", str(folder / "kstar"), "--config", str(folder / "tiny.toml"),
+                 "--no-progress", "--set", "stop.k_min=\"silhouette\"", "--set", "silhouette.samples=50",
+                 "--set", "silhouette.k_range=[2, 3]", "--set", "stop.max_iters=2",
+                 "--grid", "optim.lr=0.05,0.1", "--grid", "seed=0,1"]) == 0
+    assert "4 settings: 12 segmented" in capsys.readouterr().out
+    assert len(calls) == 6 and len(set(calls)) == 6 and len({c[0] for c in calls}) == 2
