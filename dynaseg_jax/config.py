@@ -168,8 +168,8 @@ class PostprocessConfig:
 
 # Fields read on the host only, before an image enters its slot or after it leaves:
 # they may differ between the images of one run.
-HOST_FIELDS = SUPERPIXEL_HOST_FIELDS + tuple(f"postprocess.{f.name}"
-                                             for f in dataclasses.fields(PostprocessConfig))
+POSTPROCESS_FIELDS = tuple(f"postprocess.{f.name}" for f in dataclasses.fields(PostprocessConfig))
+HOST_FIELDS = SUPERPIXEL_HOST_FIELDS + POSTPROCESS_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ setting gets its own output folder ``OUT/<setting>/`` (the ``segment`` layout: l
 maps, overlays, results, config.toml; resumable the same way). With a dataset that has
 ground truth, every setting is scored and ``OUT/sweep.csv``, ``OUT/sweep.json`` and
 ``OUT/sweep.png`` (score against each swept value, seeds as error bars) are written.
+Settings that differ only in post-processing share one optimisation per image.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from . import images as imio
-from .config import Config, ConfigError, config_digest, field_paths, parse_value
+from .config import POSTPROCESS_FIELDS, Config, ConfigError, config_digest, field_paths, parse_value
 
 SWEEP_CSV, SWEEP_JSON, SWEEP_PNG = "sweep.csv", "sweep.json", "sweep.png"
 
@@ -158,6 +159,9 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
                 shared_estimators[kstar_key(s.config)] = KStarEstimator(
                     resolve_config(s.config), lambda n, s=s: engine.initial_variables(n, s.config), engine.model)
         estimators = [shared_estimators[kstar_key(s.config)] for s in settings]
+        defaults = Config()
+        optimisation_key = [config_digest(s.config.replace({p: defaults.get(p) for p in POSTPROCESS_FIELDS}))
+                            for s in settings]
         done = [f.done_sources() for f in folders]  # read once, not per image
         stems, todo, queued = {}, [], set()
         for job in jobs:
@@ -207,27 +211,34 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
                         bar.update(1)
                     continue
                 original, image, per_setting = prepared
+                # Settings that differ in post-processing only share one optimisation.
+                groups: dict = {}
                 for i, (k, segments) in zip(pending, per_setting):
-                    meta[(i, job[1])] = (job, original, image)
-                    yield WorkItem(key=(i, job[1]), image=image, k_min=k, name=job[2],
+                    groups.setdefault(optimisation_key[i], []).append((i, k, segments))
+                for group in groups.values():
+                    i, k, segments = group[0]
+                    key = (tuple(g[0] for g in group), job[1])
+                    meta[key] = (job, original, image)
+                    yield WorkItem(key=key, image=image, k_min=k, name=job[2],
                                    setting=settings[i].config, segments=segments)
 
         for r in engine.run(items()):
-            i, _ = r.key
+            group, _ = r.key
             job, original, image = meta.pop(r.key)
             name, _, stem, _ = job
-            bar.update(1)
-            if r.error:
-                record_error(i, job, f"{name}: {r.error}", r.iterations)
-                continue
-            labels = finish_labels(r.labels, original, image, settings[i].config)
-            try:
-                write_outputs(folders[i].path, stem, original, labels)
-            except (OSError, ValueError) as e:
-                record_error(i, job, f"{name}: cannot write outputs: {e}")
-                continue
-            folders[i].append(ok_entry(job, original, labels, r))
-            counts["segmented"] += 1
+            for i in group:
+                bar.update(1)
+                if r.error:
+                    record_error(i, job, f"{name}: {r.error}", r.iterations)
+                    continue
+                labels = finish_labels(r.labels, original, image, settings[i].config)
+                try:
+                    write_outputs(folders[i].path, stem, original, labels)
+                except (OSError, ValueError) as e:
+                    record_error(i, job, f"{name}: cannot write outputs: {e}")
+                    continue
+                folders[i].append(ok_entry(job, original, labels, r))
+                counts["segmented"] += 1
         bar.close()
     finally:
         for f in folders:

@@ -76,6 +76,11 @@ def test_sweep_varies_postprocessing_on_the_host(folder, capsys):
     assert main(["sweep", str(folder / "in"), "--out", str(out), "--config", str(folder / "tiny.toml"),
                  "--no-progress", "--grid", "postprocess.connected=false,true"]) == 0
     assert capsys.readouterr().out.startswith("2 settings: 6 segmented")
+    # One optimisation per image serves both settings: the same iteration counts and
+    # seconds (the engine's own record of the slot), post-processed two ways.
+    records = [{r["stem"]: (r["iterations"], r["seconds"]) for r in map(json.loads, (out / name / "results.jsonl")
+                .read_text().splitlines())} for name in ("postprocess.connected_false", "postprocess.connected_true")]
+    assert records[0] == records[1]
     for i in range(3):
         raw = imio.read_labels(out / "postprocess.connected_false" / f"im{i}.png")
         split = imio.read_labels(out / "postprocess.connected_true" / f"im{i}.png")
