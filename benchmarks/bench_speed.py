@@ -155,6 +155,36 @@ class TorchRunner:
         return (time.perf_counter() - t0) / iters
 
 
+class BatchedTorchRunner:
+    """The tuned PyTorch opponent (torch_batched.py): ``batch`` images at once, q' on the
+    device, stop flags read every ``check_every`` updates; optionally the update captured
+    by ``torch.compile(mode="reduce-overhead")``."""
+
+    def __init__(self, config, h, w, batch, device, compile_step=False):
+        import torch
+        import torch_batched as tb
+        self.torch, self.device, self.batch = torch, device, batch
+        sds = tb.initial_state_dicts(config, range(batch))
+        self.params = {k: v.to(device).requires_grad_(True)
+                       for k, v in tb.stack_state_dicts(sds, config.model.n_conv).items()}
+        self.momenta = {k: torch.zeros_like(v) for k, v in self.params.items()}
+        self.x = torch.cat([tb.ref.image_to_tensor(synthetic_image(h, w, i), device) for i in range(batch)])
+        self.active = torch.ones(batch, dtype=torch.bool, device=device)
+        self.update = tb.make_update(config, h, w, config.model.padding)
+        if compile_step:
+            self.update = torch.compile(self.update, mode="reduce-overhead")
+        self.time_iters(3)  # warm-up (and capture, when compiled)
+
+    def time_iters(self, iters: int) -> float:
+        if str(self.device).startswith("cuda"):
+            self.torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            n_clusters = self.update(self.params, self.momenta, self.x, self.active)
+        n_clusters.cpu()  # one sync, as a stop-flag read
+        return (time.perf_counter() - t0) / (iters * self.batch)
+
+
 def peak_memory_mb(device: str) -> dict:
     out = {"host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device == "gpu":
@@ -178,13 +208,20 @@ def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_c
     tkey = (h, w)
     if not args.no_torch and tkey not in torch_cache:
         torch_cache[tkey] = TorchRunner(config, h, w, "cuda" if args.device == "gpu" else "cpu")
-    jax_t, torch_t = [], []
-    for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both
+    bkey = (h, w, batch, "batched")
+    if not args.no_torch and cfg.model.name == "cnn" and bkey not in torch_cache:
+        torch_cache[bkey] = BatchedTorchRunner(config, h, w, batch, "cuda" if args.device == "gpu" else "cpu",
+                                               compile_step=args.torch_compile)
+    jax_t, torch_t, batched_t = [], [], []
+    for _ in range(args.repeats):  # interleaved, so drifts in machine load hit every side
         jax_t.append(jr.time_iters(args.iters))
         if not args.no_torch:
             torch_t.append(torch_cache[tkey].time_iters(args.iters))
+        if bkey in torch_cache:
+            batched_t.append(torch_cache[bkey].time_iters(args.iters))
     jax_ms = statistics.median(jax_t) * 1e3
     torch_ms = statistics.median(torch_t) * 1e3 if torch_t else None
+    batched_ms = statistics.median(batched_t) * 1e3 if batched_t else None
     if cfg.model.name == "cnn":
         flops, flops_source = model_flops(h, w, cfg), "algorithmic (direct convolution)"
     else:
@@ -197,6 +234,9 @@ def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_c
         "tf32": args.tf32, "matmul_precision": jr.engine.config.model.matmul_precision,
         "jax_ms_per_image_iter": jax_ms, "torch_ms_per_image_iter": torch_ms,
         "ratio": jax_ms / torch_ms if torch_ms else None,
+        "torch_batched_ms_per_image_iter": batched_ms, "torch_batched_compiled": bool(args.torch_compile),
+        "ratio_batched": jax_ms / batched_ms if batched_ms else None,
+        "torch_batched_ms_all": [t * 1e3 for t in batched_t],
         "jax_images_per_s_at_iters": 1e3 / (jax_ms * args.iters),
         "jax_gflops": flops / (jax_ms * 1e-3) / 1e9,
         "torch_gflops": flops / (torch_ms * 1e-3) / 1e9 if torch_ms else None,
@@ -241,6 +281,25 @@ def full_run(config, args) -> dict:
         out.update(torch_images=n_torch, torch_seconds=torch_s, torch_images_per_s=n_torch / torch_s,
                    torch_iterations=sorted(r["iterations"] for r in tres),
                    speedup=(len(imgs) / jax_s) / (n_torch / torch_s))
+        if config.model.name == "cnn":
+            # The tuned opponent: portraits transposed (as the engine does) and images of
+            # one shape in batches of full_batch, each image from its own seed.
+            import torch_batched as tb
+            upright = [im.transpose(1, 0, 2) if im.shape[0] > im.shape[1] else im for im in imgs[:n_torch]]
+            groups: dict = {}
+            for im in upright:
+                groups.setdefault(im.shape, []).append(im)
+            t = time.perf_counter()
+            bres = []
+            for group in groups.values():
+                for k in range(0, len(group), args.full_batch):
+                    chunk = group[k:k + args.full_batch]
+                    bres += tb.segment_batch(chunk, config, tb.initial_state_dicts(config, range(len(chunk))),
+                                             device=dev, tf32=args.tf32, compile_step=args.torch_compile)
+            batched_s = time.perf_counter() - t
+            out.update(torch_batched_seconds=batched_s, torch_batched_images_per_s=n_torch / batched_s,
+                       torch_batched_iterations=sorted(r["iterations"] for r in bres),
+                       speedup_batched=(len(imgs) / jax_s) / (n_torch / batched_s))
     return out
 
 
@@ -292,6 +351,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="capture the batched PyTorch update with torch.compile(mode='reduce-overhead')")
     ap.add_argument("--full-run", type=int, default=0, metavar="N",
                     help="also segment N BSDS500 val images with early stopping")
     ap.add_argument("--full-batch", type=int, default=4)
@@ -340,7 +401,7 @@ def main(argv=None) -> int:
     print(f"# {machine['jax_device']} ({machine['jax_backend']}), {os.cpu_count()} CPUs, "
           f"matmul roofline {roofline:.0f} GFLOP/s (2048^3 float32)")
     hdr = f"{'size':>8} {'batch':>5} {'strategy':>9} {'conv':>6} {'JAX ms/it':>9} {'torch ms/it':>11} " \
-          f"{'ratio':>6} {'JAX GF/s':>8} {'roofl':>6} {'compile s':>9} {'peak MB':>8}"
+          f"{'ratio':>6} {'tuned ms/it':>11} {'ratio':>6} {'JAX GF/s':>8} {'roofl':>6} {'compile s':>9} {'peak MB':>8}"
     print(hdr)
     rows, torch_cache = [], {}
     for size in args.size:
@@ -357,8 +418,10 @@ def main(argv=None) -> int:
                     write_text_atomic(args.json, json.dumps({**machine, "results": rows, "partial": True}, indent=2))
                 tm = f"{row['torch_ms_per_image_iter']:.2f}" if row["torch_ms_per_image_iter"] else "-"
                 ra = f"{row['ratio']:.2f}" if row["ratio"] else "-"
+                bm = f"{row['torch_batched_ms_per_image_iter']:.2f}" if row["torch_batched_ms_per_image_iter"] else "-"
+                rb = f"{row['ratio_batched']:.2f}" if row["ratio_batched"] else "-"
                 print(f"{row['size']:>8} {batch:>5} {row['strategy']:>9} {row['conv_impl']:>6} "
-                      f"{row['jax_ms_per_image_iter']:9.2f} {tm:>11} {ra:>6} {row['jax_gflops']:8.1f} "
+                      f"{row['jax_ms_per_image_iter']:9.2f} {tm:>11} {ra:>6} {bm:>11} {rb:>6} {row['jax_gflops']:8.1f} "
                       f"{row['jax_roofline_fraction']:6.2f} {row['jax_compile_s']:9.2f} "
                       f"{row['host_peak_rss_mb']:8.0f}", flush=True)
         torch_cache.clear()
