@@ -71,7 +71,6 @@ def _blocks() -> tuple[BlockSpec, ...]:
 
 BLOCKS = _blocks()
 FEATURE_BLOCKS = (2, 4, 10, 15)  # the last block at strides 4, 8, 16, 32: C2..C5
-FEATURE_CHANNELS = tuple(BLOCKS[i].cout for i in FEATURE_BLOCKS)  # (24, 40, 112, 320)
 
 
 def relu6(x: jax.Array) -> jax.Array:
