@@ -38,6 +38,7 @@ __all__ = [
     "best_overlap_ious",
     "bsds_image_ious",
     "bsds_scores",
+    "bootstrap_interval",
     "hungarian_miou",
     "overlap_scores",
     "relabel_connected",
@@ -255,6 +256,40 @@ def bsds_scores(per_image: Sequence[Sequence[np.ndarray]]) -> dict:
         out[f"segments_{mode}"] = int(pooled.size)
     out["mean"] = (out["all"] + out["fine"] + out["coarse"]) / 3.0
     return out
+
+
+def bootstrap_interval(per_image: Sequence, other: Sequence | None = None, score: str = "all",
+                       n_resamples: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of a BSDS score over images (resampled with
+    replacement, the pooled score recomputed each time).
+
+    Args:
+      per_image: per image, one IoU array per annotation (as for :func:`bsds_scores`).
+      other: the same for a second method on the same images: the interval is then of
+        the paired difference ``score(per_image) - score(other)`` (one resample of the
+        images for both), so it excludes 0 when the two differ beyond image sampling.
+      score: which of :func:`bsds_scores`' pooled scores ("all", "fine", "coarse").
+      n_resamples: bootstrap resamples.
+      level: the interval's coverage.
+      seed: the resampling seed.
+
+    Returns:
+      (low, high): the (1 - level)/2 and (1 + level)/2 quantiles (lower and higher
+      order statistics, no interpolation).
+    """
+    n = len(per_image)
+    if other is not None and len(other) != n:
+        raise ValueError(f"paired bootstrap over {n} and {len(other)} images: the same images are needed")
+    rng = np.random.default_rng(seed)
+    values = np.empty(n_resamples)
+    for b in range(n_resamples):
+        idx = rng.integers(0, n, n)
+        values[b] = bsds_scores([per_image[i] for i in idx])[score]
+        if other is not None:
+            values[b] -= bsds_scores([other[i] for i in idx])[score]
+    alpha = (1.0 - level) / 2.0
+    return (float(np.quantile(values, alpha, method="lower")),
+            float(np.quantile(values, 1.0 - alpha, method="higher")))
 
 
 def hungarian_miou(pred, gt, ignore=None) -> float:

@@ -378,3 +378,23 @@ def test_overlap_scores_equals_separate_functions():
         assert h == pytest.approx(m.hungarian_miou(pred, gt, ignore=255))
     ious, h = m.overlap_scores(np.zeros((2, 2), int), np.full((2, 2), 255), ignore=255)
     assert ious.size == 0 and np.isnan(h)
+
+
+def test_bootstrap_interval_two_images_is_exact():
+    # Two images: a resample is (0, 0), (0, 1), (1, 0) or (1, 1), each with probability
+    # 1/4, so the 2.5% and 97.5% quantiles of 2000 resamples are the all-one-image scores.
+    from dynaseg_jax.metrics import bootstrap_interval, bsds_scores
+    low_img = [np.array([0.1, 0.2]), np.array([0.3])]
+    high_img = [np.array([0.8]), np.array([0.6, 0.9, 0.7])]
+    lo, hi = bootstrap_interval([low_img, high_img])
+    assert lo == pytest.approx(bsds_scores([low_img, low_img])["all"])
+    assert hi == pytest.approx(bsds_scores([high_img, high_img])["all"])
+    assert bootstrap_interval([low_img, high_img], seed=3) == bootstrap_interval([low_img, high_img], seed=3)
+    # Paired: a method against itself differs by exactly 0 in every resample.
+    assert bootstrap_interval([low_img, high_img], [low_img, high_img]) == (0.0, 0.0)
+    # Shifted by +0.1 on every segment: the paired difference is +0.1 whatever the resample.
+    shifted = [[a + 0.1 for a in anns] for anns in (low_img, high_img)]
+    lo, hi = bootstrap_interval(shifted, [low_img, high_img])
+    assert lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="the same images"):
+        bootstrap_interval([low_img], [low_img, high_img])
