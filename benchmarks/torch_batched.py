@@ -77,8 +77,10 @@ def _batch_norm(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
     return (y - mean) * torch.rsqrt(var + BN_EPS) * scale + shift
 
 
-def forward(params: dict, x: torch.Tensor, n_conv: int, padding: str = "zeros") -> torch.Tensor:
+def forward(params: dict, x: torch.Tensor, n_conv: int, padding: str = "zeros", input_space: str = "rgb",
+            position: float = 0.0) -> torch.Tensor:
     """r' of B images through their own networks: x (B, 3, H, W) -> (B, q, H * W)."""
+    x = ref.encode_input(x, input_space, position)
     b, _, h, w = x.shape
     for i in range(n_conv):
         if padding == "zeros":
@@ -126,7 +128,8 @@ def make_update(config: Config, h: int, w: int, padding: str):
     def update(params, momenta, x, active):
         for p in params.values():
             p.grad = None
-        loss, n_clusters = batch_loss(forward(params, x, n_conv, padding), h, w, config)
+        loss, n_clusters = batch_loss(forward(params, x, n_conv, padding, config.model.input_space,
+                                              config.model.position), h, w, config)
         loss.backward()
         with torch.no_grad():
             for name, p in params.items():
@@ -187,7 +190,8 @@ def segment_batch(images: Sequence[np.ndarray], config: Config, init_state_dicts
             if (t + 1) % check_every == 0 and bool(done.all()):  # the only host sync
                 break
         with torch.no_grad():
-            labels = forward(params, x, config.model.n_conv, config.model.padding).argmax(dim=1)
+            labels = forward(params, x, config.model.n_conv, config.model.padding, config.model.input_space,
+                             config.model.position).argmax(dim=1)
         labels = labels.view(b, h, w).cpu().numpy()
         its = iterations.cpu().numpy()
     return [{"labels": labels[i], "iterations": int(its[i]), "clusters": int(np.unique(labels[i]).size)}

@@ -40,6 +40,28 @@ except ModuleNotFoundError:  # run as a script from a source checkout
 BN_EPS = 1e-5
 
 
+def encode_input(x: torch.Tensor, space: str = "rgb", position: float = 0.0) -> torch.Tensor:
+    """The CNN's input from RGB (N, 3, H, W) in [0, 1]: ``space`` 'rgb' or 'lab' (CIE
+    L*a*b*, D65, scaled to L/100, a/128, b/128), plus (row, column) channels from 0 to
+    ``position`` when it is > 0 (docs/algorithm.md section 6.6)."""
+    if space == "lab":
+        linear = torch.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
+        m = torch.tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                          [0.019334, 0.119193, 0.950227]], dtype=x.dtype, device=x.device)
+        white = torch.tensor([0.95047, 1.0, 1.08883], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        xyz = torch.einsum("ij,njhw->nihw", m, linear) / white
+        f = torch.where(xyz > 0.008856, xyz.clamp(min=0.008856) ** (1.0 / 3.0), 7.787 * xyz + 16.0 / 116.0)
+        fx, fy, fz = f[:, 0], f[:, 1], f[:, 2]
+        x = torch.stack([(116.0 * fy - 16.0) / 100.0, 500.0 * (fx - fy) / 128.0, 200.0 * (fy - fz) / 128.0], 1)
+    if position > 0:
+        n, _, h, w = x.shape
+        rows = torch.arange(h, dtype=x.dtype, device=x.device) / max(h - 1, 1)
+        cols = torch.arange(w, dtype=x.dtype, device=x.device) / max(w - 1, 1)
+        yy, xx = torch.meshgrid(rows, cols, indexing="ij")
+        x = torch.cat([x, (torch.stack([yy, xx]) * position).expand(n, 2, h, w)], 1)
+    return x
+
+
 class TorchDynaSeg(nn.Module):
     """``n_conv`` x (conv3x3 pad 1 -> ReLU -> BN), then conv1x1 -> BN: the response r'.
 
@@ -56,11 +78,16 @@ class TorchDynaSeg(nn.Module):
       n_conv: number of conv3x3 blocks (reference BSD script: 2).
       padding_mode: the convs' ``padding_mode`` ('zeros' in the authors' script).
       output_norm: BatchNorm on r' (the authors' script); False: the classifier's output.
+      input_space, position: the first layer's input (``encode_input``); ``in_channels``
+        counts the image's 3 only: position channels add 2.
     """
 
     def __init__(self, in_channels: int = 3, channels: int = 100, n_clusters: int = 100,
-                 n_conv: int = 2, padding_mode: str = "zeros", output_norm: bool = True):
+                 n_conv: int = 2, padding_mode: str = "zeros", output_norm: bool = True,
+                 input_space: str = "rgb", position: float = 0.0):
         super().__init__()
+        self.input_space, self.position = input_space, position
+        in_channels += 2 if position > 0 else 0
         self.convs = nn.ModuleList()
         self.bns = nn.ModuleList()
         for i in range(n_conv):
@@ -81,6 +108,7 @@ class TorchDynaSeg(nn.Module):
         must take the float32 run's choice where rounding put a pre-activation on the
         other side of 0; where the choices agree the value is relu(y) exactly.
         """
+        x = encode_input(x, self.input_space, self.position)
         for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
             y = conv(x)
             x = bn(F.relu(y) if relu_masks is None else y * relu_masks[i])
@@ -312,7 +340,8 @@ def build_model(config: Config) -> nn.Module:
     if config.model.name == "efficientnet_lite0_fpn":
         return TorchEfficientNetLite0FPN(config.model.channels, config.model.max_clusters)
     return TorchDynaSeg(3, config.model.channels, config.model.max_clusters, config.model.n_conv,
-                        config.model.padding, config.model.output_norm)
+                        config.model.padding, config.model.output_norm, config.model.input_space,
+                        config.model.position)
 
 
 def make_optimizer(model: nn.Module, config: Config) -> torch.optim.SGD:

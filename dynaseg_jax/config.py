@@ -55,7 +55,8 @@ class ModelConfig:
                               "'resnet18_fpn' (ResNet-18 trunk + FPN), 'resnet18_layer1' (the "
                               "authors' COCO network) or 'efficientnet_lite0_fpn' (EfficientNet-Lite0 "
                               "trunk + FPN), docs/algorithm.md section 3; model.n_conv and "
-                              "model.conv_impl, model.padding and model.output_norm apply to 'cnn' only.", MODEL_NAMES)
+                              "model.conv_impl, model.padding, model.input_space, model.position and model.output_norm "
+                              "apply to 'cnn' only.", MODEL_NAMES)
     n_conv: int = _field(2, "number of conv3x3-ReLU-BN blocks (reference BSD script: 2).")
     channels: int = _field(100, "p, width of the feature extractor.")
     max_clusters: int = _field(100, "q, channels of the classifier = the most clusters (labels) an image "
@@ -67,6 +68,10 @@ class ModelConfig:
                                    "authors' network, torch's default), 'reflect' or 'replicate' (torch's "
                                    "padding_mode of the same name, about each image's own edge in a "
                                    "bucket too).", ("zeros", "reflect", "replicate"))
+    input_space: str = _field("rgb", "colour space of the CNN's input: 'rgb' (the authors') or 'lab' "
+                                     "(CIE L*a*b*, scaled to about [-1, 1]).", ("rgb", "lab"))
+    position: float = _field(0.0, "> 0: two more input channels, each pixel's row and column, from 0 at "
+                                  "the image's first to this value at its last (CNN only); 0 = none.")
     output_norm: bool = _field(True, "BatchNorm on the response r' (the authors' network); false: the "
                                      "classifier's output as it is.")
     weights: str = _field("", "pretrained trunk weights of the models that have them: a checkpoint "
@@ -386,6 +391,8 @@ def validate(config: Config) -> Config:
             if config.get(path) != default:
                 raise ConfigError(f"{path} = {config.get(path)!r}: model {config.model.name!r} has no "
                                   f"pretrained trunk (only {', '.join(TRUNK_MODELS)})")
+    if not (config.model.position >= 0 and math.isfinite(config.model.position)):
+        raise ConfigError(f"model.position = {config.model.position}: a finite weight >= 0 (0 = no position channels)")
     min_region = config.postprocess.min_region
     if not 0.0 <= min_region < 1.0:
         raise ConfigError(f"postprocess.min_region = {min_region}: a fraction of the image, in [0, 1)")
@@ -393,7 +400,8 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"postprocess.min_region = {min_region}: merges connected regions; set "
                           f"postprocess.connected = true")
     if config.model.name != "cnn":
-        for path, default in (("model.padding", "zeros"), ("model.output_norm", True)):
+        for path, default in (("model.padding", "zeros"), ("model.output_norm", True),
+                              ("model.input_space", "rgb"), ("model.position", 0.0)):
             if config.get(path) != default:
                 raise ConfigError(f"{path} = {config.get(path)!r}: applies to model 'cnn' only (model "
                                   f"{config.model.name!r} keeps its published layers)")

@@ -166,7 +166,8 @@ def test_digest_covers_labels_not_layout():
         assert config_digest(base.replace({path: value})) == d, path
     # Everything else: a different digest, field by field, and the scale too.
     changed = {"seed": 1, "init": "shared", "model.name": "resnet18_fpn", "model.weights": "random", "model.n_conv": 3, "model.channels": 64, "model.max_clusters": 50,
-               "model.conv_impl": "lax", "model.padding": "reflect", "model.output_norm": False, "model.matmul_precision": "bfloat16",
+               "model.conv_impl": "lax", "model.padding": "reflect", "model.output_norm": False,
+               "model.input_space": "lab", "model.position": 1.0, "model.matmul_precision": "bfloat16",
                "schedule.kind": "fsf",
                "schedule.alpha": 15.0, "schedule.mu": 4.0, "schedule.uses_kstar": True, "optim.lr": 0.05,
                "optim.momentum": 0.5, "optim.weight_decay": 1e-4, "stop.k_min": 4, "stop.max_iters": 10, "stop.plateau": 50,
@@ -205,6 +206,8 @@ def test_padding_and_output_norm_are_the_cnns():
         assert Config().replace({"model.padding": mode}).model.padding == mode
     with pytest.raises(ConfigError, match="model.padding = 'reflect': applies to model 'cnn' only"):
         Config().replace({"model.name": "resnet18_fpn", "model.padding": "reflect"})
+    with pytest.raises(ConfigError, match="model.position = 1.0: applies to model 'cnn' only"):
+        Config().replace({"model.name": "resnet18_fpn", "model.position": 1.0})
     with pytest.raises(ConfigError, match="model.output_norm = False: applies to model 'cnn' only"):
         Config().replace({"model.name": "efficientnet_lite0_fpn", "model.output_norm": False})
     with pytest.raises(ConfigError, match="model.padding = 'circular': choose one of zeros, reflect, replicate"):

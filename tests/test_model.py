@@ -153,3 +153,26 @@ def test_matmul_precision_reaches_every_product(impl):
     assert fast and all(p in (["DEFAULT", "DEFAULT"], ["HIGHEST", "HIGHEST"]) for p in kinds["bfloat16"])
     if impl != "winograd":
         assert len(fast) == len(kinds["bfloat16"])
+
+
+def test_lab_input_matches_scikit_image():
+    from tests.conftest import require
+    skimage_color = require("skimage.color")
+    from dynaseg_jax.models.inputs import rgb_to_lab
+    rng = np.random.default_rng(6)
+    rgb = rng.random((16, 20, 3)).astype(np.float32)
+    rgb[0, :3] = [[0, 0, 0], [1, 1, 1], [0.01, 0.02, 0.005]]  # black, white, the linear segments
+    ours = np.asarray(rgb_to_lab(jnp.asarray(rgb))) * np.array([100.0, 128.0, 128.0])
+    want = skimage_color.rgb2lab(rgb.astype(np.float64))
+    # a* = 500 (f(X) - f(Y)) with f ~ 1 after a handful of float32 operations (each
+    # rounding <= u = 6e-8): |error| <~ 500 * 2 * 8u = 5e-4 in Lab units.
+    np.testing.assert_allclose(ours, want, atol=5e-4)
+
+
+def test_position_channels_follow_the_real_image():
+    from dynaseg_jax.models.inputs import position_channels
+    mask = np.zeros((8, 10), np.float32)
+    mask[:5, :7] = 1
+    pos = np.asarray(position_channels(jnp.asarray(mask), 2.0))
+    np.testing.assert_allclose(pos[:5, 0, 0], np.linspace(0, 2, 5), rtol=1e-6)
+    np.testing.assert_allclose(pos[0, :7, 1], np.linspace(0, 2, 7), rtol=1e-6)

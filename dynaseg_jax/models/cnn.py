@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 
 from .conv3x3 import CONV3X3, default_conv_impl, pad_about_edge
+from .inputs import encode_input
 from .layers import Conv, MaskedBatchNorm
 
 
@@ -25,6 +26,8 @@ class DynaSegCNN(nn.Module):
       norm: the normalisation, ``norm(name=...)(x, mask)``; default ``MaskedBatchNorm``.
       padding: what the 3x3 convs read past each image's real edge: 'zeros', 'reflect'
         or 'replicate' (``conv3x3.pad_about_edge``).
+      input_space, position: the first layer's input (``inputs.encode_input``): the
+        image in 'rgb' or 'lab', with (row, column) channels when ``position`` > 0.
       output_norm: BatchNorm on r' (the authors'); False: the classifier's output.
 
     Call with ``(image (H, W, 3), mask (H, W))``; returns r' of shape (H, W, q).
@@ -37,6 +40,8 @@ class DynaSegCNN(nn.Module):
     conv: Callable = Conv
     norm: Callable = MaskedBatchNorm
     padding: str = "zeros"
+    input_space: str = "rgb"
+    position: float = 0.0
     output_norm: bool = True
 
     # The model contract (models/__init__.py): no strides, and transposition is harmless.
@@ -53,7 +58,7 @@ class DynaSegCNN(nn.Module):
     def features(self, image: jax.Array, mask: jax.Array) -> jax.Array:
         """The p-dim feature map (H, W, p) before the classifier, zero on padding."""
         m = mask[..., None].astype(image.dtype)
-        x = image * m
+        x = encode_input(image, mask, self.input_space, self.position) * m
         for conv, norm in zip(self.convs, self.norms):
             if self.padding == "zeros":
                 y = conv(x)
@@ -74,4 +79,5 @@ def build(config) -> DynaSegCNN:
     conv = functools.partial(Conv, conv3x3=CONV3X3[impl], precision=config.model.matmul_precision)
     return DynaSegCNN(channels=config.model.channels, max_clusters=config.model.max_clusters,
                       n_conv=config.model.n_conv, conv=conv, padding=config.model.padding,
+                      input_space=config.model.input_space, position=config.model.position,
                       output_norm=config.model.output_norm)
