@@ -133,6 +133,9 @@ class SilhouetteConfig:
                                       "'color_position' (RGB + scaled xy).", ("network", "color_position"))
     k_range: tuple = _field((2, 12), "inclusive [low, high] range of k tried.")
     samples: int = _field(3000, "pixels sampled (seeded) for k-means and the silhouette score.")
+    n_init: int = _field(3, "k-means restarts per k (the best is kept).")
+    dims: int = _field(0, "> 0: project the sampled features on this many principal directions first "
+                          "(cheaper k-means and distances); 0 = all features.")
     position_scale: float = _field(1.0, "weight of the (0..1 normalised) xy position in 'color_position' "
                                         "features.")
 
@@ -162,7 +165,7 @@ SUPERPIXEL_HOST_FIELDS = tuple(f"superpixels.{f.name}" for f in dataclasses.fiel
 
 @dataclasses.dataclass(frozen=True)
 class PostprocessConfig:
-    """Clean-up of each label map on the host, after the optimisation (docs/algorithm.md section 6)."""
+    """Clean-up of each label map on the host, after the optimisation (docs/algorithm.md section 6.3)."""
 
     connected: bool = _field(False, "give every 4-connected region of a cluster its own label (the "
                                     "BSDS authors advise scoring regions this way).")
@@ -419,7 +422,7 @@ def validate(config: Config) -> Config:
     if not config.superpixels.sigma >= 0 or not math.isfinite(config.superpixels.sigma):
         raise ConfigError(f"superpixels.sigma = {config.superpixels.sigma}: must be a finite number >= 0")
     for path in ("stop.max_iters", "model.n_conv", "model.channels", "model.max_clusters",
-                 "engine.bucket_multiple", "silhouette.samples", "engine.max_pixels"):
+                 "engine.bucket_multiple", "silhouette.samples", "silhouette.n_init", "engine.max_pixels"):
         if int(config.get(path)) < 1:
             raise ConfigError(f"{path} = {config.get(path)}: must be >= 1")
     for path in _FIELDS:
@@ -431,6 +434,8 @@ def validate(config: Config) -> Config:
                 raise ConfigError(f"{path} = {value!r}: not valid Unicode text") from None
     if not (0 <= config.seed < 2 ** 32):  # numpy's and scikit-learn's seeds are 32-bit
         raise ConfigError(f"seed = {config.seed}: must be in [0, 2^32)")
+    if config.silhouette.dims < 0:
+        raise ConfigError(f"silhouette.dims = {config.silhouette.dims}: must be >= 0 (0 = all features)")
     if any(isinstance(k, bool) or not isinstance(k, int) for k in config.silhouette.k_range):
         raise ConfigError(f"silhouette.k_range = {list(config.silhouette.k_range)}: two integers")
     lo, hi = config.silhouette.k_range

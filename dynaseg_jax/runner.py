@@ -84,7 +84,7 @@ class KStarEstimator:
         if c.stop.k_min != "silhouette":
             return int(c.stop.k_min)
         k, _ = silhouette.estimate_k(self.features(image, name), c.silhouette.k_range,
-                                     c.silhouette.samples, c.seed)
+                                     c.silhouette.samples, c.seed, c.silhouette.n_init, c.silhouette.dims)
         return k
 
 

@@ -19,7 +19,7 @@ def color_position_features(image: np.ndarray, position_scale: float = 1.0) -> n
 
 
 def estimate_k(features: np.ndarray, k_range=(2, 12), n_samples: int = 3000,
-               seed: int = 0) -> tuple[int, dict]:
+               seed: int = 0, n_init: int = 3, dims: int = 0) -> tuple[int, dict]:
     """k* = argmax over k of the silhouette score of k-means on a pixel sample.
 
     Args:
@@ -28,6 +28,10 @@ def estimate_k(features: np.ndarray, k_range=(2, 12), n_samples: int = 3000,
         sampled points are skipped.
       n_samples: pixels drawn (without replacement, seeded) for k-means and scoring.
       seed: seeds both the sample and k-means.
+      n_init: k-means restarts per k (the best inertia is kept).
+      dims: > 0 and < D: the sample is first projected on its ``dims`` principal
+        directions (centred SVD), so that k-means and the silhouette's distances cost
+        less; 0 keeps every feature.
 
     Returns:
       (k*, {k: silhouette score}). Falls back to the lowest k when no k can be scored
@@ -41,13 +45,17 @@ def estimate_k(features: np.ndarray, k_range=(2, 12), n_samples: int = 3000,
     n = features.shape[0]
     idx = rng.choice(n, size=min(n_samples, n), replace=False)
     sample = np.asarray(features[idx], np.float64)
+    if 0 < dims < sample.shape[1]:
+        centred = sample - sample.mean(axis=0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        sample = centred @ vt[:dims].T
     lo, hi = k_range
     n_distinct = len(np.unique(sample, axis=0))
     scores = {}
     for k in range(lo, hi + 1):
         if k >= n_distinct:
             break
-        labels = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(sample)
+        labels = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(sample)
         if len(np.unique(labels)) < 2:
             continue
         scores[k] = float(silhouette_score(sample, labels))

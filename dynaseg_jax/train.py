@@ -49,7 +49,8 @@ from .superpixels import majority_targets
 PER_SLOT_FIELDS = ("seed", "init", "optim.lr", "optim.momentum", "optim.weight_decay", "schedule.kind",
                    "schedule.alpha", "schedule.mu", "schedule.uses_kstar", "stop.k_min", "stop.max_iters",
                    "stop.plateau",
-                   "silhouette.features", "silhouette.k_range", "silhouette.samples",
+                   "silhouette.features", "silhouette.k_range", "silhouette.samples", "silhouette.n_init",
+                   "silhouette.dims",
                    "silhouette.position_scale")
 
 INIT_SHAPE = (8, 8)  # parameter shapes do not depend on the image size

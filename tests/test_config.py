@@ -172,7 +172,8 @@ def test_digest_covers_labels_not_layout():
                "schedule.alpha": 15.0, "schedule.mu": 4.0, "schedule.uses_kstar": True, "optim.lr": 0.05,
                "optim.momentum": 0.5, "optim.weight_decay": 1e-4, "stop.k_min": 4, "stop.max_iters": 10, "stop.plateau": 50,
                "silhouette.features": "color_position", "silhouette.k_range": (2, 9),
-               "silhouette.samples": 100, "silhouette.position_scale": 2.0,
+               "silhouette.samples": 100, "silhouette.position_scale": 2.0, "silhouette.n_init": 1,
+               "silhouette.dims": 8,
                "superpixels.method": "slic", "superpixels.max_segments": 100, "superpixels.scale": 5.0,
                "superpixels.sigma": 0.1, "superpixels.min_size": 3, "superpixels.n_segments": 50,
                "superpixels.compactness": 20.0, "postprocess.connected": True, "engine.transpose_portrait": False}

@@ -51,3 +51,21 @@ def test_network_features_compile_once_per_padded_shape(tiny_config):
         want, _ = estimate_k(feats, config.silhouette.k_range, config.silhouette.samples, config.seed)
         assert estimator(img) == want
     assert estimator.trace_count == 1
+
+
+def test_projection_keeps_distances_of_low_dimensional_features():
+    # Features on a 2-D plane inside 10-D: projecting on 2 principal directions keeps
+    # every distance (an isometry up to float64 rounding), so k-means and the
+    # silhouette scores are those of the plane's own coordinates.
+    from dynaseg_jax.silhouette import estimate_k
+    rng = np.random.default_rng(7)
+    centres = np.array([[0.0, 0.0], [12.0, 0.0], [0.0, 12.0], [12.0, 12.0]])
+    plane = np.concatenate([c + rng.normal(size=(150, 2)) for c in centres])
+    basis, _ = np.linalg.qr(rng.normal(size=(10, 2)))
+    lifted = plane @ basis.T + rng.normal(size=10)  # rotated into 10-D and shifted
+    k_plane, scores_plane = estimate_k(plane, (2, 6), n_samples=600, seed=1, n_init=1)
+    k_lifted, scores_lifted = estimate_k(lifted, (2, 6), n_samples=600, seed=1, n_init=1, dims=2)
+    assert k_plane == k_lifted == 4  # four well-separated blobs
+    assert scores_plane.keys() == scores_lifted.keys()
+    for k in scores_plane:
+        assert scores_lifted[k] == pytest.approx(scores_plane[k], abs=1e-9)
