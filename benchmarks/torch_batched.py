@@ -113,13 +113,15 @@ def batch_loss(r: torch.Tensor, h: int, w: int, config: Config):
         mu = torch.full_like(n_clusters, float(config.schedule.mu))
     elif kind == "fsf":
         mu = n_clusters / alpha
-    else:
+    elif kind == "scf":
         mu = alpha / n_clusters.clamp(min=1)
+    else:
+        raise ValueError(f"schedule.kind = {kind!r}: not a schedule of the reference")
     return (l_sim + mu * l_con).sum(), n_clusters.long()
 
 
 def make_update(config: Config, h: int, w: int, padding: str):
-    """``update(params, momenta, x, active, k_min) -> n_clusters``: one SGD-momentum
+    """``update(params, momenta, x, active) -> n_clusters``: one SGD-momentum
     update of every active image in place; inactive images keep their parameters and
     momentum exactly."""
     lr, m, wd = float(config.optim.lr), float(config.optim.momentum), float(config.optim.weight_decay)

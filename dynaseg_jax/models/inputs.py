@@ -30,13 +30,13 @@ def rgb_to_lab(image: jax.Array) -> jax.Array:
     return lab / jnp.asarray((100.0, 128.0, 128.0), image.dtype)
 
 
-def position_channels(mask: jax.Array, weight: float) -> jax.Array:
+def position_channels(mask: jax.Array, weight: float, dtype=jnp.float32) -> jax.Array:
     """(H, W, 2): row and column of each pixel, 0 at the first and ``weight`` at the last
     real row/column of the image (``mask``, a top-left rectangle in its bucket)."""
     h = jnp.sum(jnp.any(mask, axis=1))
     w = jnp.sum(jnp.any(mask, axis=0))
-    rows = jnp.arange(mask.shape[0], dtype=jnp.float32) / jnp.maximum(h - 1, 1)
-    cols = jnp.arange(mask.shape[1], dtype=jnp.float32) / jnp.maximum(w - 1, 1)
+    rows = jnp.arange(mask.shape[0], dtype=dtype) / jnp.maximum(h - 1, 1).astype(dtype)
+    cols = jnp.arange(mask.shape[1], dtype=dtype) / jnp.maximum(w - 1, 1).astype(dtype)
     yy, xx = jnp.meshgrid(rows, cols, indexing="ij")
     return jnp.stack([yy, xx], axis=-1) * weight
 
@@ -46,5 +46,5 @@ def encode_input(image: jax.Array, mask: jax.Array, space: str = "rgb", position
     ``position`` > 0 (3 or 5 channels)."""
     x = rgb_to_lab(image) if space == "lab" else image
     if position > 0:
-        x = jnp.concatenate([x, position_channels(mask, position).astype(x.dtype)], axis=-1)
+        x = jnp.concatenate([x, position_channels(mask, position, x.dtype)], axis=-1)
     return x
