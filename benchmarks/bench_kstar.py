@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     from dynaseg_jax.engine import Engine
     from dynaseg_jax.runner import KStarEstimator
     from dynaseg_jax.silhouette import estimate_k
+    from dynaseg_jax.sweep import split_values  # commas outside brackets separate the items
 
     base = load_config(args.config)
     engine = Engine(base)
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     for text in args.variant:
         name, _, rest = text.partition(":")
         variants.append((name, {k.strip(): parse_value(v.strip()) for k, v in
-                                (item.split("=", 1) for item in _split(rest))}))
+                                (item.split("=", 1) for item in split_values(rest))}))
     s = base.silhouette
     rows = {name: {"seconds": [], "k": []} for name, _ in variants}
     feature_s = []
@@ -92,19 +93,6 @@ def main(argv=None) -> int:
                                                "feature_seconds": feature_s,
                                                "host": platform.platform()}, indent=1))
     return 0
-
-
-def _split(rest: str) -> list[str]:
-    """``"n_init=1,dims=8,k_range=[2, 8]"`` -> items, commas inside brackets kept."""
-    items, depth, start = [], 0, 0
-    for j, ch in enumerate(rest):
-        depth += ch == "["
-        depth -= ch == "]"
-        if ch == "," and depth == 0:
-            items.append(rest[start:j])
-            start = j + 1
-    items.append(rest[start:])
-    return [x for x in items if x]
 
 
 if __name__ == "__main__":

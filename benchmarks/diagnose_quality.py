@@ -51,10 +51,11 @@ def border_only_clusters(labels: np.ndarray, band: int) -> int:
 def parse_variant(text: str) -> tuple[str, dict]:
     """``"reflect:model.padding=reflect,optim.lr=0.05"`` -> ("reflect", {...}) (TOML values)."""
     from dynaseg_jax.config import parse_value
+    from dynaseg_jax.sweep import split_values  # commas inside [lists] stay in their item
 
     name, _, rest = text.partition(":")
     changes = {}
-    for item in filter(None, rest.split(",")):
+    for item in split_values(rest):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"error: --variant {text!r}: expected NAME:key=value,key=value")
@@ -84,12 +85,12 @@ def run_one(config, image: np.ndarray, name: str, iters: int, cache: dict):
     mask = jnp.ones(image.shape[:2], jnp.float32)
     segments = superpixel_map(image, config)
     segments = None if segments is None else jnp.asarray(segments)
-    trace = []
+    counts = []  # q' stays on the device until the run ends: no host sync per update
     for _ in range(iters):
         state, metrics = step(state, x, mask, None, segments)
-        trace.append(int(metrics["n_clusters"]))
+        counts.append(metrics["n_clusters"])
     labels = np.asarray(predict(state["params"], x, mask))
-    return trace, labels
+    return [int(q) for q in jax.device_get(counts)], labels
 
 
 def main(argv=None) -> int:
