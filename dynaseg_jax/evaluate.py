@@ -185,7 +185,7 @@ _PROTOCOL_SCORING = {"bsds": _BsdsProtocol, "best_overlap": _BestOverlapProtocol
 def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | None,
                          pred_dir: str | os.PathLike, protocol: str | None = None,
                          connected: bool = False, limit: int | None = None,
-                         id_list: str | os.PathLike | None = None) -> dict:
+                         id_list: str | os.PathLike | None = None, keep_ious: bool = False) -> dict:
     """Scores ``<pred_dir>/<id>.png`` for every id of a dataset split.
 
     Predictions whose size differs from the ground truth are resized nearest-neighbour; a
@@ -203,6 +203,9 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
       connected: split predicted labels into connected components before scoring.
       limit: score only the first ``limit`` ids of the split.
       id_list: COCO-Stuff's curated id list file.
+      keep_ious: ``bsds`` protocol: also give each image's per-segment IoUs,
+        ``per_image[id]["ious"]``, one list per annotation (the input of
+        ``metrics.bsds_scores`` and ``metrics.bootstrap_interval``).
 
     Returns:
       A JSON-serialisable dict: the protocol's scores (see the module docstring), ``images``
@@ -260,6 +263,9 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
     }
     if scoring.per_image is not None:
         result["per_image"] = scoring.per_image
+    if keep_ious and protocol == "bsds":
+        for id_, image_ious in zip(scoring.per_image, scoring.ious):
+            scoring.per_image[id_]["ious"] = [ious.tolist() for ious in image_ious]
     result["images"] = scored
     result["missing"] = len(missing)
     result["missing_ids"] = missing[:_MISSING_LISTED]

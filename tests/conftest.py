@@ -1,14 +1,33 @@
 """Shared fixtures: a tiny config, so each compiled step is cheap and compiled once."""
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dynaseg_jax.config import Config
+
+# Many tests build the same tiny programs again (a new engine, a new model instance, a
+# child process of the multi-process tests): XLA's persistent compilation cache lets each
+# compile once per suite run. A fresh folder per run (removed at exit), so no test ever
+# reads a cache that an older version of the code wrote; the environment variables also
+# reach the child processes. A user's own JAX_COMPILATION_CACHE_DIR is left alone.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="dynaseg-tests-xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", _cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 BSDS = SHARED / "data" / "bsds500"

@@ -61,6 +61,12 @@ def test_bsds_scores_hand_worked(bsds):
     json.dumps(r)  # serialisable
     assert "mIoU all" in E.format_table(r) and "0.8333" in E.format_table(r)
     assert E.evaluate_predictions("bsds500", root, "val", pred_dir, limit=1)["images"] == 1
+    assert "ious" not in r["per_image"]["10"]
+    # keep_ious: each image's IoUs per annotation, by hand: A's two halves 1, 1; B's whole 1/2.
+    kept = E.evaluate_predictions("bsds500", root, "val", pred_dir, keep_ious=True)
+    assert kept["per_image"]["10"]["ious"] == [[1.0, 1.0], [0.5]]
+    json.dumps(kept)
+    assert metrics.bsds_scores([kept["per_image"][i]["ious"] for i in ("10", "20")])["all"] == r["all"]
 
 
 def test_bsds_connected_and_resized(tmp_path):
