@@ -201,6 +201,10 @@ class EngineConfig:
                                             "meet the image transposed).")
     max_pixels: int = _field(4_000_000, "images with more pixels than this are rejected with an error "
                                         "(resize them first).")
+    kstar_processes: int = _field(0, "with stop.k_min = 'silhouette': processes that run the k-means and "
+                                     "silhouette scores of the silhouette phase beside the engine (0: in "
+                                     "the engine process's loader threads). The features are still "
+                                     "computed in the engine process.")
 
 
 SECTIONS = {"model": ModelConfig, "schedule": ScheduleConfig, "optim": OptimConfig, "stop": StopConfig,
@@ -411,6 +415,8 @@ def validate(config: Config) -> Config:
     for path in ("engine.sync_every", "engine.batch", "engine.devices"):
         if config.get(path) < 0:
             raise ConfigError(f"{path} = {config.get(path)}: must be >= 0 (0 = auto)")
+    if config.engine.kstar_processes < 0:
+        raise ConfigError(f"engine.kstar_processes = {config.engine.kstar_processes}: must be >= 0 (0 = none)")
     if config.stop.plateau < 0:
         raise ConfigError(f"stop.plateau = {config.stop.plateau}: must be >= 0 (0 = off)")
     for path in ("superpixels.max_segments", "superpixels.n_segments", "superpixels.min_size"):
@@ -593,7 +599,7 @@ def to_toml(config: Config, header: str = "") -> str:
 # so bucket_multiple changes only float rounding, as batch does. transpose_portrait is
 # NOT layout: the initial kernels meet a transposed image, which changes its labels.
 LAYOUT_FIELDS = ("engine.strategy", "engine.batch", "engine.devices", "engine.sync_every",
-                 "engine.bucket_multiple", "engine.max_pixels")
+                 "engine.bucket_multiple", "engine.max_pixels", "engine.kstar_processes")
 # Bumped whenever the meaning of a field or the algorithm changes the labels of an
 # unchanged config, or the digest's form changes, so that old output folders are not
 # resumed into. 2: fields named by dotted paths.

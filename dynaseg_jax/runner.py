@@ -83,13 +83,38 @@ class KStarEstimator:
         c = self.config
         if c.stop.k_min != "silhouette":
             return int(c.stop.k_min)
-        k, _ = silhouette.estimate_k(self.features(image, name), c.silhouette.k_range,
-                                     c.silhouette.samples, c.seed, c.silhouette.n_init, c.silhouette.dims)
+        sample = silhouette.pixel_sample(self.features(image, name), c.silhouette.samples, c.seed)
+        args = (sample, c.silhouette.k_range, c.seed, c.silhouette.n_init, c.silhouette.dims)
+        pool = _kstar_processes(c.engine.kstar_processes)
+        k, _ = pool.submit(silhouette.kstar_of_sample, *args).result() if pool else silhouette.kstar_of_sample(*args)
         return k
 
 
+_KSTAR_POOLS: dict[int, cf.ProcessPoolExecutor] = {}
+
+
+def _kstar_processes(n: int) -> cf.ProcessPoolExecutor | None:
+    """The process pool of ``engine.kstar_processes = n`` (None for 0): started on first
+    use and kept for later runs in this process (shut down at exit). Spawned, not
+    forked: a fork of a process running JAX's threads is unsafe."""
+    if n <= 0:
+        return None
+    if n not in _KSTAR_POOLS:
+        import multiprocessing
+        _KSTAR_POOLS[n] = cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
+    return _KSTAR_POOLS[n]
+
+
+def _loader_threads(config: Config) -> int:
+    """Threads that prepare images ahead of the engine: 2, or enough to keep every k*
+    process busy."""
+    return max(2, config.engine.kstar_processes)
+
+
 def _prefetch(jobs: Sequence, prepare: Callable, workers: int = 2, ahead: int = 8):
-    """Yields (job, prepared or exception) in order, preparing up to ``ahead`` in threads."""
+    """Yields (job, prepared or exception) in order, preparing up to ``ahead`` (at least
+    two per worker) in ``workers`` threads."""
+    ahead = max(ahead, 2 * workers)
     with cf.ThreadPoolExecutor(max_workers=workers) as pool:
         futures = []
         it = iter(jobs)
@@ -149,7 +174,7 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
         return kstar(arrays[i], names[i]), superpixel_map(arrays[i], engine.config)
 
     def items():
-        for i, prepared in _prefetch(order, prepare):
+        for i, prepared in _prefetch(order, prepare, _loader_threads(engine.config)):
             if isinstance(prepared, Exception):
                 raise prepared
             k, segments = prepared
@@ -475,7 +500,7 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
     bar = _progress(len(todo), progress)
 
     def items():
-        for job, prepared in _prefetch(todo, prepare):
+        for job, prepared in _prefetch(todo, prepare, _loader_threads(cfg)):
             name, source, stem, _ = job
             if isinstance(prepared, Exception):
                 record(error_entry(name, error_message(name, prepared), stem, source))

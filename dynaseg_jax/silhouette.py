@@ -37,14 +37,27 @@ def estimate_k(features: np.ndarray, k_range=(2, 12), n_samples: int = 3000,
       (k*, {k: silhouette score}). Falls back to the lowest k when no k can be scored
       (e.g. a flat image).
     """
+    return kstar_of_sample(pixel_sample(features, n_samples, seed), k_range, seed, n_init, dims)
+
+
+def pixel_sample(features: np.ndarray, n_samples: int, seed: int) -> np.ndarray:
+    """The seeded sample of ``estimate_k``: ``n_samples`` rows of ``features`` drawn
+    without replacement (all of them when there are fewer), as float64."""
+    rng = np.random.default_rng(seed)
+    n = features.shape[0]
+    idx = rng.choice(n, size=min(n_samples, n), replace=False)
+    return np.asarray(features[idx], np.float64)
+
+
+def kstar_of_sample(sample: np.ndarray, k_range=(2, 12), seed: int = 0, n_init: int = 3,
+                    dims: int = 0) -> tuple[int, dict]:
+    """``estimate_k`` on an already drawn sample (``pixel_sample``): the part worth running
+    in another process, since its input is small and its cost is k-means and the
+    silhouette's pairwise distances. Arguments and result as ``estimate_k``'s."""
     # scikit-learn takes ~1 s to import: only runs that use the silhouette phase pay it.
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
 
-    rng = np.random.default_rng(seed)
-    n = features.shape[0]
-    idx = rng.choice(n, size=min(n_samples, n), replace=False)
-    sample = np.asarray(features[idx], np.float64)
     if 0 < dims < sample.shape[1]:
         centred = sample - sample.mean(axis=0)
         _, _, vt = np.linalg.svd(centred, full_matrices=False)

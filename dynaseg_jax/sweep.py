@@ -127,8 +127,8 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
 
     from .engine import Engine, WorkItem, resolve_config
     from .outputs import OutputFolder
-    from .runner import (KStarEstimator, _job_bucket, _prefetch, error_entry, error_message, finish_labels,
-                         load_job_image, ok_entry, resolve_jobs, write_outputs)
+    from .runner import (KStarEstimator, _job_bucket, _loader_threads, _prefetch, error_entry, error_message,
+                         finish_labels, load_job_image, ok_entry, resolve_jobs, write_outputs)
     from .superpixels import check_available, superpixel_map
 
     t0 = time.perf_counter()
@@ -203,7 +203,7 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
             log(f"error: {msg}")
 
         def items():
-            for entry, prepared in _prefetch(todo, prepare):
+            for entry, prepared in _prefetch(todo, prepare, _loader_threads(cfg)):
                 job, pending = entry
                 if isinstance(prepared, Exception):
                     for i in pending:

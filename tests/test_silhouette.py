@@ -69,3 +69,30 @@ def test_projection_keeps_distances_of_low_dimensional_features():
     assert scores_plane.keys() == scores_lifted.keys()
     for k in scores_plane:
         assert scores_lifted[k] == pytest.approx(scores_plane[k], abs=1e-9)
+
+
+def test_kstar_processes_give_the_same_k_and_scores(tiny_config):
+    # engine.kstar_processes moves k-means and the silhouette into spawned processes:
+    # the same seeded computation on the same sample, so the same k* and scores
+    # exactly, for images whose scores differ (blobs of 2, 3 and 5 colours).
+    from dynaseg_jax import ConfigError
+    from dynaseg_jax.runner import KStarEstimator
+    from dynaseg_jax.silhouette import kstar_of_sample, pixel_sample
+
+    config = tiny_config.replace({"stop.k_min": "silhouette", "silhouette.features": "color_position",
+                                  "silhouette.k_range": (2, 6), "silhouette.samples": 400})
+    in_threads = KStarEstimator(config, None)
+    in_processes = KStarEstimator(config.replace({"engine.kstar_processes": 2}), None)
+    rng = np.random.default_rng(3)
+    ks = []
+    for n_colours in (2, 3, 5):
+        img = np.repeat(rng.uniform(0, 1, (n_colours, 1, 3)), 40, axis=1).repeat(8, axis=0)
+        img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1).astype(np.float32)
+        ks.append(in_threads(img))
+        assert in_processes(img) == ks[-1]
+        feats = in_threads.features(img)
+        sample = pixel_sample(feats, 400, config.seed)
+        assert kstar_of_sample(sample, (2, 6), config.seed) == estimate_k(feats, (2, 6), 400, config.seed)
+    assert len(set(ks)) > 1  # the images do test different answers
+    with pytest.raises(ConfigError, match="engine.kstar_processes = -1: must be >= 0"):
+        config.replace({"engine.kstar_processes": -1})
