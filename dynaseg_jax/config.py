@@ -167,6 +167,9 @@ SUPERPIXEL_HOST_FIELDS = tuple(f"superpixels.{f.name}" for f in dataclasses.fiel
 class PostprocessConfig:
     """Clean-up of each label map on the host, after the optimisation (docs/algorithm.md section 6.3)."""
 
+    superpixel_vote: bool = _field(False, "with superpixels.method set: the final labels too are made "
+                                          "constant in each superpixel (its most frequent label; ties: "
+                                          "the lower), before the steps below.")
     connected: bool = _field(False, "give every 4-connected region of a cluster its own label (the "
                                     "BSDS authors advise scoring regions this way).")
     min_region: float = _field(0.0, "with connected = true: merge regions smaller than this fraction of "
@@ -403,6 +406,9 @@ def validate(config: Config) -> Config:
     min_region = config.postprocess.min_region
     if not 0.0 <= min_region < 1.0:
         raise ConfigError(f"postprocess.min_region = {min_region}: a fraction of the image, in [0, 1)")
+    if config.postprocess.superpixel_vote and config.superpixels.method == "none":
+        raise ConfigError("postprocess.superpixel_vote = true: votes in the superpixels of superpixels.method; "
+                          "set it to 'felzenszwalb' or 'slic'")
     if min_region > 0 and not config.postprocess.connected:
         raise ConfigError(f"postprocess.min_region = {min_region}: merges connected regions; set "
                           f"postprocess.connected = true")

@@ -1,9 +1,11 @@
 """Clean-up of a finished label map on the host (docs/algorithm.md section 6).
 
 DynaSeg's labels are cluster ids: one id may cover several separate regions, and the
-optimisation leaves many tiny regions (a few pixels of a cluster inside another). Two
-steps, both optional (``[postprocess]`` in the config):
+optimisation leaves many tiny regions (a few pixels of a cluster inside another). Three
+steps, each optional (``[postprocess]`` in the config), in this order:
 
+* ``superpixel_vote``: every superpixel of the image (``[superpixels]``, computed again
+  here as for the targets) takes its most frequent label;
 * ``connected``: every 4-connected region of a cluster gets its own label;
 * ``min_region``: regions smaller than that fraction of the image are merged, smallest
   first, into the adjacent region whose mean colour is closest (Euclidean, in the RGB of
@@ -98,10 +100,13 @@ def postprocess(labels: np.ndarray, image: np.ndarray, config) -> np.ndarray:
       config: a Config (its ``postprocess`` section).
 
     Returns:
-      (H, W) int32 labels: unchanged (as int32) when both steps are off.
+      (H, W) int32 labels: unchanged (as int32) when every step is off.
     """
     post = config.postprocess
     labels = np.asarray(labels, np.int32)
+    if post.superpixel_vote:
+        from .superpixels import majority_labels, superpixel_map
+        labels = majority_labels(labels, superpixel_map(image, config))
     if not post.connected:
         return labels
     regions = relabel_connected(labels)

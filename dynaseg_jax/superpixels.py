@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import Config, ConfigError
 
-__all__ = ["check_available", "superpixel_map", "majority_targets"]
+__all__ = ["check_available", "superpixel_map", "majority_targets", "majority_labels"]
 
 
 def check_available(config: Config) -> None:
@@ -80,3 +80,21 @@ def majority_targets(labels: jax.Array, segments: jax.Array, mask: jax.Array, n_
                                 num_segments=n_segments * n_labels)
     winner = jnp.argmax(votes.reshape(n_segments, n_labels), axis=-1).astype(jnp.int32)
     return winner[segments]
+
+
+def majority_labels(labels: np.ndarray, segments: np.ndarray) -> np.ndarray:
+    """``majority_targets`` on the host, for a finished label map
+    (``postprocess.superpixel_vote``): every pixel gets the most frequent label of its
+    superpixel (ties: the lower label).
+
+    Args:
+      labels: (H, W) integer labels >= 0.
+      segments: (H, W) superpixel ids 0..S-1 (``superpixel_map``).
+
+    Returns:
+      (H, W) int32 labels, constant in each superpixel.
+    """
+    labels = np.asarray(labels, np.int64)
+    n_labels, n_segments = int(labels.max()) + 1, int(segments.max()) + 1
+    votes = np.bincount((segments.astype(np.int64) * n_labels + labels).ravel(), minlength=n_segments * n_labels)
+    return votes.reshape(n_segments, n_labels).argmax(axis=1).astype(np.int32)[segments]

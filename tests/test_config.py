@@ -160,7 +160,7 @@ def test_digest_covers_labels_not_layout():
     assert len(d) == 16 and d == config_digest(load_config("dynaseg_scf"))
     # Layout: same digest.
     layout = {"engine.strategy": "vmap", "engine.batch": 9, "engine.devices": 2, "engine.sync_every": 5,
-              "engine.bucket_multiple": 32, "engine.max_pixels": 10}
+              "engine.bucket_multiple": 32, "engine.max_pixels": 10, "engine.kstar_processes": 3}
     assert set(layout) == set(LAYOUT_FIELDS)
     for path, value in layout.items():
         assert config_digest(base.replace({path: value})) == d, path
@@ -178,12 +178,15 @@ def test_digest_covers_labels_not_layout():
                "superpixels.sigma": 0.1, "superpixels.min_size": 3, "superpixels.n_segments": 50,
                "superpixels.compactness": 20.0, "postprocess.connected": True, "engine.transpose_portrait": False}
     trunk = {"model.trunk": "frozen", "model.trunk_norm": "running"}  # fields of trunk models only
-    needs_connected = {"postprocess.min_region"}  # checked below
-    assert set(changed) | set(layout) | set(trunk) | needs_connected == set(field_paths())
+    needs_other_fields = {"postprocess.min_region", "postprocess.superpixel_vote"}  # checked below
+    assert set(changed) | set(layout) | set(trunk) | needs_other_fields == set(field_paths())
     for path, value in changed.items():
         assert config_digest(base.replace({path: value})) != d, path
     merged = base.replace({"postprocess.connected": True})
     assert config_digest(merged.replace({"postprocess.min_region": 0.01})) != config_digest(merged)
+    with_superpixels = base.replace({"superpixels.method": "felzenszwalb"})
+    assert (config_digest(with_superpixels.replace({"postprocess.superpixel_vote": True}))
+            != config_digest(with_superpixels))
     fpn = base.replace({"model.name": "resnet18_fpn"})
     for path, value in trunk.items():
         assert config_digest(fpn.replace({path: value})) != config_digest(fpn), path

@@ -9,7 +9,7 @@ import pytest
 from dynaseg_jax import losses, train
 from dynaseg_jax.config import Config, ConfigError
 from dynaseg_jax.engine import pad_segments, pad_to_bucket
-from dynaseg_jax.superpixels import check_available, majority_targets, superpixel_map
+from dynaseg_jax.superpixels import check_available, majority_labels, majority_targets, superpixel_map
 from tests.conftest import require, smooth_image
 
 
@@ -32,6 +32,36 @@ def test_majority_targets_match_brute_force(seed):
     mask = (rng.random((9, 11)) < 0.8).astype(np.float32)
     got = np.asarray(majority_targets(jnp.asarray(labels), jnp.asarray(segments), jnp.asarray(mask), 8, 5))
     np.testing.assert_array_equal(got, majority_brute_force(labels, segments, mask))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_majority_labels_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 6, (10, 13))
+    segments = rng.integers(0, 9, (10, 13)).astype(np.int32)
+    got = majority_labels(labels, segments)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, majority_brute_force(labels, segments, np.ones((10, 13))))
+    np.testing.assert_array_equal(majority_labels([[3, 1, 1, 3]], np.zeros((1, 4), np.int32)), [[1, 1, 1, 1]])
+
+
+def test_superpixel_vote_of_the_final_labels():
+    # postprocess.superpixel_vote: each superpixel of [superpixels] takes its majority
+    # label, then connected splits; without superpixels it is a config error.
+    require("skimage")
+    from dynaseg_jax.postprocess import postprocess
+    image = smooth_image(24, 32, 1)
+    config = Config().replace({"superpixels.method": "felzenszwalb", "superpixels.scale": 5.0,
+                               "postprocess.superpixel_vote": True})
+    segments = superpixel_map(image, config)
+    labels = np.random.default_rng(0).integers(0, 4, (24, 32))
+    voted = postprocess(labels, image, config)
+    np.testing.assert_array_equal(voted, majority_brute_force(labels, segments, np.ones((24, 32))))
+    split = postprocess(labels, image, config.replace({"postprocess.connected": True}))
+    from dynaseg_jax.metrics import relabel_connected
+    np.testing.assert_array_equal(split, relabel_connected(voted))
+    with pytest.raises(ConfigError, match="superpixel_vote = true: votes in the superpixels of superpixels.method"):
+        Config().replace({"postprocess.superpixel_vote": True})
 
 
 def test_majority_tie_takes_the_lower_label():
