@@ -39,7 +39,7 @@ Methods (``--methods``, default: all but the pretrained-trunk presets):
   :func:`dynaseg_jax.runner.segment_files` with ``--set`` overrides applied to all of them;
   likewise the pretrained-trunk presets ``efficientnet_lite0_fpn_fsf``, ``resnet18_fpn_fsf``,
   ``resnet18_fpn_scf``, ``resnet18_layer1_coco``, run only when named (they need their
-  weights files).
+  weights files), and ``dynaseg_plus`` (options beyond the paper), also only when named.
 
 Images are resized by ``--scale`` (bilinear) before segmenting and label maps are
 resized back to the ground-truth size (nearest neighbour), for every method alike.
@@ -85,9 +85,12 @@ DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds50
 BASELINES = ("kmeans", "felzenszwalb")
 # Presets of pretrained-trunk models: run only when asked (they need weights files).
 PRETRAINED_PRESETS = ("efficientnet_lite0_fpn_fsf", "resnet18_fpn_fsf", "resnet18_fpn_scf", "resnet18_layer1_coco")
-DYNASEG = ("kim_mu5", "dynaseg_scf", "dynaseg_fsf", "dynaseg_scf_silhouette", "dynaseg_fsf_silhouette") + PRETRAINED_PRESETS
+# Beyond the paper (docs/algorithm.md section 6): run only when asked, like the pretrained ones.
+BEYOND_PAPER = ("dynaseg_plus",)
+DYNASEG = (("kim_mu5", "dynaseg_scf", "dynaseg_fsf", "dynaseg_scf_silhouette", "dynaseg_fsf_silhouette")
+           + PRETRAINED_PRESETS + BEYOND_PAPER)
 METHODS = BASELINES + DYNASEG
-DEFAULT_METHODS = tuple(m for m in METHODS if m not in PRETRAINED_PRESETS)
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in PRETRAINED_PRESETS + BEYOND_PAPER)
 
 # docs/algorithm.md section 5: the paper's BSDS500 mIoU (all, fine, coarse, mean), on the *test*
 # split at full resolution. The silhouette variants have no BSDS500 row in the paper.

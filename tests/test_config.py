@@ -18,6 +18,10 @@ def test_presets():
     assert (fsf.schedule.kind, fsf.schedule.alpha) == ("fsf", 15.0)
     assert load_config("dynaseg_scf") == Config()  # the default run is the scf preset
     assert load_config("dynaseg_scf_silhouette").stop.k_min == "silhouette"
+    plus = load_config("dynaseg_plus")
+    assert (plus.schedule.kind, plus.model.padding, plus.model.input_space, plus.superpixels.method,
+            plus.postprocess.superpixel_vote, plus.postprocess.connected) == ("fsf", "reflect", "lab", "felzenszwalb",
+                                                                             True, True)
     for kind in ("fsf", "scf"):
         c = load_config(f"resnet18_fpn_{kind}")
         assert (c.model.name, c.schedule.kind) == ("resnet18_fpn", kind)
