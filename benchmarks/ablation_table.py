@@ -120,6 +120,45 @@ def markdown(scored, reference: str | None, split: str, n_resamples: int) -> str
     return "\n".join(lines) + "\n"
 
 
+def plot_examples(scored, root: str, split: str, path: Path, n: int) -> None:
+    """A grid, one line per image (the first ``n``): the image, its first annotation, and
+    each row's segments over the image, titled with its regions and the image's
+    best-overlap score."""
+    import matplotlib.pyplot as plt
+
+    from dynaseg_jax import images as imio
+    from dynaseg_jax import metrics
+    from dynaseg_jax.datasets import open_dataset
+    from dynaseg_jax.evaluate import read_prediction
+
+    ds = open_dataset("bsds500", root, split)
+    ids = scored[0]["ids"][:n]
+    cols = 2 + len(scored)
+    fig, axes = plt.subplots(len(ids), cols, figsize=(1.9 * cols, 1.45 * len(ids) + 0.4), squeeze=False)
+    for r, id_ in enumerate(ids):
+        image = imio.as_float_image(ds.load_image(id_))
+        gt = ds.load_gt(id_)[0]
+        panels = [(image, "image"), (imio.label_colors(int(gt.max()) + 1)[imio.renumber(gt)], "annotation 1")]
+        for s in scored:
+            labels = read_prediction(Path(s["folder"]) / f"{id_}.png")
+            labels = metrics.resize_prediction(labels, image.shape[:2])
+            if s["connected"]:
+                labels = metrics.relabel_connected(labels)
+            score = float(np.mean(np.concatenate([np.asarray(a) for a in s["ious"][r]])))
+            panels.append((imio.overlay(image, imio.renumber(labels)),
+                           f"{s['label']}\n{np.unique(labels).size} regions, {score:.2f}"))
+        for c, (img, title) in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(img, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(title, fontsize=5.5)
+        axes[r, 0].set_ylabel(id_, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--row", action="append", required=True, metavar="LABEL=FOLDER",
@@ -131,6 +170,8 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="val")
     parser.add_argument("--limit", type=int, help="only the first N images of the split")
     parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--examples", type=int, default=0,
+                        help="also draw the first N images with every row's segments (OUT.png)")
     parser.add_argument("--out", required=True, help="output path prefix (.md, .json)")
     args = parser.parse_args(argv)
 
@@ -148,6 +189,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)
+    if args.examples > 0:
+        plot_examples(scored, args.root, args.split, out.with_suffix(".png"), args.examples)
     for s in scored:
         del s["ious"]
     out.with_suffix(".json").write_text(json.dumps({"split": args.split, "rows": scored}, indent=1))

@@ -45,7 +45,7 @@ def test_rows_intervals_and_run_records(tmp_path):
     assert module.main(["--root", str(root), "--split", "val", "--resamples", "200",
                         "--row", f"exact={tmp_path / 'sweep' / 'exact'}", "--row", f"one={tmp_path / 'one'}",
                         "--row", f"stripes={tmp_path / 'stripes'}", "--connected", "stripes",
-                        "--reference", "exact", "--out", str(out)]) == 0
+                        "--reference", "exact", "--examples", "2", "--out", str(out)]) == 0
     rows = {r["label"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
     # exact: halves IoU 1, 1 and the whole vs a half 1/2 -> 2.5/3; one label: halves 1/2
     # each, the whole 1 -> 2/3. Every image alike: each bootstrap resample is the same.
@@ -62,6 +62,9 @@ def test_rows_intervals_and_run_records(tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "| one | 0.667 [0.667, 0.667] | -0.167 [-0.167, -0.167] |" in table
     assert "stripes (connected regions)" in table
+    from PIL import Image
+    with Image.open(out.with_suffix(".png")) as picture:  # the examples grid: 2 images x (2 + 3 rows)
+        assert picture.format == "PNG" and picture.width > picture.height
 
 
 def test_a_row_missing_images_is_an_error(tmp_path):
