@@ -8,7 +8,8 @@ output folder, one setting's folder of a ``dynaseg sweep``, or one method's fold
 labels into 4-connected regions (how "post-processing alone" is scored: the k-means
 colour clusters of reproduce_bsds500.py, split into regions). Iterations come from the
 folder's ``results.jsonl``; seconds per image from the run that wrote it (a sweep: its
-wall time over its image-setting pairs; reproduce_bsds500.py: the method's timing).
+whole wall time, all its settings together, over the images; reproduce_bsds500.py: the
+method's timing).
 
 Example (the ``dynaseg_plus`` table in the README)::
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +44,12 @@ def run_record(folder: Path) -> dict:
         out["mean_iterations"] = float(np.mean(its)) if its else None
     sweep, reproduce = folder.parent / "sweep.json", folder.parent / "results.json"
     if sweep.is_file():
+        # A sweep's settings run together (and settings that differ only in post-processing
+        # share one optimisation): its whole wall time over the images of this setting.
         report = json.loads(sweep.read_text())
-        if report.get("segmented"):
-            out["seconds_per_image"] = report["seconds"] / report["segmented"]
+        images = {row["setting"]: row.get("images") for row in report.get("settings", [])}.get(folder.name)
+        if images:
+            out["seconds_per_image"] = report["seconds"] / images
     elif reproduce.is_file():
         method = json.loads(reproduce.read_text()).get("methods", {}).get(folder.name, {})
         out["seconds_per_image"] = method.get("timing", {}).get("seconds_per_image")
@@ -99,9 +104,11 @@ def score_rows(rows, root: str, split: str, connected_labels, reference: str | N
 def markdown(scored, reference: str | None, split: str, n_resamples: int) -> str:
     diff_head = f" all - {reference} [95%] |" if reference else ""
     lines = [f"BSDS500 {split}, {scored[0]['images']} images; intervals: percentile bootstrap over images, "
-             f"{n_resamples} resamples" + ("; differences paired (the same resampled images)" if reference else ""),
+             f"{n_resamples} resamples" + ("; differences paired (the same resampled images)" if reference else "")
+             + "; run s / image: the wall time of the run that wrote the row (a sweep: all its settings) "
+               "over its images",
              "",
-             f"| row | all [95%] |{diff_head} fine | coarse | Hungarian | regions / image | iterations | s / image |",
+             f"| row | all [95%] |{diff_head} fine | coarse | Hungarian | regions / image | iterations | run s / image |",
              "|---|---|" + ("---|" if reference else "") + "---|---|---|---|---|---|"]
 
     def num(v, fmt):
@@ -146,7 +153,7 @@ def plot_examples(scored, root: str, split: str, path: Path, n: int) -> None:
                 labels = metrics.relabel_connected(labels)
             score = float(np.mean(np.concatenate([np.asarray(a) for a in s["ious"][r]])))
             panels.append((imio.overlay(image, imio.renumber(labels)),
-                           f"{s['label']}\n{np.unique(labels).size} regions, {score:.2f}"))
+                           f"{textwrap.fill(s['label'], 30)}\n{np.unique(labels).size} regions, {score:.2f}"))
         for c, (img, title) in enumerate(panels):
             ax = axes[r, c]
             ax.imshow(img, interpolation="nearest")
@@ -172,6 +179,8 @@ def main(argv=None) -> int:
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--examples", type=int, default=0,
                         help="also draw the first N images with every row's segments (OUT.png)")
+    parser.add_argument("--draw", action="append", default=[], metavar="LABEL",
+                        help="with --examples: draw only these rows (repeat; default: every row)")
     parser.add_argument("--out", required=True, help="output path prefix (.md, .json)")
     args = parser.parse_args(argv)
 
@@ -190,10 +199,16 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)
     if args.examples > 0:
-        plot_examples(scored, args.root, args.split, out.with_suffix(".png"), args.examples)
+        unknown = set(args.draw) - {s["label"] for s in scored}
+        if unknown:
+            parser.error(f"--draw {sorted(unknown)[0]!r} is not a row label")
+        drawn = [s for s in scored if not args.draw or s["label"] in args.draw]
+        plot_examples(drawn, args.root, args.split, out.with_suffix(".png"), args.examples)
     for s in scored:
         del s["ious"]
-    out.with_suffix(".json").write_text(json.dumps({"split": args.split, "rows": scored}, indent=1))
+    command = ["python", "benchmarks/ablation_table.py", *(sys.argv[1:] if argv is None else argv)]
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "split": args.split, "rows": scored},
+                                                   indent=1))
     print(text)
     return 0
 
