@@ -85,20 +85,21 @@ class KStarEstimator:
             return int(c.stop.k_min)
         sample = silhouette.pixel_sample(self.features(image, name), c.silhouette.samples, c.seed)
         args = (sample, c.silhouette.k_range, c.seed, c.silhouette.n_init, c.silhouette.dims)
-        pool = _kstar_processes(c.engine.kstar_processes)
-        k, _ = pool.submit(silhouette.kstar_of_sample, *args).result() if pool else silhouette.kstar_of_sample(*args)
-        return k
+        n = c.engine.kstar_processes
+        if n <= 0:
+            return silhouette.kstar_of_sample(*args)[0]
+        # The processes share the cores: each gets its part of them for its threads.
+        threads = max(1, (os.cpu_count() or 1) // n)
+        return _kstar_processes(n).submit(silhouette.kstar_of_sample, *args, threads).result()[0]
 
 
 _KSTAR_POOLS: dict[int, cf.ProcessPoolExecutor] = {}
 
 
-def _kstar_processes(n: int) -> cf.ProcessPoolExecutor | None:
-    """The process pool of ``engine.kstar_processes = n`` (None for 0): started on first
-    use and kept for later runs in this process (shut down at exit). Spawned, not
-    forked: a fork of a process running JAX's threads is unsafe."""
-    if n <= 0:
-        return None
+def _kstar_processes(n: int) -> cf.ProcessPoolExecutor:
+    """The process pool of ``engine.kstar_processes = n`` (n > 0): started on first use and
+    kept for later runs in this process (shut down at exit). Spawned, not forked: a fork
+    of a process running JAX's threads is unsafe."""
     if n not in _KSTAR_POOLS:
         import multiprocessing
         _KSTAR_POOLS[n] = cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))

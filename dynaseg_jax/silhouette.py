@@ -50,10 +50,17 @@ def pixel_sample(features: np.ndarray, n_samples: int, seed: int) -> np.ndarray:
 
 
 def kstar_of_sample(sample: np.ndarray, k_range=(2, 12), seed: int = 0, n_init: int = 3,
-                    dims: int = 0) -> tuple[int, dict]:
+                    dims: int = 0, threads: int | None = None) -> tuple[int, dict]:
     """``estimate_k`` on an already drawn sample (``pixel_sample``): the part worth running
     in another process, since its input is small and its cost is k-means and the
-    silhouette's pairwise distances. Arguments and result as ``estimate_k``'s."""
+    silhouette's pairwise distances. Arguments and result as ``estimate_k``'s; ``threads``
+    caps the OpenMP and BLAS threads of this call (None: their defaults, every core), so
+    that several processes share the cores instead of each using all of them."""
+    if threads is not None:
+        from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+
+        with threadpool_limits(limits=threads):
+            return kstar_of_sample(sample, k_range, seed, n_init, dims)
     # scikit-learn takes ~1 s to import: only runs that use the silhouette phase pay it.
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score

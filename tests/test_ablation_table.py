@@ -36,7 +36,8 @@ def test_rows_intervals_and_run_records(tmp_path):
         write_pred(tmp_path / "one" / f"{id_}.png", np.zeros((H, W)))
         write_pred(tmp_path / "stripes" / f"{id_}.png", stripes)
     # The run records: a sweep's wall time over its pairs, and each image's iterations.
-    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps({"seconds": 12.0, "segmented": 6}))
+    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps(
+        {"seconds": 12.0, "segmented": 6, "settings": [{"setting": "exact", "images": 3}, {"setting": "x", "images": 3}]}))
     (tmp_path / "sweep" / "exact" / "results.jsonl").write_text("".join(
         json.dumps({"status": "ok", "iterations": it}) + "\n" for it in (10, 20, 60)))
 
@@ -45,7 +46,8 @@ def test_rows_intervals_and_run_records(tmp_path):
     assert module.main(["--root", str(root), "--split", "val", "--resamples", "200",
                         "--row", f"exact={tmp_path / 'sweep' / 'exact'}", "--row", f"one={tmp_path / 'one'}",
                         "--row", f"stripes={tmp_path / 'stripes'}", "--connected", "stripes",
-                        "--reference", "exact", "--examples", "2", "--out", str(out)]) == 0
+                        "--reference", "exact", "--examples", "2", "--draw", "one", "--draw", "exact",
+                        "--out", str(out)]) == 0
     rows = {r["label"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
     # exact: halves IoU 1, 1 and the whole vs a half 1/2 -> 2.5/3; one label: halves 1/2
     # each, the whole 1 -> 2/3. Every image alike: each bootstrap resample is the same.
@@ -55,7 +57,7 @@ def test_rows_intervals_and_run_records(tmp_path):
     assert rows["one"]["diff_all"] == pytest.approx(2 / 3 - 2.5 / 3)
     assert rows["one"]["interval_diff_all"] == pytest.approx([2 / 3 - 2.5 / 3] * 2)
     assert "diff_all" not in rows["exact"]
-    assert (rows["exact"]["seconds_per_image"], rows["exact"]["mean_iterations"]) == (2.0, 30.0)
+    assert (rows["exact"]["seconds_per_image"], rows["exact"]["mean_iterations"]) == (4.0, 30.0)
     assert rows["one"]["seconds_per_image"] is None and rows["one"]["mean_iterations"] is None
     assert rows["stripes"]["regions_per_image"] == 3 and rows["exact"]["regions_per_image"] == 2
     assert rows["stripes"]["connected"] and not rows["exact"]["connected"]
@@ -63,7 +65,7 @@ def test_rows_intervals_and_run_records(tmp_path):
     assert "| one | 0.667 [0.667, 0.667] | -0.167 [-0.167, -0.167] |" in table
     assert "stripes (connected regions)" in table
     from PIL import Image
-    with Image.open(out.with_suffix(".png")) as picture:  # the examples grid: 2 images x (2 + 3 rows)
+    with Image.open(out.with_suffix(".png")) as picture:  # the examples grid: 2 images x (2 + 2 rows drawn)
         assert picture.format == "PNG" and picture.width > picture.height
 
 
