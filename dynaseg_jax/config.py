@@ -207,7 +207,9 @@ class EngineConfig:
     kstar_processes: int = _field(0, "with stop.k_min = 'silhouette': processes that run the k-means and "
                                      "silhouette scores of the silhouette phase beside the engine (0: in "
                                      "the engine process's loader threads). The features are still "
-                                     "computed in the engine process.")
+                                     "computed in the engine process. The processes are spawned: a "
+                                     "Python script that sets this must guard its entry point with "
+                                     "if __name__ == '__main__'.")
 
 
 SECTIONS = {"model": ModelConfig, "schedule": ScheduleConfig, "optim": OptimConfig, "stop": StopConfig,

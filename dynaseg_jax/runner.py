@@ -101,9 +101,17 @@ def _kstar_processes(n: int) -> cf.ProcessPoolExecutor:
     kept for later runs in this process (shut down at exit). Spawned, not forked: a fork
     of a process running JAX's threads is unsafe."""
     if n not in _KSTAR_POOLS:
+        import atexit
         import multiprocessing
+        if not _KSTAR_POOLS:  # shut down before the interpreter tears its modules down
+            atexit.register(_close_kstar_pools)
         _KSTAR_POOLS[n] = cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
     return _KSTAR_POOLS[n]
+
+
+def _close_kstar_pools() -> None:
+    while _KSTAR_POOLS:
+        _KSTAR_POOLS.popitem()[1].shutdown(wait=True)
 
 
 def _loader_threads(config: Config) -> int:

@@ -95,5 +95,7 @@ def test_kstar_processes_give_the_same_k_and_scores(tiny_config):
         assert kstar_of_sample(sample, (2, 6), config.seed) == estimate_k(feats, (2, 6), 400, config.seed)
         assert kstar_of_sample(sample, (2, 6), config.seed, threads=1) == kstar_of_sample(sample, (2, 6), config.seed)
     assert len(set(ks)) > 1  # the images do test different answers
+    from dynaseg_jax.runner import _close_kstar_pools
+    _close_kstar_pools()  # this test's processes end here, not at the suite's exit
     with pytest.raises(ConfigError, match="engine.kstar_processes = -1: must be >= 0"):
         config.replace({"engine.kstar_processes": -1})
