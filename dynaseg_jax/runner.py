@@ -9,6 +9,7 @@ import concurrent.futures as cf
 import dataclasses
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -94,24 +95,27 @@ class KStarEstimator:
 
 
 _KSTAR_POOLS: dict[int, cf.ProcessPoolExecutor] = {}
+_KSTAR_POOLS_LOCK = threading.Lock()
 
 
 def _kstar_processes(n: int) -> cf.ProcessPoolExecutor:
     """The process pool of ``engine.kstar_processes = n`` (n > 0): started on first use and
     kept for later runs in this process (shut down at exit). Spawned, not forked: a fork
     of a process running JAX's threads is unsafe."""
-    if n not in _KSTAR_POOLS:
-        import atexit
-        import multiprocessing
-        if not _KSTAR_POOLS:  # shut down before the interpreter tears its modules down
-            atexit.register(_close_kstar_pools)
-        _KSTAR_POOLS[n] = cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
-    return _KSTAR_POOLS[n]
+    with _KSTAR_POOLS_LOCK:  # loader threads ask for it at once
+        if n not in _KSTAR_POOLS:
+            import atexit
+            import multiprocessing
+            if not _KSTAR_POOLS:  # shut down before the interpreter tears its modules down
+                atexit.register(_close_kstar_pools)
+            _KSTAR_POOLS[n] = cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
+        return _KSTAR_POOLS[n]
 
 
 def _close_kstar_pools() -> None:
-    while _KSTAR_POOLS:
-        _KSTAR_POOLS.popitem()[1].shutdown(wait=True)
+    with _KSTAR_POOLS_LOCK:
+        while _KSTAR_POOLS:
+            _KSTAR_POOLS.popitem()[1].shutdown(wait=True)
 
 
 def _loader_threads(config: Config) -> int:
