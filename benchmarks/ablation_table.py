@@ -89,8 +89,6 @@ def score_rows(rows, root: str, split: str, connected_labels, reference: str | N
                        **run_record(Path(folder))})
     by_label = {s["label"]: s for s in scored}
     ref = by_label.get(reference) if reference else None
-    if reference and ref is None:
-        raise SystemExit(f"ablation_table: --reference {reference!r} is not a row label")
     for s in scored:
         if s["ids"] != scored[0]["ids"]:
             raise SystemExit(f"ablation_table: {s['folder']} scores other images than {scored[0]['folder']}")
@@ -120,7 +118,7 @@ def markdown(scored, reference: str | None, split: str, n_resamples: int) -> str
         if reference:
             diff = (" (reference) |" if "diff_all" not in s else
                     f" {s['diff_all']:+.3f} [{s['interval_diff_all'][0]:+.3f}, {s['interval_diff_all'][1]:+.3f}] |")
-        label = s["label"] + (" (connected regions)" if s["connected"] else "")
+        label = s["label"] + (", split into connected regions" if s["connected"] else "")
         lines.append(f"| {label} | {s['all']:.3f} [{lo:.3f}, {hi:.3f}] |{diff} {s['fine']:.3f} | "
                      f"{s['coarse']:.3f} | {s['hungarian']:.3f} | {s['regions_per_image']:.0f} | "
                      f"{num(s['mean_iterations'], '.0f')} | {num(s['seconds_per_image'], '.1f')} |")
@@ -192,6 +190,14 @@ def main(argv=None) -> int:
         if not Path(folder).is_dir():
             parser.error(f"--row {spec!r}: {folder} is not a folder")
         rows.append((label, folder))
+    labels = [label for label, _ in rows]
+    if len(set(labels)) != len(labels):
+        parser.error("two --row entries share a label; labels name the rows")
+    for option, named in (("--connected", args.connected), ("--draw", args.draw),
+                          ("--reference", [args.reference] if args.reference else [])):
+        for label in named:
+            if label not in labels:
+                parser.error(f"{option} {label!r} is not a row label")
     scored = score_rows(rows, args.root, args.split, set(args.connected), args.reference, args.resamples,
                         args.limit)
     text = markdown(scored, args.reference, args.split, args.resamples)
@@ -199,9 +205,6 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)
     if args.examples > 0:
-        unknown = set(args.draw) - {s["label"] for s in scored}
-        if unknown:
-            parser.error(f"--draw {sorted(unknown)[0]!r} is not a row label")
         drawn = [s for s in scored if not args.draw or s["label"] in args.draw]
         plot_examples(drawn, args.root, args.split, out.with_suffix(".png"), args.examples)
     for s in scored:

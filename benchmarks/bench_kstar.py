@@ -13,14 +13,13 @@ read. Writes ``--json``.
 Example::
 
     python benchmarks/bench_kstar.py --split val --limit 20 --scale 0.5 \\
-        --variant n_init_1:n_init=1 --variant dims_8:dims=8 --variant cheap:n_init=1,dims=8,samples=1500 \
+        --variant n_init_1:n_init=1 --variant dims_8:dims=8 --variant cheap:n_init=1,dims=8,samples=1500 \\
         --processes 2
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -51,7 +50,7 @@ def main(argv=None) -> int:
     from dynaseg_jax.config import load_config, parse_value
     from dynaseg_jax.datasets import open_dataset
     from dynaseg_jax.engine import Engine
-    from dynaseg_jax.runner import KStarEstimator
+    from dynaseg_jax.runner import KStarEstimator, usable_cpus
     from dynaseg_jax.silhouette import estimate_k, kstar_of_sample, pixel_sample
     from dynaseg_jax.sweep import split_values  # commas outside brackets separate the items
 
@@ -99,7 +98,7 @@ def main(argv=None) -> int:
             # Start every process (interpreter, numpy, scikit-learn) before timing.
             list(pool.map(kstar_of_sample, [samples[0][:50]] * args.processes, [(2, 3)] * args.processes))
             t0 = time.perf_counter()
-            threads = max(1, (os.cpu_count() or 1) // args.processes)  # as engine.kstar_processes does
+            threads = max(1, usable_cpus() // args.processes)  # as engine.kstar_processes does
             n = len(samples)
             pooled = list(pool.map(kstar_of_sample, samples, [tuple(s.k_range)] * n, [base.seed] * n,
                                    [s.n_init] * n, [s.dims] * n, [threads] * n))

@@ -39,7 +39,9 @@ Methods (``--methods``, default: all but the pretrained-trunk presets):
   :func:`dynaseg_jax.runner.segment_files` with ``--set`` overrides applied to all of them;
   likewise the pretrained-trunk presets ``efficientnet_lite0_fpn_fsf``, ``resnet18_fpn_fsf``,
   ``resnet18_fpn_scf``, ``resnet18_layer1_coco``, run only when named (they need their
-  weights files), and ``dynaseg_plus`` (options beyond the paper), also only when named.
+  weights files), and ``dynaseg_plus`` (options beyond the paper), also only when named;
+  its superpixel sizes are set for ``--scale 0.25`` (configs/dynaseg_plus.toml says how
+  to convert them, e.g. ``--set superpixels.scale=...``), and are not converted here.
 
 Images are resized by ``--scale`` (bilinear) before segmenting and label maps are
 resized back to the ground-truth size (nearest neighbour), for every method alike.

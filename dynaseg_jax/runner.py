@@ -90,8 +90,15 @@ class KStarEstimator:
         if n <= 0:
             return silhouette.kstar_of_sample(*args)[0]
         # The processes share the cores: each gets its part of them for its threads.
-        threads = max(1, (os.cpu_count() or 1) // n)
-        return _kstar_processes(n).submit(silhouette.kstar_of_sample, *args, threads).result()[0]
+        threads = max(1, usable_cpus() // n)
+        pool = _kstar_processes(n)
+        try:
+            return pool.submit(silhouette.kstar_of_sample, *args, threads).result()[0]
+        except cf.process.BrokenProcessPool:
+            # A k* process died (killed, out of memory): a new pool for the next images,
+            # and this image's k* here, the same computation.
+            _drop_kstar_pool(n, pool)
+            return silhouette.kstar_of_sample(*args)[0]
 
 
 _KSTAR_POOLS: dict[int, cf.ProcessPoolExecutor] = {}
@@ -110,6 +117,22 @@ def _kstar_processes(n: int) -> cf.ProcessPoolExecutor:
                 atexit.register(_close_kstar_pools)
             _KSTAR_POOLS[n] = cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
         return _KSTAR_POOLS[n]
+
+
+def _drop_kstar_pool(n: int, pool: cf.ProcessPoolExecutor) -> None:
+    with _KSTAR_POOLS_LOCK:
+        if _KSTAR_POOLS.get(n) is pool:
+            del _KSTAR_POOLS[n]
+    pool.shutdown(wait=False)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers and
+    ``taskset`` narrow), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 def _close_kstar_pools() -> None:

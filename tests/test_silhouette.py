@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from dynaseg_jax.silhouette import color_position_features, estimate_k
+from tests.conftest import smooth_image
 
 
 @pytest.mark.parametrize("k_true", [3, 5])
@@ -73,10 +74,10 @@ def test_projection_keeps_distances_of_low_dimensional_features():
 
 def test_kstar_processes_give_the_same_k_and_scores(tiny_config):
     # engine.kstar_processes moves k-means and the silhouette into spawned processes:
-    # the same seeded computation on the same sample, so the same k* and scores
-    # exactly, for images whose scores differ (blobs of 2, 3 and 5 colours).
+    # the same seeded computation on the same sample, so the same k*, for images whose
+    # answers differ (stripes of 2, 3 and 5 colours).
     from dynaseg_jax import ConfigError
-    from dynaseg_jax.runner import KStarEstimator
+    from dynaseg_jax.runner import KStarEstimator, _close_kstar_pools
     from dynaseg_jax.silhouette import kstar_of_sample, pixel_sample
 
     config = tiny_config.replace({"stop.k_min": "silhouette", "silhouette.features": "color_position",
@@ -85,17 +86,46 @@ def test_kstar_processes_give_the_same_k_and_scores(tiny_config):
     in_processes = KStarEstimator(config.replace({"engine.kstar_processes": 2}), None)
     rng = np.random.default_rng(3)
     ks = []
-    for n_colours in (2, 3, 5):
-        img = np.repeat(rng.uniform(0, 1, (n_colours, 1, 3)), 40, axis=1).repeat(8, axis=0)
-        img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1).astype(np.float32)
-        ks.append(in_threads(img))
-        assert in_processes(img) == ks[-1]
-        feats = in_threads.features(img)
-        sample = pixel_sample(feats, 400, config.seed)
-        assert kstar_of_sample(sample, (2, 6), config.seed) == estimate_k(feats, (2, 6), 400, config.seed)
-        assert kstar_of_sample(sample, (2, 6), config.seed, threads=1) == kstar_of_sample(sample, (2, 6), config.seed)
+    try:
+        for n_colours in (2, 3, 5):
+            img = np.repeat(rng.uniform(0, 1, (n_colours, 1, 3)), 40, axis=1).repeat(8, axis=0)
+            img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1).astype(np.float32)
+            ks.append(in_threads(img))
+            assert in_processes(img) == ks[-1]
+            feats = in_threads.features(img)
+            sample = pixel_sample(feats, 400, config.seed)
+            assert kstar_of_sample(sample, (2, 6), config.seed) == estimate_k(feats, (2, 6), 400, config.seed)
+            # One thread: the same k*; the scores within float64 rounding of the distance
+            # sums (another thread count may add them in another order).
+            k1, scores1 = kstar_of_sample(sample, (2, 6), config.seed, threads=1)
+            k_all, scores_all = kstar_of_sample(sample, (2, 6), config.seed)
+            assert k1 == k_all and scores1 == pytest.approx(scores_all, abs=1e-9)
+    finally:
+        _close_kstar_pools()  # this test's processes end here, not at the suite's exit
     assert len(set(ks)) > 1  # the images do test different answers
-    from dynaseg_jax.runner import _close_kstar_pools
-    _close_kstar_pools()  # this test's processes end here, not at the suite's exit
     with pytest.raises(ConfigError, match="engine.kstar_processes = -1: must be >= 0"):
         config.replace({"engine.kstar_processes": -1})
+
+
+def test_a_broken_kstar_pool_is_replaced(tiny_config, monkeypatch):
+    # A k* process that dies breaks its pool: that image's k* is computed in the thread
+    # (the same answer) and the next image gets a new pool.
+    import concurrent.futures as cf
+
+    from dynaseg_jax import runner
+
+    class Broken:
+        def submit(self, *args):
+            raise cf.process.BrokenProcessPool("a child died")
+
+        def shutdown(self, wait):
+            self.shut = True
+
+    config = tiny_config.replace({"stop.k_min": "silhouette", "silhouette.features": "color_position",
+                                  "silhouette.k_range": (2, 5), "silhouette.samples": 200})
+    broken = Broken()
+    monkeypatch.setitem(runner._KSTAR_POOLS, 7, broken)
+    img = smooth_image(16, 24, 2)
+    assert runner.KStarEstimator(config.replace({"engine.kstar_processes": 7}), None)(img) == \
+        runner.KStarEstimator(config, None)(img)
+    assert 7 not in runner._KSTAR_POOLS and broken.shut
