@@ -608,6 +608,10 @@ def to_toml(config: Config, header: str = "") -> str:
 # NOT layout: the initial kernels meet a transposed image, which changes its labels.
 LAYOUT_FIELDS = ("engine.strategy", "engine.batch", "engine.devices", "engine.sync_every",
                  "engine.bucket_multiple", "engine.max_pixels", "engine.kstar_processes")
+# Fields added after DIGEST_SCHEMA 2, with the value that reproduces the labels from
+# before they existed: hashed only when set to something else, so that output folders
+# written before a field existed still resume.
+HASHED_WHEN_SET = {"postprocess.superpixel_vote": False}
 # Bumped whenever the meaning of a field or the algorithm changes the labels of an
 # unchanged config, or the digest's form changes, so that old output folders are not
 # resumed into. 2: fields named by dotted paths.
@@ -623,9 +627,11 @@ def config_digest(config: Config, scale: float = 1.0) -> str:
 
     Returns:
       16 hex digits of the SHA-256 of every field's dotted path and value except
-      ``LAYOUT_FIELDS``, the scale and ``DIGEST_SCHEMA``.
+      ``LAYOUT_FIELDS`` (and ``HASHED_WHEN_SET`` fields at that value), the scale and
+      ``DIGEST_SCHEMA``.
     """
-    fields = {p: v for p, v in config.flat().items() if p not in LAYOUT_FIELDS}
+    fields = {p: v for p, v in config.flat().items()
+              if p not in LAYOUT_FIELDS and not (p in HASHED_WHEN_SET and v == HASHED_WHEN_SET[p])}
     payload = {"schema": DIGEST_SCHEMA, "scale": float(scale), "config": fields}
     text = json.dumps(payload, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
