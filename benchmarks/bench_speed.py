@@ -6,7 +6,9 @@ image-iteration over a fixed number of iterations (no early stop), after warm-up
 reports compile time, achieved GFLOP/s (algorithmic FLOPs of the network's forward and
 backward pass), the fraction of this machine's float32 matmul roofline (a 2048^3
 matmul measured in the same run), and peak memory. ``--full-run N`` adds whole runs with
-early stopping on N real BSDS500 val images (images per second).
+early stopping on N real BSDS500 val images (images per second); ``--kstar-run N`` times
+the silhouette phase (k* per second) against the device on N of them, and how long the
+engine waited for k* (``kstar_run``).
 
 The PyTorch reference processes images one at a time (as the authors' script does), so
 its time per image-iteration does not depend on the batch size.
@@ -303,6 +305,58 @@ def full_run(config, args) -> dict:
     return out
 
 
+def kstar_run(args) -> dict:
+    """The silhouette phase against the device, on real BSDS500 val images.
+
+    Three timings with one compiled engine: (1) k* for every image, computed as the
+    runner computes them (``_loader_threads`` threads, ``engine.kstar_processes``
+    processes): k* estimates per second; (2) the engine alone with those k* given: images
+    per second of the device; (3) ``runner.segment``, k* computed ahead while slots
+    optimise, as a user's run does, with the time the engine waited for k* while slots
+    were running (``input_wait["running"]``: the device stood still). The device never
+    waits for k* when (3) matches (2) and that wait is about zero.
+    """
+    from dynaseg_jax import runner
+    from dynaseg_jax.images import load_image, resize_image
+    paths = sorted(BSDS_VAL.glob("*.jpg"))[: args.kstar_run]
+    if not paths:
+        return {"error": f"no BSDS500 val images at {BSDS_VAL}"}
+    imgs = [load_image(p) for p in paths]
+    if args.full_scale != 1.0:
+        imgs = [resize_image(im, args.full_scale) for im in imgs]
+    precision = ["model.matmul_precision=tensorfloat32"] if args.tf32 else []
+    config = load_config(args.kstar_config, precision + args.overrides + [
+        f"engine.batch={args.full_batch}", f"engine.strategy={args.strategy[0]}",
+        f"model.conv_impl={args.conv_impl[0]}", f"engine.kstar_processes={args.kstar_processes}"])
+    if config.stop.k_min != "silhouette":
+        return {"error": f"--kstar-config {args.kstar_config}: stop.k_min is not 'silhouette'"}
+    engine = Engine(config)
+    kstar = runner.KStarEstimator(engine.config, engine.initial_variables, engine.model)
+    names = [str(i) for i in range(len(imgs))]  # the names runner.segment gives arrays
+    list(engine.run([WorkItem(-1, imgs[0], 10 ** 6)]))  # compile the step (stops after 1 step)
+    kstar(imgs[0], "warm-up")  # compile the feature function, start the k* processes
+    threads = runner._loader_threads(engine.config)
+    t = time.perf_counter()
+    ks = {i: k for i, k in runner._prefetch(range(len(imgs)), lambda i: kstar(imgs[i], names[i]), threads)}
+    kstar_s = time.perf_counter() - t
+    t = time.perf_counter()
+    alone = {r.key: r for r in engine.run(WorkItem(i, im, ks[i], name=names[i]) for i, im in enumerate(imgs))}
+    device_s = time.perf_counter() - t
+    t = time.perf_counter()
+    piped = runner.segment(imgs, engine=engine)
+    pipeline_s = time.perf_counter() - t
+    return {"images": len(imgs), "scale": args.full_scale, "config": args.kstar_config,
+            "batch": args.full_batch, "kstar_processes": args.kstar_processes, "loader_threads": threads,
+            "cpu_count": os.cpu_count(), "kstar": [ks[i] for i in range(len(imgs))],
+            "kstar_seconds": kstar_s, "kstar_per_s": len(imgs) / kstar_s,
+            "device_seconds": device_s, "device_images_per_s": len(imgs) / device_s,
+            "pipeline_seconds": pipeline_s, "pipeline_images_per_s": len(imgs) / pipeline_s,
+            "wait_for_kstar_while_running_s": engine.input_wait["running"],
+            "wait_for_kstar_while_idle_s": engine.input_wait["idle"],
+            "same_iterations": [r["iterations"] for r in piped] == [alone[i].iterations for i in range(len(imgs))],
+            "iterations": [alone[i].iterations for i in range(len(imgs))]}
+
+
 def plot(rows, path):
     try:
         import matplotlib
@@ -333,11 +387,11 @@ def plot(rows, path):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", nargs="+", default=["64x64", "128x128", "240x160", "481x321"],
+    ap.add_argument("--size", nargs="*", default=["64x64", "128x128", "240x160", "481x321"],
                     help="W x H sizes")
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 2, 4, 8])
     ap.add_argument("--strategy", nargs="+", default=["auto"], help="auto, per_image, vmap")
-    ap.add_argument("--conv-impl", nargs="+", default=["auto"], help="auto, lax, im2col, winograd")
+    ap.add_argument("--conv-impl", nargs="+", default=["auto"], help="auto, lax, im2col, winograd, pallas")
     ap.add_argument("--tf32", action="store_true",
                     help="GPU: let both frameworks use TF32 for float32 convs/matmuls (default: strict float32)")
     ap.add_argument("--config", default="dynaseg_scf")
@@ -360,6 +414,13 @@ def main(argv=None) -> int:
                     help="resize the full-run images by this factor (CPU-sized runs)")
     ap.add_argument("--full-torch", type=int, default=0, metavar="N",
                     help="run the PyTorch reference on the first N full-run images only (0: all)")
+    ap.add_argument("--kstar-run", type=int, default=0, metavar="N",
+                    help="also time the silhouette phase against the device on N BSDS500 val images "
+                         "(--full-scale, --full-batch; see kstar_run)")
+    ap.add_argument("--kstar-config", default="dynaseg_scf_silhouette",
+                    help="preset of --kstar-run (its stop.k_min must be 'silhouette')")
+    ap.add_argument("--kstar-processes", type=int, default=0,
+                    help="engine.kstar_processes of --kstar-run (0: k* in the loader threads)")
     ap.add_argument("--no-hugepages", action="store_true",
                     help="do not restart with GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
     ap.add_argument("--json")
@@ -429,6 +490,9 @@ def main(argv=None) -> int:
     if args.full_run:
         result["full_run"] = full_run(config, args)
         print("full run:", json.dumps(result["full_run"]))
+    if args.kstar_run:
+        result["kstar_run"] = kstar_run(args)
+        print("k* run:", json.dumps(result["kstar_run"]))
     if len(rows) == 1:
         result.update(rows[0])
         result["strategy"] = rows[0]["strategy"]

@@ -1,40 +1,61 @@
 #!/usr/bin/env bash
-# The GPU measurements of the README in one time-capped run (about 9 minutes of commands):
-#   1. speed, strict float32 (batch 1 / 32 / 64), TF32 (1 / 32) and bfloat16 products
-#      (32), vmap + winograd (the engine's accelerator default), against the PyTorch
-#      reference one image at a time and the tuned batched PyTorch (torch_batched.py;
-#      once more with its update captured by torch.compile);
-#   2. whole runs with early stopping on 32 real BSDS500 val images at half size (images
-#      per second; the reference on the first 4);
-#   3. the DynaSeg-SCF column of the BSDS500 val reproduction (predictions come back in
-#      repro.tgz; the CPU baselines and the scoring run anywhere afterwards, because
-#      reproduce_bsds500.py reuses finished predictions).
+# The GPU measurements of the README in one time-capped run (at most about 8.5 minutes):
+#   1. the Pallas conv's tests with its Triton-compiled kernels (tests/test_conv3x3_pallas.py);
+#   2. speed in strict float32 (240x160 and 481x321, batch 1 and 32), vmap + winograd (the
+#      engine's accelerator default), against the PyTorch reference one image at a time
+#      and the tuned batched PyTorch (torch_batched.py);
+#   3. the Pallas implicit-GEMM conv at batch 32, strict float32 and TF32;
+#   4. TF32 products in both frameworks at batch 32;
+#   5. whole runs with early stopping on 32 real BSDS500 val images at half size (images
+#      per second; the PyTorch versions on the first 4);
+#   6. the silhouette phase against the device at batch 32 (k* per second, and how long
+#      the engine waited for k* while slots were running).
+# EXTRA=1 adds the tuned PyTorch captured by torch.compile and bfloat16 products; REPRO=1
+# the DynaSeg-SCF predictions of the BSDS500 val reproduction (repro.tgz; the CPU
+# baselines and the scoring run anywhere afterwards, reproduce_bsds500.py reuses them).
 #   OUT=runs/gpu DATA=../shared/data/bsds500 benchmarks/run_gpu.sh
-# Each part has its own time limit, so that one slow part cannot starve the others.
+# Each part has its own time limit, so that one slow part cannot starve the others; the
+# benchmarks write their JSON after every row, so a part cut short keeps what it measured.
 set -u
 OUT=${OUT:-runs/gpu}
 DATA=${DATA:-../shared/data/bsds500}
-REPRO=${REPRO:-/tmp/repro}   # outside OUT: only the tarball comes back from the device
+REPRO=${REPRO:-0}
+EXTRA=${EXTRA:-0}
 LIMIT=${LIMIT:-50}
+KSTAR_PROCESSES=${KSTAR_PROCESSES:-8}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 BSDS500_VAL="$DATA/images/val"
+log() { tee -a "$OUT/log.txt"; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__)"; } 2>&1 | tee "$OUT/log.txt"
+  nproc
+  python -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__, 'cuda', torch.version.cuda)"; } 2>&1 | tee "$OUT/log.txt"
+timeout 45 python -m pytest -q -p no:cacheprovider tests/test_conv3x3_pallas.py 2>&1 | tail -15 | log
 bench="python benchmarks/bench_speed.py --device gpu --iters 20 --repeats 3 --warmup 2 --no-hugepages --strategy vmap --conv-impl winograd"
-timeout 120 $bench --size 240x160 481x321 --batch 1 32 64 \
-  --json "$OUT/speed_gpu.json" --plot "$OUT/speed_gpu.png" 2>&1 | tee -a "$OUT/log.txt"
-# The tuned PyTorch opponent with its update captured by torch.compile (CUDA graphs).
-timeout 60 $bench --torch-compile --size 240x160 --batch 32 \
-  --json "$OUT/speed_gpu_torch_compiled.json" 2>&1 | tee -a "$OUT/log.txt"
-timeout 80 $bench --tf32 --size 240x160 481x321 --batch 1 32 \
-  --json "$OUT/speed_gpu_tf32.json" 2>&1 | tee -a "$OUT/log.txt"
-# bfloat16 products in JAX against the reference in strict float32 (labels may differ more).
-timeout 60 $bench --set model.matmul_precision=bfloat16 --size 240x160 481x321 --batch 32 \
-  --json "$OUT/speed_gpu_bf16.json" 2>&1 | tee -a "$OUT/log.txt"
+timeout 100 $bench --size 240x160 481x321 --batch 1 32 \
+  --json "$OUT/speed_gpu.json" --plot "$OUT/speed_gpu.png" 2>&1 | log
+pallas="python benchmarks/bench_speed.py --device gpu --iters 20 --repeats 3 --warmup 2 --no-hugepages --strategy vmap --conv-impl pallas --no-torch --size 240x160 --batch 32"
+timeout 35 $pallas --json "$OUT/speed_gpu_pallas.json" 2>&1 | log
+timeout 35 $pallas --tf32 --json "$OUT/speed_gpu_pallas_tf32.json" 2>&1 | log
+timeout 55 $bench --tf32 --size 240x160 481x321 --batch 32 \
+  --json "$OUT/speed_gpu_tf32.json" 2>&1 | log
 # Half size (240x160): at full size 1000 steps of 32 slots take about 160 s (4.9 ms per
 # image-iteration measured on an H200), more than this part's share of the run.
 timeout 120 $bench --size 240x160 --batch 32 --iters 1 --repeats 1 --warmup 1 \
-  --full-run 32 --full-batch 32 --full-scale 0.5 --full-torch 4 --json "$OUT/full_run_gpu.json" 2>&1 | tee -a "$OUT/log.txt"
-timeout 120 python benchmarks/reproduce_bsds500.py --root "$DATA" --split val --scale 0.5 \
-  --limit "$LIMIT" --out "$REPRO" --methods dynaseg_scf --set engine.batch="$LIMIT" --no-plots 2>&1 | tail -4 | tee -a "$OUT/log.txt"
-tar czf "$OUT/repro.tgz" -C "$(dirname "$REPRO")" "$(basename "$REPRO")"
+  --full-run 32 --full-batch 32 --full-scale 0.5 --full-torch 4 --json "$OUT/full_run_gpu.json" 2>&1 | log
+timeout 110 $bench --no-torch --size \
+  --kstar-run 32 --full-batch 32 --full-scale 0.5 --kstar-processes "$KSTAR_PROCESSES" \
+  --json "$OUT/kstar_run_gpu.json" 2>&1 | log
+if [ "$EXTRA" = 1 ]; then
+  # The tuned PyTorch opponent with its update captured by torch.compile (CUDA graphs).
+  timeout 60 $bench --torch-compile --size 240x160 --batch 32 \
+    --json "$OUT/speed_gpu_torch_compiled.json" 2>&1 | log
+  # bfloat16 products in JAX against the reference in strict float32 (labels may differ more).
+  timeout 60 $bench --set model.matmul_precision=bfloat16 --size 240x160 481x321 --batch 32 \
+    --json "$OUT/speed_gpu_bf16.json" 2>&1 | log
+fi
+if [ "$REPRO" = 1 ]; then
+  repro=/tmp/repro   # outside OUT: only the tarball comes back from the device
+  timeout 120 python benchmarks/reproduce_bsds500.py --root "$DATA" --split val --scale 0.5 \
+    --limit "$LIMIT" --out "$repro" --methods dynaseg_scf --set engine.batch="$LIMIT" --no-plots 2>&1 | tail -4 | log
+  tar czf "$OUT/repro.tgz" -C "$(dirname "$repro")" "$(basename "$repro")"
+fi

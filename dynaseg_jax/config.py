@@ -61,9 +61,10 @@ class ModelConfig:
     channels: int = _field(100, "p, width of the feature extractor.")
     max_clusters: int = _field(100, "q, channels of the classifier = the most clusters (labels) an image "
                                     "can get (q', the number present, falls during the optimisation).")
-    conv_impl: str = _field("auto", "3x3 conv formulation: 'lax', 'im2col', 'winograd' (F(4x4,3x3)), or "
-                                    "'auto' (the measured fastest: winograd).",
-                            ("auto", "lax", "im2col", "winograd"))
+    conv_impl: str = _field("auto", "3x3 conv formulation: 'lax', 'im2col', 'winograd' (F(4x4,3x3)), "
+                                    "'pallas' (implicit-GEMM kernel: Triton on GPUs, interpreted "
+                                    "elsewhere), or 'auto' (the measured fastest: winograd).",
+                            ("auto", "lax", "im2col", "winograd", "pallas"))
     padding: str = _field("zeros", "what the 3x3 convs read beyond each image's edge: 'zeros' (the "
                                    "authors' network, torch's default), 'reflect' or 'replicate' (torch's "
                                    "padding_mode of the same name, about each image's own edge in a "

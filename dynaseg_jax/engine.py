@@ -169,6 +169,9 @@ class Engine:
 
     ``run(items)`` yields a SlotResult per WorkItem, in completion order.
     ``trace_counts`` counts how often each (strategy, bucket) step was traced.
+    ``input_wait`` (reset by each ``run``): seconds spent waiting for the next item (its
+    k*, its file) while slots were optimising (``"running"``: the device stood still) and
+    while none was (``"idle"``: the start, or a source slower than the device).
     """
 
     def __init__(self, config: Config, params=None, model=None, mesh: Mesh | None = None):
@@ -200,6 +203,7 @@ class Engine:
         self._train_step = train.make_train_step(self.config, model=self.model)
         self.uses_superpixels = self.config.superpixels.method != "none"
         self._predict = train.make_predict(self.config, model=self.model)
+        self.input_wait = {"running": 0.0, "idle": 0.0}
 
     def sharding(self, replicated: bool = False):
         """Where slot-stacked arrays live: split over the mesh's slot axis (replicated:
@@ -326,10 +330,18 @@ class Engine:
         source = iter(items)
         pending: WorkItem | None = None
         exhausted = False
+        self.input_wait = {"running": 0.0, "idle": 0.0}
         while True:
             while not exhausted:
                 if pending is None:
+                    # Pull only when a slot could take the item: waiting for an item (its
+                    # k*) while every slot is busy would stop the device for nothing.
+                    if groups and not any(g.has_free_slot() for g in groups.values()):
+                        break
+                    running = any(g.n_active for g in groups.values())
+                    t0 = time.perf_counter()
                     pending = next(source, None)
+                    self.input_wait["running" if running else "idle"] += time.perf_counter() - t0
                     if pending is None:
                         exhausted = True
                         break

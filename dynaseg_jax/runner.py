@@ -170,7 +170,7 @@ def _prefetch(jobs: Sequence, prepare: Callable, workers: int = 2, ahead: int = 
 
 
 def segment(images: Iterable, config=None, *, batch: int | None = None,
-            progress: bool = False) -> list[dict]:
+            progress: bool = False, engine: Engine | None = None) -> list[dict]:
     """Segments images with DynaSeg, each with its own freshly initialised network
     (``init = "per_image"``: seeded by the file's stem, or an array's position).
 
@@ -179,6 +179,9 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
       config: a Config, a preset name (``"dynaseg_scf"``) or a TOML path; default Config().
       batch: number of slots (images optimised at once); default ``config.engine.batch``.
       progress: show a progress bar on stderr.
+      engine: an Engine to run on instead of a new one (its compiled steps are reused;
+        its ``input_wait`` then tells how long it waited for k*); ``config`` and ``batch``
+        are the engine's and must not be given.
 
     Returns:
       One dict per input, in input order: ``labels`` ((H, W) int32, renumbered 0..K-1),
@@ -186,6 +189,10 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
       optimisation failed, e.g. diverged at a too large lr; its labels are then
       meaningless). Bad inputs raise ImageError.
     """
+    if engine is not None:
+        if config is not None or batch is not None:
+            raise ValueError("segment: give an engine or a config/batch, not both")
+        config = engine.config
     config = _as_config(config)
     if batch is not None:
         config = config.replace({"engine.batch": batch})
@@ -201,7 +208,7 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
             arr = imio.as_float_image(img, name=f"images[{i}]")
             imio.check_size(*arr.shape[:2], config.engine.max_pixels, f"images[{i}]")
             arrays.append(arr)
-    engine = Engine(config)
+    engine = engine or Engine(config)
     kstar = KStarEstimator(engine.config, engine.initial_variables, engine.model)
     order = sorted(range(len(arrays)),
                    key=lambda i: _bucket_order(arrays[i].shape, engine.config, engine.model))

@@ -52,6 +52,31 @@ def test_batch_independence(engine):
     assert {r.iterations for r in alone.values()} <= set(range(1, engine.config.stop.max_iters + 1))
 
 
+def test_pulls_an_item_only_for_a_free_slot_and_times_the_waits(engine):
+    # 3 slots. Item 0 stops after its first step (k_min above q'), items 1 and 2 run to
+    # max_iters (k_min 1 is never reached). Item 3 must not be pulled (its k* computed)
+    # while all three slots are busy: only once item 0's result has come out. The source's
+    # sleeps are lower bounds of the waits, counted as idle before any slot runs and as
+    # running when items 1 and 2 are optimising.
+    import time
+
+    seen_at_pull, results = [], []
+
+    def items():
+        time.sleep(0.05)
+        yield WorkItem(0, IMAGES[0], 10 ** 6, name="0")
+        yield WorkItem(1, IMAGES[1], 1, name="1")
+        yield WorkItem(2, IMAGES[2], 1, name="2")
+        seen_at_pull.append(len(results))
+        time.sleep(0.2)
+        yield WorkItem(3, IMAGES[3], 10 ** 6, name="3")
+
+    for r in engine.run(items()):
+        results.append(r.key)
+    assert seen_at_pull == [1] and results[0] == 0 and sorted(results) == [0, 1, 2, 3]
+    assert engine.input_wait["idle"] >= 0.05 and engine.input_wait["running"] >= 0.2
+
+
 def test_compiles_once_per_bucket(engine):
     run(engine, [smooth_image(16, 24, 9), smooth_image(20, 22, 8), smooth_image(24, 16, 7)])
     # (16,24), (20,22)->(24,24) and portrait (24,16)->transposed (16,24): two buckets

@@ -115,7 +115,8 @@ def test_pad_about_edge_is_numpy_pad_of_the_real_image(mode, numpy_mode, real):
 
 
 @pytest.mark.parametrize("impl, padding", [("lax", "zeros"), ("im2col", "zeros"), ("winograd", "zeros"),
-                                           ("lax", "reflect"), ("winograd", "replicate")])
+                                           ("lax", "reflect"), ("winograd", "replicate"),
+                                           ("pallas", "zeros"), ("pallas", "reflect")])
 def test_padding_does_not_change_response(impl, padding):
     model = DynaSegCNN(channels=8, max_clusters=6, n_conv=2, conv=cnn_conv(impl), padding=padding)
     img = smooth_image(10, 13, 0)
@@ -139,7 +140,7 @@ def _product_precisions(model, params):
     return [re.findall(r"(DEFAULT|HIGHEST|HIGH)\b", l) for l in lines]
 
 
-@pytest.mark.parametrize("impl", ["lax", "im2col", "winograd"])
+@pytest.mark.parametrize("impl", ["lax", "im2col", "winograd", "pallas"])
 def test_matmul_precision_reaches_every_product(impl):
     # float32: every product (forward and backward) is exact; bfloat16: the products with
     # learned weights use the fast default, only the Winograd transforms stay exact.

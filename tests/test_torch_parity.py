@@ -70,7 +70,7 @@ BSDS_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds500" /
 # lr * 1e-4 = 1e-5 of itself per step, far below what the losses move it.
 CONFIG = load_config("dynaseg_fsf", {"stop.max_iters": 60, "model.conv_impl": "lax",
                                      "optim.weight_decay": 1e-4})
-IMPLS = ("lax", "im2col", "winograd")
+IMPLS = ("lax", "im2col", "winograd", "pallas")
 TINY = (24, 32)
 REAL = (48, 72)  # BSDS500 (321 x 481) downscaled ~6.7x, to keep the test fast on 2 cores
 N_REAL = 4
@@ -121,7 +121,8 @@ def winograd_error_factor() -> float:
     return float(np.mean(f ** 2) / 3.0 ** 2)
 
 
-KAPPA = {"lax": 1.0, "im2col": 1.0, "winograd": winograd_error_factor()}
+# pallas: direct evaluation (nine tap products summed), zero channels add exact zeros.
+KAPPA = {"lax": 1.0, "im2col": 1.0, "winograd": winograd_error_factor(), "pallas": 1.0}
 
 
 def sum_floor(n: int, scale) -> float:

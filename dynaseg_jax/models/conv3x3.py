@@ -149,6 +149,163 @@ def conv3x3_winograd_layer(x: jax.Array, kernel: jax.Array, precision=None) -> j
     return conv3x3_winograd(x, kernel, precision)
 
 
+# --- Pallas implicit GEMM --------------------------------------------------------------
+# The image, zero-padded by one pixel, is flattened row-major to ((H + 2) (W + 2), C). In
+# that layout the 3x3 neighbourhood of flat position p is p + (a - 1)(W + 2) + (b - 1) for
+# the tap (a, b), so the whole conv is nine matmuls of shifted row windows with the tap's
+# (Cin, Cout) kernel slice: an implicit GEMM, no im2col copy. A program computes
+# ``block_rows`` consecutive flat positions (the ring's positions come out as garbage and
+# are cropped); the image index of ``vmap`` becomes one more grid axis of the kernel.
+# Channels are padded with zeros to a power of two (>= 16), which Triton's loads and tensor
+# core dots need; zero channels add exact zeros, and are cropped.
+PALLAS_BLOCK_ROWS = 128    # flat positions per program of the forward kernel
+PALLAS_BLOCK_CHANNELS = 64  # output (and weight-gradient input) channels per program
+
+
+def _pallas_channels(c: int) -> int:
+    return max(16, 1 << (c - 1).bit_length())
+
+
+def _pallas_interpret() -> bool:
+    """Compiled (Triton) on GPUs; Pallas's interpreter elsewhere (exact, slow: tests)."""
+    return jax.default_backend() != "gpu"
+
+
+def _pallas_flat(x: jax.Array, channels: int, block_rows: int, halo: bool) -> jax.Array:
+    """x (H, W, C) -> zero-padded by one pixel, flattened to rows, channels zero-padded to
+    ``channels``, rows zero-padded to a multiple of ``block_rows`` and, with ``halo``, by
+    W + 3 rows in front and behind, so that every tap's window stays in bounds."""
+    h, w, c = x.shape
+    rows = (h + 2) * (w + 2)
+    n_blocks = -(-rows // block_rows)
+    front = w + 3 if halo else 0
+    xp = jnp.pad(x, ((1, 1), (1, 1), (0, channels - c))).reshape(rows, channels)
+    return jnp.pad(xp, ((front, n_blocks * block_rows - rows + front), (0, 0)))
+
+
+def _pallas_dot(a: jax.Array, b: jax.Array, precision, contract_rows: bool = False) -> jax.Array:
+    """a @ b (a^T @ b with ``contract_rows``), float32 accumulation. 'bfloat16' products
+    round the operands to bfloat16; the other precisions go to the dot as given (Triton:
+    'float32' = IEEE products, 'tensorfloat32' and the default = TF32)."""
+    if precision == "bfloat16":
+        a, b, precision = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), None
+    dims = (((0,), (0,)), ((), ())) if contract_rows else (((1,), (0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _pallas_forward(x: jax.Array, kernel: jax.Array, precision, block_rows: int) -> jax.Array:
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    if block_rows < 16 or block_rows & (block_rows - 1):
+        raise ValueError(f"conv3x3_pallas: block_rows must be a power of two >= 16, not {block_rows}")
+    h, w, cin = x.shape
+    cout = kernel.shape[-1]
+    cin_p, cout_p = _pallas_channels(cin), _pallas_channels(cout)
+    block_cout = min(cout_p, PALLAS_BLOCK_CHANNELS)
+    wp, rows = w + 2, (h + 2) * (w + 2)
+    n_blocks = -(-rows // block_rows)
+    xe = _pallas_flat(x, cin_p, block_rows, halo=True)
+    taps = jnp.pad(kernel, ((0, 0), (0, 0), (0, cin_p - cin), (0, cout_p - cout))).reshape(9, cin_p, cout_p)
+
+    def conv_kernel(x_ref, w_ref, y_ref):
+        start = pl.program_id(0) * block_rows
+        acc = jnp.zeros((block_rows, block_cout), jnp.float32)
+        for a in range(3):
+            for b in range(3):  # window of tap (a, b): offset (a - 1) wp + (b - 1) past the halo
+                window = x_ref[pl.ds(start + a * wp + b, block_rows), :]
+                acc += _pallas_dot(window, w_ref[3 * a + b], precision)
+        y_ref[...] = acc
+
+    y = pl.pallas_call(
+        conv_kernel,
+        out_shape=jax.ShapeDtypeStruct((n_blocks * block_rows, cout_p), jnp.float32),
+        grid=(n_blocks, cout_p // block_cout),
+        in_specs=[pl.BlockSpec(xe.shape, lambda i, j: (0, 0)),
+                  pl.BlockSpec((9, cin_p, block_cout), lambda i, j: (0, 0, j))],
+        out_specs=pl.BlockSpec((block_rows, block_cout), lambda i, j: (i, j)),
+        interpret=_pallas_interpret(),
+        compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
+        name="conv3x3_implicit_gemm",
+    )(xe, taps)
+    return y[:rows].reshape(h + 2, wp, cout_p)[1:-1, 1:-1, :cout].astype(x.dtype)
+
+
+def _pallas_weight_grad(x: jax.Array, dy: jax.Array, precision, block_rows: int) -> jax.Array:
+    """dL/dkernel (3, 3, Cin, Cout): for each tap, the sum over flat positions of the
+    shifted input window (transposed) times dy; one program per (tap, Cin block, Cout
+    block) loops over the row blocks, so no partial sums leave the kernel."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    h, w, cin = x.shape
+    cout = dy.shape[-1]
+    cin_p, cout_p = _pallas_channels(cin), _pallas_channels(cout)
+    block_cin, block_cout = min(cin_p, PALLAS_BLOCK_CHANNELS), min(cout_p, PALLAS_BLOCK_CHANNELS)
+    wp = w + 2
+    xe = _pallas_flat(x, cin_p, block_rows, halo=True)
+    # dy in the same flat layout, zero on the ring and the tail: those positions are not
+    # outputs of the conv, so they contribute nothing.
+    dyf = _pallas_flat(dy, cout_p, block_rows, halo=False)
+    n_blocks = dyf.shape[0] // block_rows
+
+    def weight_grad_kernel(x_ref, dy_ref, dw_ref):
+        tap = pl.program_id(0)
+        shift = (tap // 3) * wp + tap % 3
+
+        def accumulate(i, acc):
+            start = i * block_rows
+            window = x_ref[pl.ds(start + shift, block_rows), :]
+            return acc + _pallas_dot(window, dy_ref[pl.ds(start, block_rows), :], precision,
+                                     contract_rows=True)
+
+        dw_ref[...] = jax.lax.fori_loop(0, n_blocks, accumulate,
+                                        jnp.zeros((block_cin, block_cout), jnp.float32))
+
+    dw = pl.pallas_call(
+        weight_grad_kernel,
+        out_shape=jax.ShapeDtypeStruct((9, cin_p, cout_p), jnp.float32),
+        grid=(9, cin_p // block_cin, cout_p // block_cout),
+        in_specs=[pl.BlockSpec((xe.shape[0], block_cin), lambda t, i, j: (0, i)),
+                  pl.BlockSpec((dyf.shape[0], block_cout), lambda t, i, j: (0, j))],
+        out_specs=pl.BlockSpec((None, block_cin, block_cout), lambda t, i, j: (t, i, j)),
+        interpret=_pallas_interpret(),
+        compiler_params=plt.CompilerParams(num_warps=4, num_stages=2),
+        name="conv3x3_implicit_gemm_weight_grad",
+    )(xe, dyf)
+    return dw[:, :cin, :cout].reshape(3, 3, cin, cout).astype(dy.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv3x3_pallas(x: jax.Array, kernel: jax.Array, precision=None,
+                   block_rows: int = PALLAS_BLOCK_ROWS) -> jax.Array:
+    """3x3 conv, stride 1, zero padding 1, as a Pallas implicit-GEMM kernel.
+
+    x: (H, W, Cin); kernel: (3, 3, Cin, Cout) HWIO. Compiled by Triton on GPUs; on other
+    backends it runs in Pallas's interpreter (correct, slow: for tests). Under ``vmap``
+    the image index becomes a grid axis, so per-image kernels stay one kernel launch.
+
+    ``pallas_call`` has no reverse-mode autodiff, hence the ``custom_vjp``: the input
+    gradient is the same kernel run on dy with the kernel rotated by 180 degrees and its
+    channels swapped; the weight gradient has its own kernel (``_pallas_weight_grad``).
+    ``block_rows`` (a power of two >= 16) is the tile of flat positions per program.
+    """
+    return _pallas_forward(x, kernel, precision, block_rows)
+
+
+def _conv3x3_pallas_fwd(x, kernel, precision, block_rows):
+    return _pallas_forward(x, kernel, precision, block_rows), (x, kernel)
+
+
+def _conv3x3_pallas_bwd(precision, block_rows, residuals, dy):
+    x, kernel = residuals
+    dx = _pallas_forward(dy, kernel[::-1, ::-1].transpose(0, 1, 3, 2), precision, block_rows)
+    return dx, _pallas_weight_grad(x, dy, precision, block_rows)
+
+
+conv3x3_pallas.defvjp(_conv3x3_pallas_fwd, _conv3x3_pallas_bwd)
+
+
 PADDING_MODES = ("zeros", "reflect", "replicate")
 # Where padding row -1 and row h (of an image with h real rows) read from, as offsets in
 # the padded array: reflect takes rows 1 and h - 2, replicate rows 0 and h - 1 (torch's
@@ -189,7 +346,8 @@ def pad_about_edge(x: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
 
 
 # conv_impl name -> the function a Conv layer is given.
-CONV3X3 = {"lax": conv3x3_lax, "im2col": conv3x3_im2col, "winograd": conv3x3_winograd_layer}
+CONV3X3 = {"lax": conv3x3_lax, "im2col": conv3x3_im2col, "winograd": conv3x3_winograd_layer,
+           "pallas": conv3x3_pallas}
 CONV_IMPLS = tuple(CONV3X3)
 
 
