@@ -73,6 +73,26 @@ def model_flops(h: int, w: int, config) -> float:
     return 2 * first + 3 * (others + classifier)
 
 
+# Dense peak TFLOP/s of a card per product precision (the vendors' data sheets; SXM
+# parts): the denominators of "fraction of the card's peak".
+CARD_PEAK_TFLOPS = {
+    "H200": {"float32": 67.0, "tensorfloat32": 495.0, "bfloat16": 990.0},
+    "H100": {"float32": 67.0, "tensorfloat32": 495.0, "bfloat16": 990.0},
+    "A100": {"float32": 19.5, "tensorfloat32": 156.0, "bfloat16": 312.0},
+}
+
+
+def card_peak_tflops(device_kind: str, precision: str | None, override: float | None = None) -> float | None:
+    """The dense peak of ``device_kind`` (e.g. 'NVIDIA H200') for products in
+    ``precision`` (None: JAX's default, counted as float32); None for unknown cards."""
+    if override:
+        return override
+    for card, peaks in CARD_PEAK_TFLOPS.items():
+        if card in device_kind:
+            return peaks.get(precision or "float32")
+    return None
+
+
 def matmul_roofline(n: int = 2048, repeats: int = 5) -> float:
     """Measured float32 GFLOP/s of an n^3 matmul on the JAX default device."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
@@ -228,6 +248,12 @@ def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_c
         flops, flops_source = model_flops(h, w, cfg), "algorithmic (direct convolution)"
     else:
         flops, flops_source = xla_step_flops(jr.engine, h, w), "XLA cost analysis of the padded step"
+    # Executed FLOPs: what XLA counts in the compiled step (Winograd executes fewer than
+    # the direct convolution). Pallas kernels are custom calls, outside XLA's count.
+    executed = xla_step_flops(jr.engine, h, w) if args.executed_flops else None
+    precision = jr.engine.config.model.matmul_precision
+    peak = card_peak_tflops(str(jax.devices()[0].device_kind), precision, args.peak_tflops)
+    jax_flops_per_s = flops / (jax_ms * 1e-3)
     row = {
         "size": f"{w}x{h}", "height": h, "width": w, "batch": batch, "model": cfg.model.name,
         "flops_per_step": flops, "flops_source": flops_source,
@@ -243,6 +269,10 @@ def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_c
         "jax_gflops": flops / (jax_ms * 1e-3) / 1e9,
         "torch_gflops": flops / (torch_ms * 1e-3) / 1e9 if torch_ms else None,
         "jax_roofline_fraction": flops / (jax_ms * 1e-3) / 1e9 / roofline,
+        "card_peak_tflops": peak,
+        "jax_peak_fraction_direct": jax_flops_per_s / (peak * 1e12) if peak else None,
+        "executed_flops_per_step": executed,
+        "jax_peak_fraction_executed": executed / (jax_ms * 1e-3) / (peak * 1e12) if peak and executed else None,
         "jax_compile_s": jr.compile_seconds, "jax_ms_all": [t * 1e3 for t in jax_t],
         "torch_ms_all": [t * 1e3 for t in torch_t],
     }
@@ -414,6 +444,13 @@ def main(argv=None) -> int:
                     help="resize the full-run images by this factor (CPU-sized runs)")
     ap.add_argument("--full-torch", type=int, default=0, metavar="N",
                     help="run the PyTorch reference on the first N full-run images only (0: all)")
+    ap.add_argument("--executed-flops", action="store_true",
+                    help="also count each case's executed FLOPs (XLA cost analysis of the step: one "
+                         "more compile per case) and report their fraction of the card's peak; not "
+                         "for conv_impl pallas, whose kernels XLA does not count")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the card's dense peak for the products' precision (default: CARD_PEAK_TFLOPS "
+                         "by device name)")
     ap.add_argument("--kstar-run", type=int, default=0, metavar="N",
                     help="also time the silhouette phase against the device on N BSDS500 val images "
                          "(--full-scale, --full-batch; see kstar_run)")

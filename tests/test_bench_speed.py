@@ -43,3 +43,27 @@ def test_full_run_scaled_with_fewer_torch_images(tmp_path, monkeypatch):
     assert len(full["jax_iterations"]) == 2 and max(full["jax_iterations"]) <= 3
     assert len(full["torch_iterations"]) == 1 and max(full["torch_iterations"]) <= 3
     assert full["speedup"] == pytest.approx(full["jax_images_per_s"] / full["torch_images_per_s"])
+
+
+def test_kstar_run_times_the_silhouette_phase_against_the_engine(tmp_path, monkeypatch):
+    from tests.conftest import bsds_val_images
+    monkeypatch.setattr(bench_speed, "BSDS_VAL", bsds_val_images(2)[0].parent)
+    out = tmp_path / "kstar.json"
+    code = bench_speed.main(["--size", "--no-torch", "--set", "model.channels=8", "--set", "model.max_clusters=8",
+                             "--set", "stop.max_iters=3", "--kstar-run", "2", "--full-batch", "2",
+                             "--full-scale", "0.1", "--json", str(out)])
+    assert code == 0
+    run = json.loads(out.read_text())["kstar_run"]
+    assert run["images"] == 2 and run["config"] == "dynaseg_scf_silhouette"
+    assert len(run["kstar"]) == 2 and all(2 <= k <= 12 for k in run["kstar"])  # silhouette.k_range
+    # The pipeline got the same k* as the timed estimates: the same iterations per image.
+    assert run["same_iterations"] and max(run["iterations"]) <= 3
+    assert run["kstar_per_s"] == pytest.approx(2 / run["kstar_seconds"])
+    assert run["wait_for_kstar_while_running_s"] >= 0 and run["wait_for_kstar_while_idle_s"] > 0
+
+
+def test_card_peaks():
+    assert bench_speed.card_peak_tflops("NVIDIA H200", "tensorfloat32") == 495.0
+    assert bench_speed.card_peak_tflops("NVIDIA H100 80GB HBM3", None) == 67.0  # default: float32
+    assert bench_speed.card_peak_tflops("cpu", "float32") is None
+    assert bench_speed.card_peak_tflops("cpu", "float32", override=1.5) == 1.5
