@@ -132,6 +132,21 @@ class JaxRunner:
     def _block(self):
         jax.block_until_ready(self.group.states)
 
+    def step_memory_mb(self) -> dict:
+        """Device memory of one compiled step call (XLA's buffer assignment, compiled again
+        for the analysis): its arguments (the slots' states and images), outputs not
+        aliased to donated arguments, and temporaries, in MiB."""
+        g = self.group
+        if g.vectorized:
+            args = (g.states, g.images, g.masks, self.engine.shared, g.segments)
+        else:
+            args = (g.states[0], g.images[0], g.masks[0], self.engine.shared, g.segments[0])
+        m = g.step.lower(*args).compile().memory_analysis()
+        mb = lambda b: b / 2 ** 20
+        total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+        return {"step_arguments_mb": mb(m.argument_size_in_bytes), "step_temporaries_mb": mb(m.temp_size_in_bytes),
+                "step_total_mb": mb(total)}
+
     def time_iters(self, iters: int) -> float:
         """Seconds per image-iteration, host loop exactly as the engine runs it."""
         n_calls = max(1, iters // self.engine.config.engine.sync_every)
@@ -276,6 +291,8 @@ def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_c
         "jax_compile_s": jr.compile_seconds, "jax_ms_all": [t * 1e3 for t in jax_t],
         "torch_ms_all": [t * 1e3 for t in torch_t],
     }
+    if args.memory:
+        row.update(jr.step_memory_mb())
     del jr
     row.update(peak_memory_mb(args.device))
     return row
@@ -448,6 +465,9 @@ def main(argv=None) -> int:
                     help="also count each case's executed FLOPs (XLA cost analysis of the step: one "
                          "more compile per case) and report their fraction of the card's peak; not "
                          "for conv_impl pallas, whose kernels XLA does not count")
+    ap.add_argument("--memory", action="store_true",
+                    help="also report the device memory of one compiled step (XLA's buffer assignment; "
+                         "one more compile per case): rows at two batch sizes give the memory per slot")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the card's dense peak for the products' precision (default: CARD_PEAK_TFLOPS "
                          "by device name)")

@@ -5,7 +5,7 @@
 #      engine's accelerator default), against the PyTorch reference one image at a time
 #      and the tuned batched PyTorch (torch_batched.py);
 #   3. the Pallas implicit-GEMM conv at batch 32, strict float32 and TF32;
-#   4. TF32 products in both frameworks at batch 32;
+#   4. TF32 products in both frameworks at batch 32, with the memory of a step (per slot);
 #   5. whole runs with early stopping on 32 real BSDS500 val images at half size (images
 #      per second; the PyTorch versions on the first 4);
 #   6. the silhouette phase against the device at batch 32 (k* per second, and how long
@@ -36,13 +36,13 @@ timeout 100 $bench --size 240x160 481x321 --batch 1 32 \
 pallas="python benchmarks/bench_speed.py --device gpu --iters 20 --repeats 3 --warmup 2 --no-hugepages --strategy vmap --conv-impl pallas --no-torch --size 240x160 --batch 32"
 timeout 35 $pallas --json "$OUT/speed_gpu_pallas.json" 2>&1 | log
 timeout 35 $pallas --tf32 --json "$OUT/speed_gpu_pallas_tf32.json" 2>&1 | log
-timeout 55 $bench --tf32 --size 240x160 481x321 --batch 32 \
+timeout 70 $bench --tf32 --memory --size 240x160 481x321 --batch 32 \
   --json "$OUT/speed_gpu_tf32.json" 2>&1 | log
 # Half size (240x160): at full size 1000 steps of 32 slots take about 160 s (4.9 ms per
 # image-iteration measured on an H200), more than this part's share of the run.
 timeout 120 $bench --size 240x160 --batch 32 --iters 1 --repeats 1 --warmup 1 \
   --full-run 32 --full-batch 32 --full-scale 0.5 --full-torch 4 --json "$OUT/full_run_gpu.json" 2>&1 | log
-timeout 110 $bench --no-torch --size \
+timeout 95 $bench --no-torch --size \
   --kstar-run 32 --full-batch 32 --full-scale 0.5 --kstar-processes "$KSTAR_PROCESSES" \
   --json "$OUT/kstar_run_gpu.json" 2>&1 | log
 if [ "$EXTRA" = 1 ]; then

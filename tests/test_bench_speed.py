@@ -67,3 +67,18 @@ def test_card_peaks():
     assert bench_speed.card_peak_tflops("NVIDIA H100 80GB HBM3", None) == 67.0  # default: float32
     assert bench_speed.card_peak_tflops("cpu", "float32") is None
     assert bench_speed.card_peak_tflops("cpu", "float32", override=1.5) == 1.5
+
+
+def test_step_memory_counts_the_slots_arguments():
+    import jax
+
+    config = bench_speed.load_config("dynaseg_scf", ["model.channels=8", "model.max_clusters=8",
+                                                     "engine.bucket_multiple=1", "engine.strategy=vmap"])
+    runner = bench_speed.JaxRunner(config, 16, 24, 2)
+    mem = runner.step_memory_mb()
+    g = runner.group
+    # The arguments are exactly these arrays (XLA's sizes are their byte counts).
+    leaves = jax.tree_util.tree_leaves((g.states, g.images, g.masks, runner.engine.shared, g.segments))
+    assert mem["step_arguments_mb"] * 2 ** 20 == sum(x.nbytes for x in leaves)
+    # The donated states come back in place: the total is at least the temporaries.
+    assert 0 < mem["step_temporaries_mb"] <= mem["step_total_mb"]
