@@ -91,6 +91,11 @@ class ModelConfig:
                                               "'float32' (exact, as the PyTorch reference's matmuls), "
                                               "'tensorfloat32' or 'bfloat16' (faster on GPU/TPU; no effect "
                                               "on CPU).", ("float32", "tensorfloat32", "bfloat16"))
+    emulate_precision: bool = _field(False, "'cnn' only: round both operands of every product with "
+                                            "learned weights (forward and backward) to "
+                                            "model.matmul_precision's format and multiply in float32, "
+                                            "on any backend: the effect of TF32 or bfloat16 products, "
+                                            "studied on a CPU (models/conv3x3.py, emulated_products).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -612,7 +617,7 @@ LAYOUT_FIELDS = ("engine.strategy", "engine.batch", "engine.devices", "engine.sy
 # Fields added after DIGEST_SCHEMA 2, with the value that reproduces the labels from
 # before they existed: hashed only when set to something else, so that output folders
 # written before a field existed still resume.
-HASHED_WHEN_SET = {"postprocess.superpixel_vote": False}
+HASHED_WHEN_SET = {"postprocess.superpixel_vote": False, "model.emulate_precision": False}
 # Bumped whenever the meaning of a field or the algorithm changes the labels of an
 # unchanged config, or the digest's form changes, so that old output folders are not
 # resumed into. 2: fields named by dotted paths.

@@ -177,3 +177,60 @@ def test_position_channels_follow_the_real_image():
     pos = np.asarray(position_channels(jnp.asarray(mask), 2.0))
     np.testing.assert_allclose(pos[:5, 0, 0], np.linspace(0, 2, 5), rtol=1e-6)
     np.testing.assert_allclose(pos[0, :7, 1], np.linspace(0, 2, 7), rtol=1e-6)
+
+
+def test_round_to_precision_by_hand():
+    from dynaseg_jax.models.conv3x3 import round_to_precision
+    e = 2.0 ** -23  # float32's last bit at 1
+    x = np.array([1 + 2 ** -11, 1 + 2 ** -11 - e, -(1 + 2 ** -11), 2 - e, 1 + 3 * 2 ** -11,
+                  np.inf, -np.inf, 3.0], np.float32)
+    # TF32 keeps 10 bits (unit 2^-10 at 1); a tie (half a unit) rounds away from zero, and
+    # 2 - e rounds up into the next binade.
+    want_tf32 = np.array([1 + 2 ** -10, 1, -(1 + 2 ** -10), 2, 1 + 2 * 2 ** -10, np.inf, -np.inf, 3.0], np.float32)
+    np.testing.assert_array_equal(np.asarray(round_to_precision(jnp.asarray(x), "tensorfloat32")), want_tf32)
+    assert np.isnan(round_to_precision(jnp.asarray([np.nan], jnp.float32), "tensorfloat32")[0])
+    # bfloat16 keeps 7 bits (unit 2^-7); ties go to the even neighbour.
+    y = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -8 + e], np.float32)
+    want_bf16 = np.array([1, 1 + 2 ** -6, 1 + 2 ** -7], np.float32)
+    np.testing.assert_array_equal(np.asarray(round_to_precision(jnp.asarray(y), "bfloat16")), want_bf16)
+    np.testing.assert_array_equal(np.asarray(round_to_precision(jnp.asarray(x), "float32")), x)
+
+
+@pytest.mark.parametrize("precision", ["tensorfloat32", "bfloat16"])
+def test_emulated_products_round_every_operand(precision):
+    # Forward and both gradients equal float64 sums of the rounded operands (dy rounded
+    # too), within float32's summation bound, and measurably differ from float32 products.
+    from dynaseg_jax.models.conv3x3 import emulated_products, round_to_precision
+    from tests.test_conv3x3_pallas import conv_float64, random_case, sum_bound, vjp_float64
+    rng = np.random.default_rng(7)
+    x, k = random_case(rng, 9, 8, 12, 6)
+    g = rng.normal(size=(9, 8, 6)).astype(np.float32)
+    conv = emulated_products(conv3x3_im2col, precision)
+    y, vjp = jax.vjp(lambda x, k: conv(x, k), jnp.asarray(x), jnp.asarray(k))
+    dx, dk = vjp(jnp.asarray(g))
+    r = lambda a: np.asarray(round_to_precision(jnp.asarray(a), precision), np.float64)
+    want, squares = conv_float64(r(x), r(k))
+    assert np.linalg.norm(np.asarray(y) - want) <= sum_bound(9 * 12, want, squares)
+    dx_want, dx_sq, dk_want, dk_sq = vjp_float64(r(x), r(k), r(g))
+    assert np.linalg.norm(np.asarray(dx) - dx_want) <= sum_bound(9 * 6, dx_want, dx_sq)
+    assert np.linalg.norm(np.asarray(dk) - dk_want) <= sum_bound(9 * 8, dk_want, dk_sq)
+    exact, exact_sq = conv_float64(x.astype(np.float64), k.astype(np.float64))
+    assert np.linalg.norm(np.asarray(y) - exact) > 10 * sum_bound(9 * 12, exact, exact_sq)
+
+
+def test_emulated_precision_reaches_the_network():
+    # The config switch reaches every conv of the CNN: emulated bfloat16 products change r'
+    # (by about bfloat16's relative unit, 2^-8, far above float32 rounding); emulating
+    # float32 changes nothing.
+    from dynaseg_jax.config import Config
+    from dynaseg_jax.models import build_model
+    base = Config().replace({"model.channels": 8, "model.max_clusters": 6, "model.conv_impl": "im2col"})
+    img, mask = jnp.asarray(smooth_image(10, 12, 1)), jnp.ones((10, 12))
+    plain = build_model(base)
+    params = plain.init(jax.random.PRNGKey(0), img, mask)
+    out = lambda changes: np.asarray(build_model(base.replace(changes)).apply(params, img, mask))
+    want = np.asarray(plain.apply(params, img, mask))
+    np.testing.assert_array_equal(out({"model.emulate_precision": True}), want)
+    rel = np.linalg.norm(out({"model.emulate_precision": True, "model.matmul_precision": "bfloat16"}) - want) \
+        / np.linalg.norm(want)
+    assert 2 ** -12 < rel < 2 ** -3

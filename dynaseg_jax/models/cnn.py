@@ -76,7 +76,8 @@ class DynaSegCNN(nn.Module):
 def build(config) -> DynaSegCNN:
     """The CNN a config describes (``conv_impl="auto"`` resolved for the default backend)."""
     impl = default_conv_impl() if config.model.conv_impl == "auto" else config.model.conv_impl
-    conv = functools.partial(Conv, conv3x3=CONV3X3[impl], precision=config.model.matmul_precision)
+    conv = functools.partial(Conv, conv3x3=CONV3X3[impl], precision=config.model.matmul_precision,
+                             emulate_precision=config.model.emulate_precision)
     return DynaSegCNN(channels=config.model.channels, max_clusters=config.model.max_clusters,
                       n_conv=config.model.n_conv, conv=conv, padding=config.model.padding,
                       input_space=config.model.input_space, position=config.model.position,

@@ -149,6 +149,55 @@ def conv3x3_winograd_layer(x: jax.Array, kernel: jax.Array, precision=None) -> j
     return conv3x3_winograd(x, kernel, precision)
 
 
+# --- Reduced-precision products, emulated -------------------------------------------------
+def round_to_precision(x: jax.Array, precision: str | None) -> jax.Array:
+    """x (float32) rounded to the format a ``precision``'s products read their operands in.
+
+    'tensorfloat32': 10 mantissa bits, rounded to nearest with ties away from zero (the
+    PTX conversion ``cvt.rna.tf32.f32``); 'bfloat16': 7 bits, to nearest even; anything
+    else: unchanged. Infinities and NaNs pass unchanged.
+    """
+    if precision == "bfloat16":
+        return x.astype(jnp.bfloat16).astype(x.dtype)
+    if precision == "tensorfloat32":
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        # Add half a unit of the last kept bit (bit 13), then drop the 13 low bits: a carry
+        # into the exponent is the correct rounding up to the next binade.
+        kept = (bits + np.uint32(1 << 12)) & np.uint32(0xFFFFE000)
+        return jnp.where(jnp.isfinite(x), jax.lax.bitcast_convert_type(kept, x.dtype), x)
+    return x
+
+
+def emulated_products(product, precision: str | None):
+    """``product(x, kernel, precision)`` with both operands of every multiplication, in
+    the forward pass and in both gradients, rounded to ``precision``'s format and the
+    products summed in float32: the effect of TF32 or bfloat16 products (their rounding of
+    x, of the kernel and of the incoming gradient) on any backend.
+
+    Exact emulation of the operand rounding: a product of two TF32 (11-bit) or bfloat16
+    (8-bit) significands fits float32's 24 bits. The sums keep float32 order and
+    rounding, which tensor cores approximate (their internal accumulation differs in the
+    last bits). ``product`` must be linear in each operand (a conv, a matmul).
+    """
+    exact = functools.partial(product, precision="float32")
+    rnd = functools.partial(round_to_precision, precision=precision)
+
+    @jax.custom_vjp
+    def emulated(x, kernel):
+        return exact(rnd(x), rnd(kernel))
+
+    def fwd(x, kernel):
+        rx, rk = rnd(x), rnd(kernel)
+        return exact(rx, rk), (rx, rk)
+
+    def bwd(residuals, dy):
+        # Both gradients are products of dy with one rounded operand: dy is rounded too.
+        return jax.vjp(exact, *residuals)[1](rnd(dy))
+
+    emulated.defvjp(fwd, bwd)
+    return lambda x, kernel, precision=None: emulated(x, kernel)
+
+
 # --- Pallas implicit GEMM --------------------------------------------------------------
 # The image, zero-padded by one pixel, is flattened row-major to ((H + 2) (W + 2), C). In
 # that layout the 3x3 neighbourhood of flat position p is p + (a - 1)(W + 2) + (b - 1) for

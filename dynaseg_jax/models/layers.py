@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .conv3x3 import conv3x3_lax
+from .conv3x3 import conv3x3_lax, emulated_products
 
 BN_EPS = 1e-5  # torch.nn.BatchNorm2d default
 
@@ -87,12 +87,15 @@ class Conv(nn.Module):
         the same for each.
       precision: precision of the products with the learned kernel
         (``conv3x3.MATMUL_PRECISIONS``; None: JAX's default).
+      emulate_precision: multiply in float32 with the operands rounded to ``precision``'s
+        format instead (``conv3x3.emulated_products``): its effect, on any backend.
     """
 
     features: int
     kernel_size: int = 3
     conv3x3: Callable = conv3x3_lax
     precision: str | None = None
+    emulate_precision: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -101,12 +104,14 @@ class Conv(nn.Module):
         kernel = self.param("kernel", init, (k, k, cin, self.features))
         bias = self.param("bias", init, (self.features,))
         if k == 1:
-            y = jnp.dot(x, kernel[0, 0], precision=self.precision)
+            product = lambda x, kernel, precision: jnp.dot(x, kernel[0, 0], precision=precision)
         elif k == 3:
-            y = self.conv3x3(x, kernel, self.precision)
+            product = self.conv3x3
         else:
             raise ValueError(f"Conv: kernel_size {k} is not supported (1 or 3)")
-        return y + bias
+        if self.emulate_precision:
+            product = emulated_products(product, self.precision)
+        return product(x, kernel, self.precision) + bias
 
 
 def trunk_norm_layer(trunk_norm: str, eps: float = BN_EPS) -> Callable:
