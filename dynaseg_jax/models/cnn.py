@@ -4,6 +4,7 @@ input size works and a transposed image is as good an input as any."""
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable
 
 import flax.linen as nn
@@ -76,6 +77,9 @@ class DynaSegCNN(nn.Module):
 def build(config) -> DynaSegCNN:
     """The CNN a config describes (``conv_impl="auto"`` resolved for the default backend)."""
     impl = default_conv_impl() if config.model.conv_impl == "auto" else config.model.conv_impl
+    if impl == "pallas" and jax.default_backend() != "gpu":
+        warnings.warn(f"model.conv_impl = 'pallas' on {jax.default_backend()}: its kernels run in "
+                      "Pallas's interpreter there, exact but far slower than 'winograd'", stacklevel=2)
     conv = functools.partial(Conv, conv3x3=CONV3X3[impl], precision=config.model.matmul_precision,
                              emulate_precision=config.model.emulate_precision)
     return DynaSegCNN(channels=config.model.channels, max_clusters=config.model.max_clusters,
