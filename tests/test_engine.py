@@ -180,3 +180,16 @@ def test_per_slot_settings_share_one_compile(tiny_config):
     # A field that shapes the program cannot differ within a run.
     with _pytest.raises(ConfigError, match=r"model.channels = 8: differs from the run's 16, and it shapes"):
         list(engine.run([WorkItem(0, IMAGES[0], 3, setting=base.replace({"model.channels": 8}))]))
+
+
+def test_segment_on_a_given_engine(tiny_config):
+    from dynaseg_jax import runner
+    engine = Engine(tiny_config.replace({"engine.batch": 2}))
+    with pytest.raises(ValueError, match="not both"):
+        runner.segment(IMAGES[:1], tiny_config, engine=engine)
+    results = runner.segment(IMAGES[:3], engine=engine)
+    # The same labels as through a new engine of the same config (the images' own networks).
+    fresh = runner.segment(IMAGES[:3], tiny_config.replace({"engine.batch": 2}))
+    for a, b in zip(results, fresh):
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+    assert engine.input_wait["idle"] > 0  # the first image's k_min was waited for with no slot running
