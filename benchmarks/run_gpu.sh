@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU measurements of the README in one time-capped run (at most about 8.5 minutes):
+# The GPU measurements of the README in one time-capped run (at most about 8.7 minutes):
 #   1. the Pallas conv's tests with its Triton-compiled kernels (tests/test_conv3x3_pallas.py);
 #   2. speed in strict float32 (240x160 and 481x321, batch 1 and 32), vmap + winograd (the
 #      engine's accelerator default), against the PyTorch reference one image at a time
 #      and the tuned batched PyTorch (torch_batched.py);
-#   3. the Pallas implicit-GEMM conv at batch 32, strict float32 and TF32;
+#   3. the 3x3 conv alone in every formulation and Pallas tile size (bench_conv.py), strict
+#      float32 and TF32, and the whole step with the Pallas conv at batch 32;
 #   4. TF32 products in both frameworks at batch 32, with the memory of a step (per slot);
 #   5. whole runs with early stopping on 32 real BSDS500 val images at half size (images
 #      per second; the PyTorch versions on the first 4);
@@ -29,13 +30,17 @@ log() { tee -a "$OUT/log.txt"; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   nproc
   python -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__, 'cuda', torch.version.cuda)"; } 2>&1 | tee "$OUT/log.txt"
-timeout 45 python -m pytest -q -p no:cacheprovider tests/test_conv3x3_pallas.py 2>&1 | tail -15 | log
+timeout 40 python -m pytest -q -p no:cacheprovider tests/test_conv3x3_pallas.py 2>&1 | tail -15 | log
 bench="python benchmarks/bench_speed.py --device gpu --iters 20 --repeats 3 --warmup 2 --no-hugepages --strategy vmap --conv-impl winograd"
 timeout 100 $bench --size 240x160 481x321 --batch 1 32 \
   --json "$OUT/speed_gpu.json" --plot "$OUT/speed_gpu.png" 2>&1 | log
-pallas="python benchmarks/bench_speed.py --device gpu --iters 20 --repeats 3 --warmup 2 --no-hugepages --strategy vmap --conv-impl pallas --no-torch --size 240x160 --batch 32"
-timeout 35 $pallas --json "$OUT/speed_gpu_pallas.json" 2>&1 | log
-timeout 35 $pallas --tf32 --json "$OUT/speed_gpu_pallas_tf32.json" 2>&1 | log
+# The conv alone (forward + both gradients, batch 32, per-image kernels): every formulation
+# and Pallas tile size, strict float32 and TF32, each checked against lax.conv.
+timeout 60 python benchmarks/bench_conv.py --size 240x160 --batch 32 --repeats 10 \
+  --impl lax winograd pallas/64x64 pallas/128x64 pallas/128x128 pallas/256x64 \
+  --precision float32 tensorfloat32 --json "$OUT/conv_gpu.json" 2>&1 | log
+timeout 35 python benchmarks/bench_speed.py --device gpu --iters 20 --repeats 3 --warmup 2 --no-hugepages \
+  --strategy vmap --conv-impl pallas --no-torch --size 240x160 --batch 32 --json "$OUT/speed_gpu_pallas.json" 2>&1 | log
 timeout 70 $bench --tf32 --memory --size 240x160 481x321 --batch 32 \
   --json "$OUT/speed_gpu_tf32.json" 2>&1 | log
 # Half size (240x160): at full size 1000 steps of 32 slots take about 160 s (4.9 ms per

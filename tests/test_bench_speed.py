@@ -82,3 +82,19 @@ def test_step_memory_counts_the_slots_arguments():
     assert mem["step_arguments_mb"] * 2 ** 20 == sum(x.nbytes for x in leaves)
     # The donated states come back in place: the total is at least the temporaries.
     assert 0 < mem["step_temporaries_mb"] <= mem["step_total_mb"]
+
+
+def test_bench_conv_rows_and_failures(tmp_path):
+    import bench_conv
+    out = tmp_path / "conv.json"
+    assert bench_conv.main(["--size", "12x8", "--batch", "2", "--channels", "16", "--repeats", "2",
+                            "--impl", "lax", "winograd", "pallas/16x16", "pallas/48x16", "--json", str(out)]) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert "power of two" in rows["pallas/48x16"]["error"]  # a rejected tile is a row, not a crash
+    assert rows["lax"]["max_relative_difference_vs_lax_float32"] == 0.0
+    # Direct evaluation: float32 sums of <= 9 * 16 (dx) or 96 (dk) terms on both sides,
+    # each within 4 U32 sqrt(144) ~ 3e-6 relative of the exact value: within 1e-5 of each
+    # other. Winograd's transforms enlarge that bound ~95x (test_torch_parity's kappa): 3e-4.
+    assert rows["pallas/16x16"]["max_relative_difference_vs_lax_float32"] < 1e-5
+    assert rows["winograd"]["max_relative_difference_vs_lax_float32"] < 3e-4
+    assert rows["lax"]["tflops_direct"] == pytest.approx(3 * 2 * 12 * 8 * 9 * 16 * 16 / (rows["lax"]["ms_per_image"] * 1e9))

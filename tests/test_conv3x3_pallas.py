@@ -59,15 +59,16 @@ def random_case(rng, h, w, cin, cout):
 
 
 # Shapes: one row block and several (block_rows 16 < (H+2)(W+2)); channel counts below,
-# at and above the padding to a power of two, and above one channel block (64).
-CASES = [((7, 9), 5, 4, 16), ((5, 13), 3, 20, 128), ((1, 2), 2, 3, 16), ((12, 10), 20, 70, 32),
-         ((6, 6), 16, 16, 16)]
+# at and above the padding to a power of two, and above one channel block (64, or 16).
+CASES = [((7, 9), 5, 4, 16, 64), ((5, 13), 3, 20, 128, 64), ((1, 2), 2, 3, 16, 64),
+         ((12, 10), 20, 70, 32, 64), ((8, 5), 20, 33, 16, 16), ((6, 6), 16, 16, 16, 64)]
 
 
-@pytest.mark.parametrize("shape, cin, cout, block_rows", CASES)
-def test_forward_matches_float64(shape, cin, cout, block_rows):
+@pytest.mark.parametrize("shape, cin, cout, block_rows, block_channels", CASES)
+def test_forward_matches_float64(shape, cin, cout, block_rows, block_channels):
     x, k = random_case(np.random.default_rng(0), *shape, cin, cout)
-    got = np.asarray(jax.jit(conv3x3_pallas, static_argnums=(2, 3))(x, k, "float32", block_rows))
+    conv = jax.jit(conv3x3_pallas, static_argnums=(2, 3, 4))
+    got = np.asarray(conv(x, k, "float32", block_rows, block_channels))
     want, squares = conv_float64(x.astype(np.float64), k.astype(np.float64))
     assert got.shape == want.shape
     # Each output is a float32 sum of 9 * cin products (rounding each product adds one
@@ -75,8 +76,8 @@ def test_forward_matches_float64(shape, cin, cout, block_rows):
     assert np.linalg.norm(got - want) <= sum_bound(9 * cin, want, squares)
 
 
-@pytest.mark.parametrize("shape, cin, cout, block_rows", CASES[:4])
-def test_vjp_under_vmap_matches_float64(shape, cin, cout, block_rows):
+@pytest.mark.parametrize("shape, cin, cout, block_rows, block_channels", CASES[:5])
+def test_vjp_under_vmap_matches_float64(shape, cin, cout, block_rows, block_channels):
     # The engine batches the custom VJP over per-image inputs and kernels: the image index
     # becomes a grid axis of each kernel. Each image is checked against its own float64 VJP.
     rng = np.random.default_rng(1)
@@ -85,7 +86,7 @@ def test_vjp_under_vmap_matches_float64(shape, cin, cout, block_rows):
     gs = rng.normal(size=xs.shape[:3] + (cout,)).astype(np.float32)
 
     def vjp(x, k, g):
-        return jax.vjp(lambda x, k: conv3x3_pallas(x, k, "float32", block_rows), x, k)[1](g)
+        return jax.vjp(lambda x, k: conv3x3_pallas(x, k, "float32", block_rows, block_channels), x, k)[1](g)
 
     dxs, dks = jax.jit(jax.vmap(vjp))(xs, ks, gs)
     h, w = shape
@@ -93,6 +94,12 @@ def test_vjp_under_vmap_matches_float64(shape, cin, cout, block_rows):
         dx, dx_sq, dk, dk_sq = vjp_float64(*(a[i].astype(np.float64) for a in (xs, ks, gs)))
         assert np.linalg.norm(np.asarray(dxs[i]) - dx) <= sum_bound(9 * cout, dx, dx_sq)
         assert np.linalg.norm(np.asarray(dks[i]) - dk) <= sum_bound(h * w, dk, dk_sq)
+
+
+def test_tiles_must_be_powers_of_two():
+    x, k = random_case(np.random.default_rng(4), 4, 4, 3, 3)
+    with pytest.raises(ValueError, match="block_channels must be a power of two"):
+        conv3x3_pallas(x, k, "float32", 16, 48)
 
 
 def test_grad_of_a_loss_matches_lax():

@@ -242,16 +242,18 @@ def _pallas_dot(a: jax.Array, b: jax.Array, precision, contract_rows: bool = Fal
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _pallas_forward(x: jax.Array, kernel: jax.Array, precision, block_rows: int) -> jax.Array:
+def _pallas_forward(x: jax.Array, kernel: jax.Array, precision, block_rows: int,
+                    block_channels: int) -> jax.Array:
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
 
-    if block_rows < 16 or block_rows & (block_rows - 1):
-        raise ValueError(f"conv3x3_pallas: block_rows must be a power of two >= 16, not {block_rows}")
+    for name, size in (("block_rows", block_rows), ("block_channels", block_channels)):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"conv3x3_pallas: {name} must be a power of two >= 16, not {size}")
     h, w, cin = x.shape
     cout = kernel.shape[-1]
     cin_p, cout_p = _pallas_channels(cin), _pallas_channels(cout)
-    block_cout = min(cout_p, PALLAS_BLOCK_CHANNELS)
+    block_cout = min(cout_p, block_channels)
     wp, rows = w + 2, (h + 2) * (w + 2)
     n_blocks = -(-rows // block_rows)
     xe = _pallas_flat(x, cin_p, block_rows, halo=True)
@@ -280,7 +282,8 @@ def _pallas_forward(x: jax.Array, kernel: jax.Array, precision, block_rows: int)
     return y[:rows].reshape(h + 2, wp, cout_p)[1:-1, 1:-1, :cout].astype(x.dtype)
 
 
-def _pallas_weight_grad(x: jax.Array, dy: jax.Array, precision, block_rows: int) -> jax.Array:
+def _pallas_weight_grad(x: jax.Array, dy: jax.Array, precision, block_rows: int,
+                        block_channels: int) -> jax.Array:
     """dL/dkernel (3, 3, Cin, Cout): for each tap, the sum over flat positions of the
     shifted input window (transposed) times dy; one program per (tap, Cin block, Cout
     block) loops over the row blocks, so no partial sums leave the kernel."""
@@ -290,7 +293,7 @@ def _pallas_weight_grad(x: jax.Array, dy: jax.Array, precision, block_rows: int)
     h, w, cin = x.shape
     cout = dy.shape[-1]
     cin_p, cout_p = _pallas_channels(cin), _pallas_channels(cout)
-    block_cin, block_cout = min(cin_p, PALLAS_BLOCK_CHANNELS), min(cout_p, PALLAS_BLOCK_CHANNELS)
+    block_cin, block_cout = min(cin_p, block_channels), min(cout_p, block_channels)
     wp = w + 2
     xe = _pallas_flat(x, cin_p, block_rows, halo=True)
     # dy in the same flat layout, zero on the ring and the tail: those positions are not
@@ -325,9 +328,9 @@ def _pallas_weight_grad(x: jax.Array, dy: jax.Array, precision, block_rows: int)
     return dw[:, :cin, :cout].reshape(3, 3, cin, cout).astype(dy.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv3x3_pallas(x: jax.Array, kernel: jax.Array, precision=None,
-                   block_rows: int = PALLAS_BLOCK_ROWS) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv3x3_pallas(x: jax.Array, kernel: jax.Array, precision=None, block_rows: int = PALLAS_BLOCK_ROWS,
+                   block_channels: int = PALLAS_BLOCK_CHANNELS) -> jax.Array:
     """3x3 conv, stride 1, zero padding 1, as a Pallas implicit-GEMM kernel.
 
     x: (H, W, Cin); kernel: (3, 3, Cin, Cout) HWIO. Compiled by Triton on GPUs; on other
@@ -337,19 +340,22 @@ def conv3x3_pallas(x: jax.Array, kernel: jax.Array, precision=None,
     ``pallas_call`` has no reverse-mode autodiff, hence the ``custom_vjp``: the input
     gradient is the same kernel run on dy with the kernel rotated by 180 degrees and its
     channels swapped; the weight gradient has its own kernel (``_pallas_weight_grad``).
-    ``block_rows`` (a power of two >= 16) is the tile of flat positions per program.
+    The tiles (powers of two >= 16): ``block_rows`` flat positions per program of the
+    forward kernel, ``block_channels`` output channels per program (and input channels
+    per program of the weight gradient).
     """
-    return _pallas_forward(x, kernel, precision, block_rows)
+    return _pallas_forward(x, kernel, precision, block_rows, block_channels)
 
 
-def _conv3x3_pallas_fwd(x, kernel, precision, block_rows):
-    return _pallas_forward(x, kernel, precision, block_rows), (x, kernel)
+def _conv3x3_pallas_fwd(x, kernel, precision, block_rows, block_channels):
+    return _pallas_forward(x, kernel, precision, block_rows, block_channels), (x, kernel)
 
 
-def _conv3x3_pallas_bwd(precision, block_rows, residuals, dy):
+def _conv3x3_pallas_bwd(precision, block_rows, block_channels, residuals, dy):
     x, kernel = residuals
-    dx = _pallas_forward(dy, kernel[::-1, ::-1].transpose(0, 1, 3, 2), precision, block_rows)
-    return dx, _pallas_weight_grad(x, dy, precision, block_rows)
+    flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)
+    dx = _pallas_forward(dy, flipped, precision, block_rows, block_channels)
+    return dx, _pallas_weight_grad(x, dy, precision, block_rows, block_channels)
 
 
 conv3x3_pallas.defvjp(_conv3x3_pallas_fwd, _conv3x3_pallas_bwd)
