@@ -11,7 +11,8 @@
 #      per second; the PyTorch versions on the first 4);
 #   6. the silhouette phase against the device at batch 32 (k* per second, and how long
 #      the engine waited for k* while slots were running).
-# EXTRA=1 adds the tuned PyTorch captured by torch.compile and bfloat16 products; REPRO=1
+# EXTRA=1 adds the tuned PyTorch captured by torch.compile and bfloat16 products (also with
+# channels padded to multiples of 8); REPRO=1
 # the DynaSeg-SCF predictions of the BSDS500 val reproduction (repro.tgz; the CPU
 # baselines and the scoring run anywhere afterwards, reproduce_bsds500.py reuses them).
 #   OUT=runs/gpu DATA=../shared/data/bsds500 benchmarks/run_gpu.sh
@@ -57,6 +58,9 @@ if [ "$EXTRA" = 1 ]; then
   # bfloat16 products in JAX against the reference in strict float32 (labels may differ more).
   timeout 60 $bench --set model.matmul_precision=bfloat16 --size 240x160 481x321 --batch 32 \
     --json "$OUT/speed_gpu_bf16.json" 2>&1 | log
+  # ... and with the channels padded to tensor-core multiples (100 -> 104) inside each conv.
+  timeout 40 $bench --no-torch --set model.matmul_precision=bfloat16 --set model.channel_multiple=8 \
+    --size 240x160 --batch 32 --json "$OUT/speed_gpu_bf16_channels8.json" 2>&1 | log
 fi
 if [ "$REPRO" = 1 ]; then
   repro=/tmp/repro   # outside OUT: only the tarball comes back from the device

@@ -96,6 +96,10 @@ class ModelConfig:
                                             "model.matmul_precision's format and multiply in float32, "
                                             "on any backend: the effect of TF32 or bfloat16 products, "
                                             "studied on a CPU (models/conv3x3.py, emulated_products).")
+    channel_multiple: int = _field(1, "'cnn' only: inside each conv, pad the channels with zeros to a "
+                                      "multiple of this (8: what GPU tensor cores want for bfloat16) "
+                                      "and crop the output; the same function and parameters, other "
+                                      "matmul shapes.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -433,7 +437,8 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"engine.kstar_processes = {config.engine.kstar_processes}: must be >= 0 (0 = none)")
     if config.stop.plateau < 0:
         raise ConfigError(f"stop.plateau = {config.stop.plateau}: must be >= 0 (0 = off)")
-    for path in ("superpixels.max_segments", "superpixels.n_segments", "superpixels.min_size"):
+    for path in ("superpixels.max_segments", "superpixels.n_segments", "superpixels.min_size",
+                 "model.channel_multiple"):
         if int(config.get(path)) < 1:
             raise ConfigError(f"{path} = {config.get(path)}: must be >= 1")
     for path in ("superpixels.scale", "superpixels.compactness"):
@@ -617,7 +622,8 @@ LAYOUT_FIELDS = ("engine.strategy", "engine.batch", "engine.devices", "engine.sy
 # Fields added after DIGEST_SCHEMA 2, with the value that reproduces the labels from
 # before they existed: hashed only when set to something else, so that output folders
 # written before a field existed still resume.
-HASHED_WHEN_SET = {"postprocess.superpixel_vote": False, "model.emulate_precision": False}
+HASHED_WHEN_SET = {"postprocess.superpixel_vote": False, "model.emulate_precision": False,
+                   "model.channel_multiple": 1}
 # Bumped whenever the meaning of a field or the algorithm changes the labels of an
 # unchanged config, or the digest's form changes, so that old output folders are not
 # resumed into. 2: fields named by dotted paths.

@@ -234,3 +234,34 @@ def test_emulated_precision_reaches_the_network():
     rel = np.linalg.norm(out({"model.emulate_precision": True, "model.matmul_precision": "bfloat16"}) - want) \
         / np.linalg.norm(want)
     assert 2 ** -12 < rel < 2 ** -3
+
+
+def test_padded_channels_compute_the_same_function():
+    # Zero channels add exact zeros, so the padded product differs from the plain one only
+    # by the order of float32 sums: within the sum bound of 9 * Cin terms. Its gradient is
+    # the plain one's, and the parameters keep their shapes.
+    from dynaseg_jax.models.layers import padded_channels
+    from tests.test_conv3x3_pallas import conv_float64, random_case, sum_bound
+    x, k = random_case(np.random.default_rng(8), 7, 9, 13, 11)
+    padded = padded_channels(conv3x3_im2col, 8)
+    y = np.asarray(padded(jnp.asarray(x), jnp.asarray(k), "float32"))
+    want, squares = conv_float64(x.astype(np.float64), k.astype(np.float64))
+    assert y.shape == want.shape and np.linalg.norm(y - want) <= sum_bound(9 * 13, want, squares)
+    loss = lambda f: jax.grad(lambda k: jnp.sum(jnp.sin(f(jnp.asarray(x), k, "float32"))))(jnp.asarray(k))
+    assert loss(padded).shape == k.shape
+    # Both gradients are float32 sums over the 63 pixels of x cos(y), y within ~3e-6
+    # relative of each other (above): 1e-4 leaves 30x for the sums' own rounding.
+    np.testing.assert_allclose(loss(padded), loss(conv3x3_im2col), rtol=1e-4, atol=1e-5)
+    # In the network, through the config: the same response.
+    from dynaseg_jax.config import Config, ConfigError
+    from dynaseg_jax.models import build_model
+    base = Config().replace({"model.channels": 10, "model.max_clusters": 6, "model.conv_impl": "winograd"})
+    img, mask = jnp.asarray(smooth_image(9, 12, 2)), jnp.ones((9, 12))
+    params = build_model(base).init(jax.random.PRNGKey(0), img, mask)
+    plain = np.asarray(build_model(base).apply(params, img, mask))
+    eight = np.asarray(build_model(base.replace({"model.channel_multiple": 8})).apply(params, img, mask))
+    # r' is BatchNorm-ed (unit variance): three layers of ~3e-6 relative differences, each
+    # divided by a standard deviation of order 1, stay far below 1e-4.
+    np.testing.assert_allclose(eight, plain, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="channel_multiple"):
+        base.replace({"model.channel_multiple": 0})

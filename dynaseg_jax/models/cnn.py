@@ -81,7 +81,8 @@ def build(config) -> DynaSegCNN:
         warnings.warn(f"model.conv_impl = 'pallas' on {jax.default_backend()}: its kernels run in "
                       "Pallas's interpreter there, exact but far slower than 'winograd'", stacklevel=2)
     conv = functools.partial(Conv, conv3x3=CONV3X3[impl], precision=config.model.matmul_precision,
-                             emulate_precision=config.model.emulate_precision)
+                             emulate_precision=config.model.emulate_precision,
+                             channel_multiple=config.model.channel_multiple)
     return DynaSegCNN(channels=config.model.channels, max_clusters=config.model.max_clusters,
                       n_conv=config.model.n_conv, conv=conv, padding=config.model.padding,
                       input_space=config.model.input_space, position=config.model.position,

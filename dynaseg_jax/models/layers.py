@@ -89,6 +89,9 @@ class Conv(nn.Module):
         (``conv3x3.MATMUL_PRECISIONS``; None: JAX's default).
       emulate_precision: multiply in float32 with the operands rounded to ``precision``'s
         format instead (``conv3x3.emulated_products``): its effect, on any backend.
+      channel_multiple: inside the product, input and output channels are zero-padded to
+        a multiple of this (tensor cores want multiples of 8) and the output cropped: the
+        same function (the zero channels add exact zeros), the same parameters.
     """
 
     features: int
@@ -96,6 +99,7 @@ class Conv(nn.Module):
     conv3x3: Callable = conv3x3_lax
     precision: str | None = None
     emulate_precision: bool = False
+    channel_multiple: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -111,7 +115,23 @@ class Conv(nn.Module):
             raise ValueError(f"Conv: kernel_size {k} is not supported (1 or 3)")
         if self.emulate_precision:
             product = emulated_products(product, self.precision)
+        if self.channel_multiple > 1:
+            product = padded_channels(product, self.channel_multiple)
         return product(x, kernel, self.precision) + bias
+
+
+def padded_channels(product: Callable, multiple: int) -> Callable:
+    """``product(x, kernel, precision)`` computed with x's channels and the kernel's input
+    and output channels zero-padded to multiples of ``multiple``, the output cropped."""
+    up = lambda c: -(-c // multiple) * multiple
+
+    def padded(x, kernel, precision=None):
+        cin, cout = kernel.shape[-2:]
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, up(cin) - cin)])
+        kernel = jnp.pad(kernel, [(0, 0)] * (kernel.ndim - 2) + [(0, up(cin) - cin), (0, up(cout) - cout)])
+        return product(x, kernel, precision)[..., :cout]
+
+    return padded
 
 
 def trunk_norm_layer(trunk_norm: str, eps: float = BN_EPS) -> Callable:
