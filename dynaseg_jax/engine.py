@@ -169,9 +169,11 @@ class Engine:
 
     ``run(items)`` yields a SlotResult per WorkItem, in completion order.
     ``trace_counts`` counts how often each (strategy, bucket) step was traced.
-    ``input_wait`` (reset by each ``run``): seconds spent waiting for the next item (its
-    k*, its file) while slots were optimising (``"running"``: the device stood still) and
-    while none was (``"idle"``: the start, or a source slower than the device).
+    At most ``engine.batch`` images are optimised at once, whatever their buckets; the next
+    item is pulled only when one of them has finished. ``input_wait`` (reset by each
+    ``run``): seconds spent waiting for the next item (its k*, its file) while optimised
+    slots waited for it (``"running"``: the device stood still mid-run) and otherwise
+    (``"idle"``: filling the first batch, or no slot left running).
     """
 
     def __init__(self, config: Config, params=None, model=None, mesh: Mesh | None = None):
@@ -331,17 +333,20 @@ class Engine:
         pending: WorkItem | None = None
         exhausted = False
         self.input_wait = {"running": 0.0, "idle": 0.0}
+        stepped = False  # whether a step has run: waits before the first fill the batch
         while True:
             while not exhausted:
                 if pending is None:
-                    # Pull only when a slot could take the item: waiting for an item (its
-                    # k*) while every slot is busy would stop the device for nothing.
-                    if groups and not any(g.has_free_slot() for g in groups.values()):
+                    # At most engine.batch images are optimised at once, over all buckets.
+                    # Pull only when one of them is free: waiting for an item (its k*) with
+                    # every slot busy would stop the device for an item it cannot take.
+                    n_active = sum(g.n_active for g in groups.values())
+                    if n_active >= self.config.engine.batch:
                         break
-                    running = any(g.n_active for g in groups.values())
                     t0 = time.perf_counter()
                     pending = next(source, None)
-                    self.input_wait["running" if running else "idle"] += time.perf_counter() - t0
+                    waited = time.perf_counter() - t0
+                    self.input_wait["running" if stepped and n_active else "idle"] += waited
                     if pending is None:
                         exhausted = True
                         break
@@ -362,6 +367,7 @@ class Engine:
                 return
             for g in active:
                 g.advance()
+            stepped = True
             for g in active:
                 yield from g.collect()
 
