@@ -55,8 +55,8 @@ class ModelConfig:
                               "'resnet18_fpn' (ResNet-18 trunk + FPN), 'resnet18_layer1' (the "
                               "authors' COCO network) or 'efficientnet_lite0_fpn' (EfficientNet-Lite0 "
                               "trunk + FPN), docs/algorithm.md section 3; model.n_conv and "
-                              "model.conv_impl, model.padding, model.input_space, model.position and model.output_norm "
-                              "apply to 'cnn' only.", MODEL_NAMES)
+                              "model.conv_impl, model.padding, model.input_space, model.position, model.output_norm, "
+                              "model.emulate_precision and model.channel_multiple apply to 'cnn' only.", MODEL_NAMES)
     n_conv: int = _field(2, "number of conv3x3-ReLU-BN blocks (reference BSD script: 2).")
     channels: int = _field(100, "p, width of the feature extractor.")
     max_clusters: int = _field(100, "q, channels of the classifier = the most clusters (labels) an image "
@@ -426,7 +426,8 @@ def validate(config: Config) -> Config:
                           f"postprocess.connected = true")
     if config.model.name != "cnn":
         for path, default in (("model.padding", "zeros"), ("model.output_norm", True),
-                              ("model.input_space", "rgb"), ("model.position", 0.0)):
+                              ("model.input_space", "rgb"), ("model.position", 0.0),
+                              ("model.emulate_precision", False), ("model.channel_multiple", 1)):
             if config.get(path) != default:
                 raise ConfigError(f"{path} = {config.get(path)!r}: applies to model 'cnn' only (model "
                                   f"{config.model.name!r} keeps its published layers)")

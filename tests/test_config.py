@@ -172,6 +172,7 @@ def test_digest_covers_labels_not_layout():
     changed = {"seed": 1, "init": "shared", "model.name": "resnet18_fpn", "model.weights": "random", "model.n_conv": 3, "model.channels": 64, "model.max_clusters": 50,
                "model.conv_impl": "lax", "model.padding": "reflect", "model.output_norm": False,
                "model.input_space": "lab", "model.position": 1.0, "model.matmul_precision": "bfloat16",
+               "model.emulate_precision": True, "model.channel_multiple": 8,
                "schedule.kind": "fsf",
                "schedule.alpha": 15.0, "schedule.mu": 4.0, "schedule.uses_kstar": True, "optim.lr": 0.05,
                "optim.momentum": 0.5, "optim.weight_decay": 1e-4, "stop.k_min": 4, "stop.max_iters": 10, "stop.plateau": 50,
@@ -226,5 +227,9 @@ def test_padding_and_output_norm_are_the_cnns():
         Config().replace({"model.name": "resnet18_fpn", "model.position": 1.0})
     with pytest.raises(ConfigError, match="model.output_norm = False: applies to model 'cnn' only"):
         Config().replace({"model.name": "efficientnet_lite0_fpn", "model.output_norm": False})
+    with pytest.raises(ConfigError, match="model.emulate_precision = True: applies to model 'cnn' only"):
+        Config().replace({"model.name": "resnet18_fpn", "model.emulate_precision": True})
+    with pytest.raises(ConfigError, match="model.channel_multiple = 8: applies to model 'cnn' only"):
+        Config().replace({"model.name": "resnet18_layer1", "model.channel_multiple": 8})
     with pytest.raises(ConfigError, match="model.padding = 'circular': choose one of zeros, reflect, replicate"):
         Config().replace({"model.padding": "circular"})

@@ -187,13 +187,21 @@ def test_round_to_precision_by_hand():
     # TF32 keeps 10 bits (unit 2^-10 at 1); a tie (half a unit) rounds away from zero, and
     # 2 - e rounds up into the next binade.
     want_tf32 = np.array([1 + 2 ** -10, 1, -(1 + 2 ** -10), 2, 1 + 2 * 2 ** -10, np.inf, -np.inf, 3.0], np.float32)
-    np.testing.assert_array_equal(np.asarray(round_to_precision(jnp.asarray(x), "tensorfloat32")), want_tf32)
-    assert np.isnan(round_to_precision(jnp.asarray([np.nan], jnp.float32), "tensorfloat32")[0])
-    # bfloat16 keeps 7 bits (unit 2^-7); ties go to the even neighbour.
-    y = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -8 + e], np.float32)
-    want_bf16 = np.array([1, 1 + 2 ** -6, 1 + 2 ** -7], np.float32)
-    np.testing.assert_array_equal(np.asarray(round_to_precision(jnp.asarray(y), "bfloat16")), want_bf16)
-    np.testing.assert_array_equal(np.asarray(round_to_precision(jnp.asarray(x), "float32")), x)
+    rounded = jax.jit(round_to_precision, static_argnums=1)  # compiled, as in a step
+    np.testing.assert_array_equal(np.asarray(rounded(jnp.asarray(x), "tensorfloat32")), want_tf32)
+    # bfloat16 keeps 7 bits (unit 2^-7); ties go to the even neighbour; the largest float32
+    # rounds to infinity, as a conversion to bfloat16 does.
+    y = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -8 + e, -(1 + 3 * 2 ** -8), np.finfo(np.float32).max],
+                 np.float32)
+    want_bf16 = np.array([1, 1 + 2 ** -6, 1 + 2 ** -7, -(1 + 2 ** -6), np.inf], np.float32)
+    np.testing.assert_array_equal(np.asarray(rounded(jnp.asarray(y), "bfloat16")), want_bf16)
+    np.testing.assert_array_equal(np.asarray(jnp.asarray(y[:4]).astype(jnp.bfloat16).astype(jnp.float32)),
+                                  want_bf16[:4])  # as JAX's own conversion
+    np.testing.assert_array_equal(np.asarray(rounded(jnp.asarray(x), "float32")), x)
+    # NaNs whose payload would carry into the sign bit stay NaN (not -0.0 or 0.0).
+    nans = np.array([0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000], np.uint32).view(np.float32)
+    for precision in ("tensorfloat32", "bfloat16"):
+        assert np.isnan(np.asarray(rounded(jnp.asarray(nans), precision))).all()
 
 
 @pytest.mark.parametrize("precision", ["tensorfloat32", "bfloat16"])

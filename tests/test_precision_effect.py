@@ -52,3 +52,20 @@ def test_a_folder_without_results_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         precision_effect.main(["--reference", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     assert "no results.jsonl" in capsys.readouterr().err
+
+
+def test_rows_score_the_images_every_folder_finished(tmp_path):
+    from PIL import Image
+    stems = [p.stem for p in bsds_val_images(2)]
+    maps = {}
+    for s in stems:
+        w, h = Image.open(BSDS / "images" / "val" / f"{s}.jpg").size
+        maps[s] = (np.mgrid[0:h, 0:w][1] * 4 // w).astype(np.int32)
+    both = write_folder(tmp_path / "both", maps)
+    first = write_folder(tmp_path / "first", {stems[0]: maps[stems[0]]})
+    out = tmp_path / "out"
+    assert precision_effect.main(["--reference", str(first), "--seed", str(both), "--root", str(BSDS),
+                                  "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    # The folder with both images is scored on the first alone, like the other folder.
+    assert rows[0]["images"] == rows[1]["images"] == 1 and rows[1]["all"] == pytest.approx(rows[0]["all"])

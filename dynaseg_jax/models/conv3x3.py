@@ -154,18 +154,25 @@ def round_to_precision(x: jax.Array, precision: str | None) -> jax.Array:
     """x (float32) rounded to the format a ``precision``'s products read their operands in.
 
     'tensorfloat32': 10 mantissa bits, rounded to nearest with ties away from zero (the
-    PTX conversion ``cvt.rna.tf32.f32``); 'bfloat16': 7 bits, to nearest even; anything
-    else: unchanged. Infinities and NaNs pass unchanged.
+    PTX conversion ``cvt.rna.tf32.f32``; a kernel that truncates instead errs up to twice
+    as much); 'bfloat16': 7 bits, to nearest even; anything else: unchanged. Infinities
+    and NaNs pass unchanged.
+
+    Done on the bits, not as ``x.astype(bfloat16).astype(float32)``: XLA may drop such a
+    pair of conversions as an excess-precision simplification.
     """
-    if precision == "bfloat16":
-        return x.astype(jnp.bfloat16).astype(x.dtype)
+    if precision not in ("tensorfloat32", "bfloat16"):
+        return x
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
     if precision == "tensorfloat32":
-        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
         # Add half a unit of the last kept bit (bit 13), then drop the 13 low bits: a carry
         # into the exponent is the correct rounding up to the next binade.
         kept = (bits + np.uint32(1 << 12)) & np.uint32(0xFFFFE000)
-        return jnp.where(jnp.isfinite(x), jax.lax.bitcast_convert_type(kept, x.dtype), x)
-    return x
+    else:
+        # Round half to even on the 16 dropped bits: add 0x7FFF, plus 1 when the last kept
+        # bit is odd.
+        kept = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return jnp.where(jnp.isfinite(x), jax.lax.bitcast_convert_type(kept, x.dtype), x)
 
 
 def emulated_products(product, precision: str | None):
