@@ -267,7 +267,10 @@ def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_c
     # the direct convolution). Pallas kernels are custom calls, outside XLA's count.
     executed = xla_step_flops(jr.engine, h, w) if args.executed_flops else None
     precision = jr.engine.config.model.matmul_precision
-    peak = card_peak_tflops(str(jax.devices()[0].device_kind), precision, args.peak_tflops)
+    products = precision
+    if precision == "bfloat16" and jax.default_backend() == "gpu" and jr.engine.config.model.conv_impl != "pallas":
+        products = "tensorfloat32"  # JAX's DEFAULT precision: TF32 on NVIDIA GPUs
+    peak = card_peak_tflops(str(jax.devices()[0].device_kind), products, args.peak_tflops)
     jax_flops_per_s = flops / (jax_ms * 1e-3)
     row = {
         "size": f"{w}x{h}", "height": h, "width": w, "batch": batch, "model": cfg.model.name,
@@ -284,7 +287,7 @@ def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_c
         "jax_gflops": flops / (jax_ms * 1e-3) / 1e9,
         "torch_gflops": flops / (torch_ms * 1e-3) / 1e9 if torch_ms else None,
         "jax_roofline_fraction": flops / (jax_ms * 1e-3) / 1e9 / roofline,
-        "card_peak_tflops": peak,
+        "products": products, "card_peak_tflops": peak,
         "jax_peak_fraction_direct": jax_flops_per_s / (peak * 1e12) if peak else None,
         "executed_flops_per_step": executed,
         "jax_peak_fraction_executed": executed / (jax_ms * 1e-3) / (peak * 1e12) if peak and executed else None,
@@ -298,8 +301,9 @@ def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_c
     return row
 
 
-def full_run(config, args) -> dict:
-    """Whole runs with early stopping on real BSDS500 val images: images per second."""
+def full_run(config, args, save=lambda partial: None) -> dict:
+    """Whole runs with early stopping on real BSDS500 val images: images per second.
+    ``save(partial)`` is called after each side, so that a run cut short keeps them."""
     from dynaseg_jax.images import load_image, resize_image
     paths = sorted(BSDS_VAL.glob("*.jpg"))[: args.full_run]
     if not paths:
@@ -319,6 +323,7 @@ def full_run(config, args) -> dict:
            "conv_impl": engine.config.model.conv_impl, "sync_every": engine.config.engine.sync_every,
            "batch": args.full_batch}
     del warm
+    save(out)
     if not args.no_torch:
         import torch_reference as tr
         dev = "cuda" if args.device == "gpu" else "cpu"
@@ -330,6 +335,7 @@ def full_run(config, args) -> dict:
         out.update(torch_images=n_torch, torch_seconds=torch_s, torch_images_per_s=n_torch / torch_s,
                    torch_iterations=sorted(r["iterations"] for r in tres),
                    speedup=(len(imgs) / jax_s) / (n_torch / torch_s))
+        save(out)
         if config.model.name == "cnn":
             # The tuned opponent: portraits transposed (as the engine does) and images of
             # one shape in batches of full_batch, each image from its own seed.
@@ -352,7 +358,7 @@ def full_run(config, args) -> dict:
     return out
 
 
-def kstar_run(args) -> dict:
+def kstar_run(args, save=lambda partial: None) -> dict:
     """The silhouette phase against the device, on real BSDS500 val images.
 
     Three timings with one compiled engine: (1) k* for every image, computed as the
@@ -386,22 +392,25 @@ def kstar_run(args) -> dict:
     t = time.perf_counter()
     ks = {i: k for i, k in runner._prefetch(range(len(imgs)), lambda i: kstar(imgs[i], names[i]), threads)}
     kstar_s = time.perf_counter() - t
+    out = {"images": len(imgs), "scale": args.full_scale, "config": args.kstar_config,
+           "batch": args.full_batch, "kstar_processes": args.kstar_processes, "loader_threads": threads,
+           "cpu_count": os.cpu_count(), "kstar": [ks[i] for i in range(len(imgs))],
+           "kstar_seconds": kstar_s, "kstar_per_s": len(imgs) / kstar_s}
+    save(out)
     t = time.perf_counter()
     alone = {r.key: r for r in engine.run(WorkItem(i, im, ks[i], name=names[i]) for i, im in enumerate(imgs))}
     device_s = time.perf_counter() - t
+    out.update(device_seconds=device_s, device_images_per_s=len(imgs) / device_s,
+               iterations=[alone[i].iterations for i in range(len(imgs))])
+    save(out)
     t = time.perf_counter()
     piped = runner.segment(imgs, engine=engine)
     pipeline_s = time.perf_counter() - t
-    return {"images": len(imgs), "scale": args.full_scale, "config": args.kstar_config,
-            "batch": args.full_batch, "kstar_processes": args.kstar_processes, "loader_threads": threads,
-            "cpu_count": os.cpu_count(), "kstar": [ks[i] for i in range(len(imgs))],
-            "kstar_seconds": kstar_s, "kstar_per_s": len(imgs) / kstar_s,
-            "device_seconds": device_s, "device_images_per_s": len(imgs) / device_s,
-            "pipeline_seconds": pipeline_s, "pipeline_images_per_s": len(imgs) / pipeline_s,
-            "wait_for_kstar_while_running_s": engine.input_wait["running"],
-            "wait_for_kstar_while_idle_s": engine.input_wait["idle"],
-            "same_iterations": [r["iterations"] for r in piped] == [alone[i].iterations for i in range(len(imgs))],
-            "iterations": [alone[i].iterations for i in range(len(imgs))]}
+    out.update(pipeline_seconds=pipeline_s, pipeline_images_per_s=len(imgs) / pipeline_s,
+               wait_for_kstar_while_running_s=engine.input_wait["running"],
+               wait_for_kstar_while_idle_s=engine.input_wait["idle"],
+               same_iterations=[r["iterations"] for r in piped] == out["iterations"])
+    return out
 
 
 def plot(rows, path):
@@ -544,11 +553,18 @@ def main(argv=None) -> int:
                       f"{row['host_peak_rss_mb']:8.0f}", flush=True)
         torch_cache.clear()
     result = {**machine, "results": rows}
+
+    def saver(key):
+        def save(partial):  # a phase's results, kept should the run be cut short
+            if args.json:
+                write_text_atomic(args.json, json.dumps({**result, key: partial, "partial": True}, indent=2))
+        return save
+
     if args.full_run:
-        result["full_run"] = full_run(config, args)
+        result["full_run"] = full_run(config, args, saver("full_run"))
         print("full run:", json.dumps(result["full_run"]))
     if args.kstar_run:
-        result["kstar_run"] = kstar_run(args)
+        result["kstar_run"] = kstar_run(args, saver("kstar_run"))
         print("k* run:", json.dumps(result["kstar_run"]))
     if len(rows) == 1:
         result.update(rows[0])

@@ -11,13 +11,15 @@
 #      per second; the PyTorch versions on the first 4);
 #   6. the silhouette phase against the device at batch 32 (k* per second, and how long
 #      the engine waited for k* while slots were running).
-# EXTRA=1 adds the tuned PyTorch captured by torch.compile and bfloat16 products (also with
-# channels padded to multiples of 8); REPRO=1
-# the DynaSeg-SCF predictions of the BSDS500 val reproduction (repro.tgz; the CPU
-# baselines and the scoring run anywhere afterwards, reproduce_bsds500.py reuses them).
+# EXTRA=1 (about 3.3 minutes more) adds the tuned PyTorch captured by torch.compile, JAX's
+# fastest precision, bfloat16 in the Pallas conv and TF32 with channels padded to
+# multiples of 8. REPRO=1 (2 minutes more) adds the DynaSeg-SCF predictions of the
+# BSDS500 val reproduction (repro.tgz; the CPU baselines and the scoring run anywhere
+# afterwards, reproduce_bsds500.py reuses them).
 #   OUT=runs/gpu DATA=../shared/data/bsds500 benchmarks/run_gpu.sh
 # Each part has its own time limit, so that one slow part cannot starve the others; the
-# benchmarks write their JSON after every row, so a part cut short keeps what it measured.
+# benchmarks write their JSON after every row or phase, so a part cut short keeps what it
+# measured.
 set -u
 OUT=${OUT:-runs/gpu}
 DATA=${DATA:-../shared/data/bsds500}
@@ -55,12 +57,15 @@ if [ "$EXTRA" = 1 ]; then
   # The tuned PyTorch opponent with its update captured by torch.compile (CUDA graphs).
   timeout 60 $bench --torch-compile --size 240x160 --batch 32 \
     --json "$OUT/speed_gpu_torch_compiled.json" 2>&1 | log
-  # bfloat16 products in JAX against the reference in strict float32 (labels may differ more).
+  # JAX's fastest precision (matmul_precision 'bfloat16': TF32 through XLA on NVIDIA GPUs)
+  # against the reference in strict float32, and bfloat16 products in the Pallas conv.
   timeout 60 $bench --set model.matmul_precision=bfloat16 --size 240x160 481x321 --batch 32 \
-    --json "$OUT/speed_gpu_bf16.json" 2>&1 | log
-  # ... and with the channels padded to tensor-core multiples (100 -> 104) inside each conv.
-  timeout 40 $bench --no-torch --set model.matmul_precision=bfloat16 --set model.channel_multiple=8 \
-    --size 240x160 --batch 32 --json "$OUT/speed_gpu_bf16_channels8.json" 2>&1 | log
+    --json "$OUT/speed_gpu_fastest.json" 2>&1 | log
+  timeout 40 $bench --no-torch --set model.matmul_precision=bfloat16 --conv-impl pallas \
+    --size 240x160 --batch 32 --json "$OUT/speed_gpu_pallas_bf16.json" 2>&1 | log
+  # TF32 with the channels padded to a multiple of 8 (100 -> 104) inside each conv.
+  timeout 40 $bench --no-torch --tf32 --set model.channel_multiple=8 \
+    --size 240x160 --batch 32 --json "$OUT/speed_gpu_tf32_channels8.json" 2>&1 | log
 fi
 if [ "$REPRO" = 1 ]; then
   repro=/tmp/repro   # outside OUT: only the tarball comes back from the device

@@ -90,14 +90,18 @@ class ModelConfig:
     matmul_precision: str = _field("float32", "precision of the network's products with learned weights: "
                                               "'float32' (exact, as the PyTorch reference's matmuls), "
                                               "'tensorfloat32' or 'bfloat16' (faster on GPU/TPU; no effect "
-                                              "on CPU).", ("float32", "tensorfloat32", "bfloat16"))
+                                              "on CPU). 'bfloat16' is JAX's fastest precision: bfloat16 "
+                                              "products on TPUs but TF32 on NVIDIA GPUs, except in the "
+                                              "'pallas' conv, which multiplies bfloat16 there.",
+                                   ("float32", "tensorfloat32", "bfloat16"))
     emulate_precision: bool = _field(False, "'cnn' only: round both operands of every product with "
                                             "learned weights (forward and backward) to "
                                             "model.matmul_precision's format and multiply in float32, "
                                             "on any backend: the effect of TF32 or bfloat16 products, "
                                             "studied on a CPU (models/conv3x3.py, emulated_products).")
     channel_multiple: int = _field(1, "'cnn' only: inside each conv, pad the channels with zeros to a "
-                                      "multiple of this (8: what GPU tensor cores want for bfloat16) "
+                                      "multiple of this (GPU tensor cores want multiples of 4 for TF32, "
+                                      "8 for bfloat16) "
                                       "and crop the output; the same function and parameters, other "
                                       "matmul shapes.")
 
