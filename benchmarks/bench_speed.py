@@ -75,7 +75,9 @@ def model_flops(h: int, w: int, config) -> float:
 
 # Dense peak TFLOP/s of a card per product precision (the vendors' data sheets; SXM
 # parts): the denominators of "fraction of the card's peak".
-CARD_PEAK_TFLOPS = {
+CARD_PEAK_TFLOPS = {  # the first name found in the device's name wins: specific parts first
+    "H100 PCIe": {"float32": 51.0, "tensorfloat32": 378.0, "bfloat16": 756.0},
+    "H200 NVL": {"float32": 60.0, "tensorfloat32": 418.0, "bfloat16": 835.0},
     "H200": {"float32": 67.0, "tensorfloat32": 495.0, "bfloat16": 990.0},
     "H100": {"float32": 67.0, "tensorfloat32": 495.0, "bfloat16": 990.0},
     "A100": {"float32": 19.5, "tensorfloat32": 156.0, "bfloat16": 312.0},
@@ -265,7 +267,8 @@ def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_c
         flops, flops_source = xla_step_flops(jr.engine, h, w), "XLA cost analysis of the padded step"
     # Executed FLOPs: what XLA counts in the compiled step (Winograd executes fewer than
     # the direct convolution). Pallas kernels are custom calls, outside XLA's count.
-    executed = xla_step_flops(jr.engine, h, w) if args.executed_flops else None
+    pallas = jr.engine.config.model.conv_impl == "pallas"  # custom calls: not in XLA's count
+    executed = xla_step_flops(jr.engine, h, w) if args.executed_flops and not pallas else None
     precision = jr.engine.config.model.matmul_precision
     products = precision
     if precision == "bfloat16" and jax.default_backend() == "gpu" and jr.engine.config.model.conv_impl != "pallas":
@@ -444,7 +447,7 @@ def plot(rows, path):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", nargs="*", default=["64x64", "128x128", "240x160", "481x321"],
-                    help="W x H sizes")
+                    help="W x H sizes (none, as a bare --size: only --full-run / --kstar-run)")
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 2, 4, 8])
     ap.add_argument("--strategy", nargs="+", default=["auto"], help="auto, per_image, vmap")
     ap.add_argument("--conv-impl", nargs="+", default=["auto"], help="auto, lax, im2col, winograd, pallas")

@@ -208,7 +208,8 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
             arr = imio.as_float_image(img, name=f"images[{i}]")
             imio.check_size(*arr.shape[:2], config.engine.max_pixels, f"images[{i}]")
             arrays.append(arr)
-    engine = engine or Engine(config)
+    if engine is None:
+        engine = Engine(config)
     kstar = KStarEstimator(engine.config, engine.initial_variables, engine.model)
     order = sorted(range(len(arrays)),
                    key=lambda i: _bucket_order(arrays[i].shape, engine.config, engine.model))

@@ -65,6 +65,7 @@ def test_kstar_run_times_the_silhouette_phase_against_the_engine(tmp_path, monke
 def test_card_peaks():
     assert bench_speed.card_peak_tflops("NVIDIA H200", "tensorfloat32") == 495.0
     assert bench_speed.card_peak_tflops("NVIDIA H100 80GB HBM3", None) == 67.0  # default: float32
+    assert bench_speed.card_peak_tflops("NVIDIA H100 PCIe", "float32") == 51.0  # not the SXM part's 67
     assert bench_speed.card_peak_tflops("cpu", "float32") is None
     assert bench_speed.card_peak_tflops("cpu", "float32", override=1.5) == 1.5
 

@@ -209,7 +209,7 @@ def test_emulated_products_round_every_operand(precision):
     # Forward and both gradients equal float64 sums of the rounded operands (dy rounded
     # too), within float32's summation bound, and measurably differ from float32 products.
     from dynaseg_jax.models.conv3x3 import emulated_products, round_to_precision
-    from tests.test_conv3x3_pallas import conv_float64, random_case, sum_bound, vjp_float64
+    from tests.conv_reference import conv_float64, random_case, sum_bound, vjp_float64
     rng = np.random.default_rng(7)
     x, k = random_case(rng, 9, 8, 12, 6)
     g = rng.normal(size=(9, 8, 6)).astype(np.float32)
@@ -249,7 +249,7 @@ def test_padded_channels_compute_the_same_function():
     # by the order of float32 sums: within the sum bound of 9 * Cin terms. Its gradient is
     # the plain one's, and the parameters keep their shapes.
     from dynaseg_jax.models.layers import padded_channels
-    from tests.test_conv3x3_pallas import conv_float64, random_case, sum_bound
+    from tests.conv_reference import conv_float64, random_case, sum_bound
     x, k = random_case(np.random.default_rng(8), 7, 9, 13, 11)
     padded = padded_channels(conv3x3_im2col, 8)
     y = np.asarray(padded(jnp.asarray(x), jnp.asarray(k), "float32"))
