@@ -304,16 +304,19 @@ def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_c
     return row
 
 
+def val_images(n: int, scale: float) -> list:
+    """The first n BSDS500 val images (float RGB), resized by ``scale``; [] if there are none."""
+    from dynaseg_jax.images import load_image, resize_image
+    imgs = [load_image(p) for p in sorted(BSDS_VAL.glob("*.jpg"))[:n]]
+    return [resize_image(im, scale) for im in imgs] if scale != 1.0 else imgs
+
+
 def full_run(config, args, save=lambda partial: None) -> dict:
     """Whole runs with early stopping on real BSDS500 val images: images per second.
     ``save(partial)`` is called after each side, so that a run cut short keeps them."""
-    from dynaseg_jax.images import load_image, resize_image
-    paths = sorted(BSDS_VAL.glob("*.jpg"))[: args.full_run]
-    if not paths:
+    imgs = val_images(args.full_run, args.full_scale)
+    if not imgs:
         return {"error": f"no BSDS500 val images at {BSDS_VAL}"}
-    imgs = [load_image(p) for p in paths]
-    if args.full_scale != 1.0:
-        imgs = [resize_image(im, args.full_scale) for im in imgs]
     engine = Engine(config.replace({"engine.batch": args.full_batch, "engine.strategy": args.strategy[0],
                                     "model.conv_impl": args.conv_impl[0]}))
     warm = list(engine.run([WorkItem(-1, imgs[0], 10 ** 6)]))  # compile (stops after 1 step)
@@ -373,13 +376,9 @@ def kstar_run(args, save=lambda partial: None) -> dict:
     waits for k* when (3) matches (2) and that wait is about zero.
     """
     from dynaseg_jax import runner
-    from dynaseg_jax.images import load_image, resize_image
-    paths = sorted(BSDS_VAL.glob("*.jpg"))[: args.kstar_run]
-    if not paths:
+    imgs = val_images(args.kstar_run, args.full_scale)
+    if not imgs:
         return {"error": f"no BSDS500 val images at {BSDS_VAL}"}
-    imgs = [load_image(p) for p in paths]
-    if args.full_scale != 1.0:
-        imgs = [resize_image(im, args.full_scale) for im in imgs]
     precision = ["model.matmul_precision=tensorfloat32"] if args.tf32 else []
     config = load_config(args.kstar_config, precision + args.overrides + [
         f"engine.batch={args.full_batch}", f"engine.strategy={args.strategy[0]}",

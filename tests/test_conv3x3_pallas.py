@@ -85,7 +85,8 @@ def test_bfloat16_products_round_the_operands():
     assert np.linalg.norm(got - exact) > 100 * sum_bound(9 * 24, exact, exact_squares)
 
 
-def test_kernels_lower_to_triton_for_a_gpu(monkeypatch):
+@pytest.mark.parametrize("precision", ["float32", "tensorfloat32", "bfloat16"])
+def test_kernels_lower_to_triton_for_a_gpu(monkeypatch, precision):
     # No GPU is needed to run Pallas's Triton lowering: exporting for CUDA runs it, and it
     # rejects what Triton cannot take (loads whose size is not a power of two, unsupported
     # ops). The engine's shape: per-image weights under vmap, 100 channels, 240x160.
@@ -96,7 +97,7 @@ def test_kernels_lower_to_triton_for_a_gpu(monkeypatch):
     monkeypatch.setattr(conv3x3, "_pallas_interpret", lambda: False)
 
     def grads(x, k):
-        loss = lambda x, k: jnp.sum(jnp.sin(conv3x3.conv3x3_pallas(x, k, "tensorfloat32")))
+        loss = lambda x, k: jnp.sum(jnp.sin(conv3x3.conv3x3_pallas(x, k, precision)))
         return jax.vmap(jax.grad(loss, argnums=(0, 1)))(x, k)
 
     x = jax.ShapeDtypeStruct((2, 160, 240, 100), jnp.float32)

@@ -140,7 +140,24 @@ def _product_precisions(model, params):
     return [re.findall(r"(DEFAULT|HIGHEST|HIGH)\b", l) for l in lines]
 
 
-@pytest.mark.parametrize("impl", ["lax", "im2col", "winograd", "pallas"])
+def test_pallas_bfloat16_products_take_bfloat16_operands():
+    # The Pallas conv multiplies bfloat16 operands (summed in float32) under 'bfloat16',
+    # and float32 ones exactly under 'float32', whatever jax_default_matmul_precision says.
+    import re
+    for precision, operand in (("float32", "f32"), ("bfloat16", "bf16")):
+        model = DynaSegCNN(channels=16, max_clusters=8, conv=cnn_conv("pallas", precision))
+        params = model.init(jax.random.PRNGKey(0), jnp.zeros((8, 8, 3)), jnp.ones((8, 8)))
+        grad = jax.grad(lambda p: jnp.sum(model.apply(p, jnp.ones((8, 12, 3)), jnp.ones((8, 12)))))
+        with jax.default_matmul_precision("bfloat16"):
+            text = jax.jit(grad).lower(params).as_text()
+        dots = [l for l in text.splitlines() if "stablehlo.dot_general" in l]
+        # 3x3 kernels: forward, input and weight gradient of two convs, each a dot of
+        # (rows, channels) tiles with the given operand type and exact products.
+        kernel_dots = [l for l in dots if re.search(rf"tensor<\d+x\d+x{operand}>, tensor<\d+x\d+x{operand}>", l)]
+        assert len(kernel_dots) >= 6 and all("HIGHEST" in l for l in kernel_dots), precision
+
+
+@pytest.mark.parametrize("impl", ["lax", "im2col", "winograd"])
 def test_matmul_precision_reaches_every_product(impl):
     # float32: every product (forward and backward) is exact; bfloat16: the products with
     # learned weights use the fast default, only the Winograd transforms stay exact.

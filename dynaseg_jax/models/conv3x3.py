@@ -244,7 +244,10 @@ def _pallas_dot(a: jax.Array, b: jax.Array, precision, contract_rows: bool = Fal
     round the operands to bfloat16; the other precisions go to the dot as given (Triton:
     'float32' = IEEE products, 'tensorfloat32' and the default = TF32)."""
     if precision == "bfloat16":
-        a, b, precision = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), None
+        # bfloat16 operands, float32 sums. HIGHEST asks for nothing coarser: Triton then
+        # multiplies bfloat16 as given (its default would request TF32 inputs), and the
+        # global jax_default_matmul_precision has no say.
+        a, b, precision = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), jax.lax.Precision.HIGHEST
     dims = (((0,), (0,)), ((), ())) if contract_rows else (((1,), (0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
