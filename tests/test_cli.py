@@ -369,3 +369,32 @@ def test_segment_dataset_reads_no_ground_truth(tmp_path, capsys):
     assert main(["segment", "--dataset", "bsds500", "--root", str(root), "--split", "val", "--out", str(out),
                  "--no-progress", *sets(*TINY)]) == 0
     assert sorted(p.name for p in out.glob("??.png")) == ["11.png", "22.png"]
+
+
+def test_outputs_are_finished_beside_the_engine_and_a_failed_write_is_one_error(tmp_path, tiny_config, monkeypatch):
+    # Post-processing and writing run in the finishing thread, not the engine's loop; an
+    # image whose outputs cannot be written gets an error record, the others are kept.
+    import threading
+
+    from PIL import Image
+
+    from dynaseg_jax import runner
+    for i in range(3):
+        Image.fromarray(u8(smooth_image(16, 24, i))).save(tmp_path / f"im{i}.png")
+    threads, real_write = [], runner.write_outputs
+
+    def write(folder, stem, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        if stem == "im1":
+            raise OSError("disk full")
+        return real_write(folder, stem, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "write_outputs", write)
+    summary = runner.segment_files([tmp_path], tmp_path / "out", tiny_config.replace({"stop.max_iters": 3}),
+                                   progress=False, log=lambda msg: None)
+    assert summary.ok == 2 and summary.failed == 1
+    assert len(threads) == 3 and all(t.startswith("dynaseg-finish") for t in threads)
+    entries = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert {e["stem"]: e["status"] for e in entries} == {"im0": "ok", "im1": "error", "im2": "ok"}
+    assert "im1.png: cannot write outputs: disk full" in next(e["error"] for e in entries if e["stem"] == "im1")
+    assert (tmp_path / "out" / "im0.png").is_file() and not (tmp_path / "out" / "im1.png").exists()
