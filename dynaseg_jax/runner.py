@@ -141,7 +141,38 @@ def _close_kstar_pools() -> None:
             _KSTAR_POOLS.popitem()[1].shutdown(wait=True)
 
 
-FINISH_QUEUE = 8  # finished images whose post-processing and outputs may wait for the finisher
+class Finisher:
+    """Runs the finishing of images (post-processing, writing outputs) one at a time in a
+    thread beside the engine loop, so that the loop keeps the device stepping meanwhile
+    (at BSDS500 size the finishing takes tens to hundreds of milliseconds an image).
+
+    One thread: records are appended in completion order. ``submit`` waits when ``queue``
+    images are already waiting, and re-raises an unexpected error of an earlier call, as
+    running it inline would have; leaving the ``with`` block waits for the rest (also
+    when the loop stops with an exception, so that finished images are kept).
+    """
+
+    def __init__(self, queue: int = 8):
+        self.queue = queue
+        self._pending: list[cf.Future] = []
+        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynaseg-finish")
+
+    def submit(self, fn: Callable, *args) -> None:
+        for f in [f for f in self._pending if f.done()]:
+            self._pending.remove(f)
+            f.result()
+        if len(self._pending) >= self.queue:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def __enter__(self) -> "Finisher":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._pool.shutdown(wait=True)
+        if exc_type is None:
+            for f in self._pending:
+                f.result()
 
 
 def _loader_threads(config: Config) -> int:
@@ -572,11 +603,7 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
             return
         record(ok_entry(job, original, labels, r))
 
-    # Post-processing and writing (60-360 ms an image at BSDS500 size) run in one thread
-    # beside the engine, so that its loop keeps the device stepping meanwhile; one thread
-    # keeps results.jsonl in completion order. At most FINISH_QUEUE images wait for it.
-    finishing: list[cf.Future] = []
-    with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynaseg-finish") as finisher:
+    with Finisher() as finisher:
         for r in engine.run(items()):
             job, original, image = meta.pop(r.key)
             _, source, stem, _ = job
@@ -584,12 +611,5 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
             if r.error:
                 record(error_entry(r.key, f"{r.key}: {r.error}", stem, source, r.iterations))
                 continue
-            for f in [f for f in finishing if f.done()]:
-                f.result()  # an unexpected finishing error surfaces here, as it did inline
-                finishing.remove(f)
-            if len(finishing) >= FINISH_QUEUE:
-                finishing.pop(0).result()
-            finishing.append(finisher.submit(finish, r, job, original, image))
-        for f in finishing:
-            f.result()
+            finisher.submit(finish, r, job, original, image)
     bar.close()

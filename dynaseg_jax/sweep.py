@@ -20,6 +20,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -127,8 +128,8 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
 
     from .engine import Engine, WorkItem, resolve_config
     from .outputs import OutputFolder
-    from .runner import (KStarEstimator, _job_bucket, _loader_threads, _prefetch, error_entry, error_message,
-                         finish_labels, load_job_image, ok_entry, resolve_jobs, write_outputs)
+    from .runner import (Finisher, KStarEstimator, _job_bucket, _loader_threads, _prefetch, error_entry,
+                         error_message, finish_labels, load_job_image, ok_entry, resolve_jobs, write_outputs)
     from .superpixels import check_available, superpixel_map
 
     t0 = time.perf_counter()
@@ -196,10 +197,13 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
             return original, image, [(ks[id(estimators[i])], maps[settings[i].config.superpixels])
                                      for i in pending]
 
+        lock = threading.Lock()  # records come from the engine's thread and the finisher's
+
         def record_error(i, job, msg, iterations=None):
             name, source, stem, _ = job
-            folders[i].append(error_entry(name, msg, stem, source, iterations))
-            counts["failed"] += 1
+            with lock:
+                folders[i].append(error_entry(name, msg, stem, source, iterations))
+                counts["failed"] += 1
             log(f"error: {msg}")
 
         def items():
@@ -222,12 +226,9 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
                     yield WorkItem(key=key, image=image, k_min=k, name=job[2],
                                    setting=settings[i].config, segments=segments)
 
-        for r in engine.run(items()):
-            group, _ = r.key
-            job, original, image = meta.pop(r.key)
+        def finish(r, group, job, original, image):
             name, _, stem, _ = job
             for i in group:
-                bar.update(1)
                 if r.error:
                     record_error(i, job, f"{name}: {r.error}", r.iterations)
                     continue
@@ -237,8 +238,16 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
                 except (OSError, ValueError) as e:
                     record_error(i, job, f"{name}: cannot write outputs: {e}")
                     continue
-                folders[i].append(ok_entry(job, original, labels, r))
-                counts["segmented"] += 1
+                with lock:
+                    folders[i].append(ok_entry(job, original, labels, r))
+                    counts["segmented"] += 1
+
+        with Finisher() as finisher:
+            for r in engine.run(items()):
+                group, _ = r.key
+                job, original, image = meta.pop(r.key)
+                bar.update(len(group))
+                finisher.submit(finish, r, group, job, original, image)
         bar.close()
     finally:
         for f in folders:

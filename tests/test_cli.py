@@ -398,3 +398,27 @@ def test_outputs_are_finished_beside_the_engine_and_a_failed_write_is_one_error(
     assert {e["stem"]: e["status"] for e in entries} == {"im0": "ok", "im1": "error", "im2": "ok"}
     assert "im1.png: cannot write outputs: disk full" in next(e["error"] for e in entries if e["stem"] == "im1")
     assert (tmp_path / "out" / "im0.png").is_file() and not (tmp_path / "out" / "im1.png").exists()
+
+
+def test_finisher_keeps_order_bounds_its_queue_and_surfaces_errors():
+    import time
+
+    from dynaseg_jax.runner import Finisher
+    done, waiting = [], []
+    with Finisher(queue=2) as finisher:
+        for i in range(6):
+            finisher.submit(lambda i: (time.sleep(0.02), done.append(i)), i)
+            waiting.append(sum(not f.done() for f in finisher._pending))
+    assert done == list(range(6)) and max(waiting) <= 2  # one thread, in order; at most 2 queued
+
+    def boom():
+        raise RuntimeError("unexpected")
+
+    with pytest.raises(RuntimeError, match="unexpected"):  # at the next submit, as inline
+        with Finisher() as finisher:
+            finisher.submit(boom)
+            time.sleep(0.05)
+            finisher.submit(lambda: None)
+    with pytest.raises(RuntimeError, match="unexpected"):  # or on leaving the block
+        with Finisher() as finisher:
+            finisher.submit(boom)
