@@ -4,8 +4,8 @@ DynaSeg's labels are cluster ids: one id may cover several separate regions, and
 optimisation leaves many tiny regions (a few pixels of a cluster inside another). Three
 steps, each optional (``[postprocess]`` in the config), in this order:
 
-* ``superpixel_vote``: every superpixel of the image (``[superpixels]``, computed again
-  here as for the targets) takes its most frequent label;
+* ``superpixel_vote``: every superpixel of the image (``[superpixels]``, the targets'
+  superpixels, or computed here as for them) takes its most frequent label;
 * ``connected``: every 4-connected region of a cluster gets its own label;
 * ``min_region``: regions smaller than that fraction of the image are merged, smallest
   first, into the adjacent region whose mean colour is closest (Euclidean, in the RGB of
@@ -91,13 +91,15 @@ def merge_small_regions(regions: np.ndarray, image: np.ndarray, min_pixels: int)
     return renumber(root[regions])
 
 
-def postprocess(labels: np.ndarray, image: np.ndarray, config) -> np.ndarray:
+def postprocess(labels: np.ndarray, image: np.ndarray, config, segments: np.ndarray | None = None) -> np.ndarray:
     """Applies a config's ``[postprocess]`` to a label map of ``image``'s size.
 
     Args:
       labels: (H, W) integer labels.
       image: (H, W, 3) float RGB, the image the labels belong to.
       config: a Config (its ``postprocess`` section).
+      segments: the image's superpixels, ``superpixel_map(image, config)``, where already
+        computed (for the targets); computed here otherwise.
 
     Returns:
       (H, W) int32 labels: unchanged (as int32) when every step is off.
@@ -106,7 +108,7 @@ def postprocess(labels: np.ndarray, image: np.ndarray, config) -> np.ndarray:
     labels = np.asarray(labels, np.int32)
     if post.superpixel_vote:
         from .superpixels import majority_labels, superpixel_map
-        labels = majority_labels(labels, superpixel_map(image, config))
+        labels = majority_labels(labels, superpixel_map(image, config) if segments is None else segments)
     if not post.connected:
         return labels
     regions = relabel_connected(labels)

@@ -251,17 +251,20 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
     def prepare(i):
         return kstar(arrays[i], names[i]), superpixel_map(arrays[i], engine.config)
 
+    segments = {}  # each image's superpixels, computed once for the targets and the vote
+
     def items():
         for i, prepared in _prefetch(order, prepare, _loader_threads(engine.config)):
             if isinstance(prepared, Exception):
                 raise prepared
-            k, segments = prepared
-            yield WorkItem(key=i, image=arrays[i], k_min=k, name=names[i], segments=segments)
+            k, segments[i] = prepared
+            yield WorkItem(key=i, image=arrays[i], k_min=k, name=names[i], segments=segments[i])
 
     out: list[dict | None] = [None] * len(arrays)
     bar = _progress(len(arrays), progress)
     for r in engine.run(items()):
-        labels = r.labels if r.error else postprocess(r.labels, arrays[r.key], engine.config)
+        labels = r.labels if r.error else postprocess(r.labels, arrays[r.key], engine.config,
+                                                      segments.pop(r.key))
         out[r.key] = {"labels": imio.renumber(labels), "iterations": r.iterations,
                       "clusters": r.clusters, "k_min": r.k_min, "seconds": r.seconds,
                       "error": r.error}
@@ -436,10 +439,12 @@ def load_job_image(job, scale: float, cfg: Config) -> tuple[np.ndarray, np.ndarr
     return original, image
 
 
-def finish_labels(labels: np.ndarray, original: np.ndarray, image: np.ndarray, cfg: Config) -> np.ndarray:
-    """The label map written for an image: post-processed (``cfg.postprocess``) at the
-    size the network saw, resized to the original (nearest neighbour), numbered 0..K-1."""
-    labels = postprocess(labels, image, cfg)
+def finish_labels(labels: np.ndarray, original: np.ndarray, image: np.ndarray, cfg: Config,
+                  segments: np.ndarray | None = None) -> np.ndarray:
+    """The label map written for an image: post-processed (``cfg.postprocess``, with the
+    image's superpixels ``segments`` where already computed) at the size the network saw,
+    resized to the original (nearest neighbour), numbered 0..K-1."""
+    labels = postprocess(labels, image, cfg, segments)
     if labels.shape != original.shape[:2]:
         labels = resize_prediction(labels, original.shape[:2])
     return imio.renumber(labels)
@@ -590,12 +595,12 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
                 bar.update(1)
                 continue
             original, image, k, segments = prepared
-            meta[name] = (job, original, image)
+            meta[name] = (job, original, image, segments)
             yield WorkItem(key=name, image=image, k_min=k, name=stem, segments=segments)
 
-    def finish(r, job, original, image):
+    def finish(r, job, original, image, segments):
         _, source, stem, _ = job
-        labels = finish_labels(r.labels, original, image, cfg)
+        labels = finish_labels(r.labels, original, image, cfg, segments)
         try:
             write_outputs(out, stem, original, labels, color_labels)
         except (OSError, ValueError) as e:
@@ -605,11 +610,11 @@ def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progr
 
     with Finisher() as finisher:
         for r in engine.run(items()):
-            job, original, image = meta.pop(r.key)
+            job, original, image, segments = meta.pop(r.key)
             _, source, stem, _ = job
             bar.update(1)
             if r.error:
                 record(error_entry(r.key, f"{r.key}: {r.error}", stem, source, r.iterations))
                 continue
-            finisher.submit(finish, r, job, original, image)
+            finisher.submit(finish, r, job, original, image, segments)
     bar.close()

@@ -222,17 +222,18 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
                 for group in groups.values():
                     i, k, segments = group[0]
                     key = (tuple(g[0] for g in group), job[1])
-                    meta[key] = (job, original, image)
+                    # Each setting's superpixels, for its vote (settings may differ in them).
+                    meta[key] = (job, original, image, {g[0]: g[2] for g in group})
                     yield WorkItem(key=key, image=image, k_min=k, name=job[2],
                                    setting=settings[i].config, segments=segments)
 
-        def finish(r, group, job, original, image):
+        def finish(r, group, job, original, image, segments):
             name, _, stem, _ = job
             for i in group:
                 if r.error:
                     record_error(i, job, f"{name}: {r.error}", r.iterations)
                     continue
-                labels = finish_labels(r.labels, original, image, settings[i].config)
+                labels = finish_labels(r.labels, original, image, settings[i].config, segments[i])
                 try:
                     write_outputs(folders[i].path, stem, original, labels)
                 except (OSError, ValueError) as e:
@@ -245,9 +246,9 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
         with Finisher() as finisher:
             for r in engine.run(items()):
                 group, _ = r.key
-                job, original, image = meta.pop(r.key)
+                job, original, image, segments = meta.pop(r.key)
                 bar.update(len(group))
-                finisher.submit(finish, r, group, job, original, image)
+                finisher.submit(finish, r, group, job, original, image, segments)
         bar.close()
     finally:
         for f in folders:

@@ -163,3 +163,40 @@ def test_segment_and_sweep_with_superpixels(tmp_path, capsys):
     for i in range(2):
         np.testing.assert_array_equal(imio.read_labels(tmp_path / "sweep" / "superpixels.scale_5" / f"im{i}.png"),
                                       imio.read_labels(tmp_path / "sp" / f"im{i}.png"))
+
+
+def test_the_vote_reuses_the_targets_superpixels(tmp_path, tiny_config, monkeypatch):
+    # segment_files and sweep compute each image's superpixels once, for the targets and
+    # the vote; the vote's labels are those of a vote in freshly computed superpixels.
+    require("skimage")
+    from PIL import Image
+
+    from dynaseg_jax import postprocess as post_module
+    from dynaseg_jax import runner, superpixels
+    from dynaseg_jax.images import read_labels
+    from dynaseg_jax.sweep import run_sweep
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(2):
+        Image.fromarray((smooth_image(16, 24, i) * 255).astype(np.uint8)).save(inputs / f"im{i}.png")
+    config = tiny_config.replace({"stop.max_iters": 3, "superpixels.method": "felzenszwalb",
+                                  "superpixels.scale": 5.0, "postprocess.superpixel_vote": True})
+    calls, real = [], superpixels.superpixel_map
+
+    def counted(image, cfg):
+        calls.append(image.shape)
+        return real(image, cfg)
+
+    monkeypatch.setattr(superpixels, "superpixel_map", counted)
+    monkeypatch.setattr(runner, "superpixel_map", counted)
+    summary = runner.segment_files([inputs], tmp_path / "out", config, progress=False, log=lambda m: None)
+    assert summary.ok == 2 and len(calls) == 2
+    for i in range(2):
+        image = np.asarray(Image.open(inputs / f"im{i}.png"), np.float32) / 255
+        got = read_labels(tmp_path / "out" / f"im{i}.png")
+        # Voting again in freshly computed superpixels changes nothing: same partition.
+        again = post_module.postprocess(got, image, config.replace({"postprocess.superpixel_vote": True}))
+        np.testing.assert_array_equal(again, got)
+    calls.clear()
+    run_sweep([inputs], tmp_path / "sweep", config, {"seed": [0, 1]}, progress=False, log=lambda m: None)
+    assert len(calls) == 2  # once per image for both settings (their superpixels agree)
