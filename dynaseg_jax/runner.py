@@ -261,14 +261,18 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
             yield WorkItem(key=i, image=arrays[i], k_min=k, name=names[i], segments=segments[i])
 
     out: list[dict | None] = [None] * len(arrays)
-    bar = _progress(len(arrays), progress)
-    for r in engine.run(items()):
-        labels = r.labels if r.error else postprocess(r.labels, arrays[r.key], engine.config,
-                                                      segments.pop(r.key))
+
+    def finish(r, image_segments):
+        labels = r.labels if r.error else postprocess(r.labels, arrays[r.key], engine.config, image_segments)
         out[r.key] = {"labels": imio.renumber(labels), "iterations": r.iterations,
                       "clusters": r.clusters, "k_min": r.k_min, "seconds": r.seconds,
                       "error": r.error}
-        bar.update(1)
+
+    bar = _progress(len(arrays), progress)
+    with Finisher() as finisher:
+        for r in engine.run(items()):
+            finisher.submit(finish, r, segments.pop(r.key))
+            bar.update(1)
     bar.close()
     return out
 
