@@ -268,7 +268,9 @@ def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_c
     # Executed FLOPs: what XLA counts in the compiled step (Winograd executes fewer than
     # the direct convolution). Pallas kernels are custom calls, outside XLA's count.
     pallas = jr.engine.config.model.conv_impl == "pallas"  # custom calls: not in XLA's count
-    executed = xla_step_flops(jr.engine, h, w) if args.executed_flops and not pallas else None
+    executed = None
+    if args.executed_flops and not pallas:  # the same count as flops_per_step, for models without a closed form
+        executed = flops if cfg.model.name != "cnn" else xla_step_flops(jr.engine, h, w)
     precision = jr.engine.config.model.matmul_precision
     products = precision
     if precision == "bfloat16" and jax.default_backend() == "gpu" and jr.engine.config.model.conv_impl != "pallas":
@@ -302,6 +304,12 @@ def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_c
     del jr
     row.update(peak_memory_mb(args.device))
     return row
+
+
+def overrides(args) -> list[str]:
+    """The config overrides of the command line: --set, and --tf32, which reaches the model
+    through its config (the model names its precision explicitly)."""
+    return (["model.matmul_precision=tensorfloat32"] if args.tf32 else []) + args.overrides
 
 
 def val_images(n: int, scale: float) -> list:
@@ -379,8 +387,7 @@ def kstar_run(args, save=lambda partial: None) -> dict:
     imgs = val_images(args.kstar_run, args.full_scale)
     if not imgs:
         return {"error": f"no BSDS500 val images at {BSDS_VAL}"}
-    precision = ["model.matmul_precision=tensorfloat32"] if args.tf32 else []
-    config = load_config(args.kstar_config, precision + args.overrides + [
+    config = load_config(args.kstar_config, overrides(args) + [
         f"engine.batch={args.full_batch}", f"engine.strategy={args.strategy[0]}",
         f"model.conv_impl={args.conv_impl[0]}", f"engine.kstar_processes={args.kstar_processes}"])
     if config.stop.k_min != "silhouette":
@@ -507,10 +514,8 @@ def main(argv=None) -> int:
         return 2
     if args.device == "cpu" and jax.default_backend() != "cpu":
         jax.config.update("jax_platform_name", "cpu")
-    # --tf32 reaches the model through its config (it names its precision explicitly).
-    precision = ["model.matmul_precision=tensorfloat32"] if args.tf32 else []
     model = [f"model.name={args.model}", "model.weights=random"] if args.model else []
-    config = load_config(args.config, model + precision + args.overrides + ["engine.bucket_multiple=1"])
+    config = load_config(args.config, model + overrides(args) + ["engine.bucket_multiple=1"])
     jax.config.update("jax_default_matmul_precision", "tensorfloat32" if args.tf32 else "float32")
     if not args.no_torch:
         import torch

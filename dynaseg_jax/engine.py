@@ -330,27 +330,25 @@ class Engine:
         """Optimises every item; yields results as images finish."""
         groups: dict[tuple, _SlotGroup] = {}
         source = iter(items)
-        pending: WorkItem | None = None
         exhausted = False
         self.input_wait = {"running": 0.0, "idle": 0.0}
         stepped = False  # whether a step has run: waits before the first fill the batch
         while True:
+            # At most engine.batch images are optimised at once, over all buckets (so an
+            # item's group always has a free slot). Pull only when one of them is free:
+            # waiting for an item (its k*) with every slot busy would stop the device for
+            # an item it could not take.
             while not exhausted:
-                if pending is None:
-                    # At most engine.batch images are optimised at once, over all buckets.
-                    # Pull only when one of them is free: waiting for an item (its k*) with
-                    # every slot busy would stop the device for an item it cannot take.
-                    n_active = sum(g.n_active for g in groups.values())
-                    if n_active >= self.config.engine.batch:
-                        break
-                    t0 = time.perf_counter()
-                    pending = next(source, None)
-                    waited = time.perf_counter() - t0
-                    self.input_wait["running" if stepped and n_active else "idle"] += waited
-                    if pending is None:
-                        exhausted = True
-                        break
-                h, w, _ = pending.image.shape
+                n_active = sum(g.n_active for g in groups.values())
+                if n_active >= self.config.engine.batch:
+                    break
+                t0 = time.perf_counter()
+                item = next(source, None)
+                self.input_wait["running" if stepped and n_active else "idle"] += time.perf_counter() - t0
+                if item is None:
+                    exhausted = True
+                    break
+                h, w, _ = item.image.shape
                 bucket = bucket_shape(h, w, self.config, self.model)
                 group = groups.get(bucket[:2])
                 if group is None:
@@ -358,10 +356,7 @@ class Engine:
                     for k in [k for k, g in groups.items() if g.n_active == 0]:
                         del groups[k]
                     group = groups[bucket[:2]] = _SlotGroup(self, bucket[:2])
-                if not group.has_free_slot():
-                    break
-                group.load(pending, bucket[2])
-                pending = None
+                group.load(item, bucket[2])
             active = [g for g in groups.values() if g.n_active]
             if not active:
                 return
@@ -402,9 +397,6 @@ class _SlotGroup:
     @property
     def n_active(self) -> int:
         return sum(it is not None for it in self.items)
-
-    def has_free_slot(self) -> bool:
-        return any(it is None for it in self.items)
 
     def load(self, item: WorkItem, transposed: bool) -> None:
         slot = self.items.index(None)
