@@ -84,6 +84,19 @@ CARD_PEAK_TFLOPS = {  # the first name found in the device's name wins: specific
 }
 
 
+def jax_products(config) -> str:
+    """The precision of the engine's products with learned weights, as executed."""
+    precision = config.model.matmul_precision
+    if precision == "bfloat16" and jax.default_backend() == "gpu" and config.model.conv_impl != "pallas":
+        return "tensorfloat32"  # JAX's DEFAULT precision: TF32 on NVIDIA GPUs
+    return precision
+
+
+def torch_products(args) -> str:
+    """The precision of PyTorch's float32 convs and matmuls here (TF32 only on CUDA)."""
+    return "tensorfloat32" if args.tf32 and args.device == "gpu" else "float32"
+
+
 def card_peak_tflops(device_kind: str, precision: str | None, override: float | None = None) -> float | None:
     """The dense peak of ``device_kind`` (e.g. 'NVIDIA H200') for products in
     ``precision`` (None: JAX's default, counted as float32); None for unknown cards."""
@@ -271,10 +284,7 @@ def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_c
     executed = None
     if args.executed_flops and not pallas:  # the same count as flops_per_step, for models without a closed form
         executed = flops if cfg.model.name != "cnn" else xla_step_flops(jr.engine, h, w)
-    precision = jr.engine.config.model.matmul_precision
-    products = precision
-    if precision == "bfloat16" and jax.default_backend() == "gpu" and jr.engine.config.model.conv_impl != "pallas":
-        products = "tensorfloat32"  # JAX's DEFAULT precision: TF32 on NVIDIA GPUs
+    products = jax_products(jr.engine.config)
     peak = card_peak_tflops(str(jax.devices()[0].device_kind), products, args.peak_tflops)
     jax_flops_per_s = flops / (jax_ms * 1e-3)
     row = {
@@ -283,6 +293,7 @@ def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_c
         "strategy": jr.engine.config.engine.strategy,
         "conv_impl": jr.engine.config.model.conv_impl, "sync_every": jr.engine.config.engine.sync_every,
         "tf32": args.tf32, "matmul_precision": jr.engine.config.model.matmul_precision,
+        "torch_products": None if args.no_torch else torch_products(args),
         "jax_ms_per_image_iter": jax_ms, "torch_ms_per_image_iter": torch_ms,
         "ratio": jax_ms / torch_ms if torch_ms else None,
         "torch_batched_ms_per_image_iter": batched_ms, "torch_batched_compiled": bool(args.torch_compile),
@@ -335,7 +346,7 @@ def full_run(config, args, save=lambda partial: None) -> dict:
            "jax_seconds": jax_s, "jax_images_per_s": len(imgs) / jax_s,
            "jax_iterations": sorted(r.iterations for r in res), "strategy": engine.config.engine.strategy,
            "conv_impl": engine.config.model.conv_impl, "sync_every": engine.config.engine.sync_every,
-           "batch": args.full_batch}
+           "batch": args.full_batch, "products": jax_products(engine.config)}
     del warm
     save(out)
     if not args.no_torch:
@@ -346,7 +357,7 @@ def full_run(config, args, save=lambda partial: None) -> dict:
         tres = [tr.segment_image(im, config, device=dev, tf32=args.tf32) for im in imgs[:n_torch]]
         torch_s = time.perf_counter() - t
         # Images per second of each side (the reference may run on the first few images only).
-        out.update(torch_images=n_torch, torch_seconds=torch_s, torch_images_per_s=n_torch / torch_s,
+        out.update(torch_products=torch_products(args), torch_images=n_torch, torch_seconds=torch_s, torch_images_per_s=n_torch / torch_s,
                    torch_iterations=sorted(r["iterations"] for r in tres),
                    speedup=(len(imgs) / jax_s) / (n_torch / torch_s))
         save(out)
@@ -376,9 +387,9 @@ def kstar_run(args, save=lambda partial: None) -> dict:
     """The silhouette phase against the device, on real BSDS500 val images.
 
     Three timings with one compiled engine: (1) k* for every image, computed as the
-    runner computes them (``_loader_threads`` threads, ``engine.kstar_processes``
-    processes): k* estimates per second; (2) the engine alone with those k* given: images
-    per second of the device; (3) ``runner.segment``, k* computed ahead while slots
+    runner computes them (``KStarEstimator.estimate_many``: its loader threads and
+    ``engine.kstar_processes`` processes): k* estimates per second; (2) the engine alone
+    with those k* given: images per second of the device; (3) ``runner.segment``, k* computed ahead while slots
     optimise, as a user's run does, with the time the engine waited for k* while slots
     were running (``input_wait["running"]``: the device stood still). The device never
     waits for k* when (3) matches (2) and that wait is about zero.
@@ -397,13 +408,12 @@ def kstar_run(args, save=lambda partial: None) -> dict:
     names = [str(i) for i in range(len(imgs))]  # the names runner.segment gives arrays
     list(engine.run([WorkItem(-1, imgs[0], 10 ** 6)]))  # compile the step (stops after 1 step)
     kstar(imgs[0], "warm-up")  # compile the feature function, start the k* processes
-    threads = runner._loader_threads(engine.config)
     t = time.perf_counter()
-    ks = {i: k for i, k in runner._prefetch(range(len(imgs)), lambda i: kstar(imgs[i], names[i]), threads)}
+    ks = kstar.estimate_many(imgs, names)
     kstar_s = time.perf_counter() - t
     out = {"images": len(imgs), "scale": args.full_scale, "config": args.kstar_config,
-           "batch": args.full_batch, "kstar_processes": args.kstar_processes, "loader_threads": threads,
-           "cpu_count": os.cpu_count(), "kstar": [ks[i] for i in range(len(imgs))],
+           "batch": args.full_batch, "kstar_processes": args.kstar_processes,
+           "cpu_count": os.cpu_count(), "kstar": ks,
            "kstar_seconds": kstar_s, "kstar_per_s": len(imgs) / kstar_s}
     save(out)
     t = time.perf_counter()
@@ -524,7 +534,7 @@ def main(argv=None) -> int:
     roofline = matmul_roofline()
     dev = jax.devices()[0]
     machine = {"device": args.device, "jax_device": str(dev.device_kind), "jax_backend": jax.default_backend(),
-               "jax": jax.__version__, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+               "jax": jax.__version__, "jax_platform_version": dev.client.platform_version, "cpu_count": os.cpu_count(), "platform": platform.platform(),
                "matmul_roofline_gflops": roofline, "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     if not args.no_torch:
         import torch
@@ -532,6 +542,8 @@ def main(argv=None) -> int:
         machine["torch_threads"] = torch.get_num_threads()
         if args.device == "gpu":
             machine["torch_device"] = torch.cuda.get_device_name(0)
+            machine["torch_cuda"] = torch.version.cuda
+            machine["torch_cudnn"] = torch.backends.cudnn.version()
     print(f"# {machine['jax_device']} ({machine['jax_backend']}), {os.cpu_count()} CPUs, "
           f"matmul roofline {roofline:.0f} GFLOP/s (2048^3 float32)")
     hdr = f"{'size':>8} {'batch':>5} {'strategy':>9} {'conv':>6} {'JAX ms/it':>9} {'torch ms/it':>11} " \

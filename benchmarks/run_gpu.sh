@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements of the README in one time-capped run (at most about 8.7 minutes):
-#   1. the Pallas conv's tests with its Triton-compiled kernels (tests/test_conv3x3_pallas.py);
+# The GPU measurements of the README in one time-capped run (at most about 9.5 minutes):
+#   1. the Pallas conv's tests with its Triton-compiled kernels (tests/test_conv3x3_pallas.py),
+#      and single steps with native TF32 products against the precision's bound;
 #   2. speed in strict float32 (240x160 and 481x321, batch 1 and 32), vmap + winograd (the
 #      engine's accelerator default), against the PyTorch reference one image at a time
 #      and the tuned batched PyTorch (torch_batched.py);
@@ -10,7 +11,8 @@
 #   5. whole runs with early stopping on 32 real BSDS500 val images at half size (images
 #      per second; the PyTorch versions on the first 4);
 #   6. the silhouette phase against the device at batch 32 (k* per second, and how long
-#      the engine waited for k* while slots were running).
+#      the engine waited for k* while slots were running);
+#   7. the README's tables from all of it (OUT/tables.md, benchmarks/speed_tables.py).
 # EXTRA=1 (about 3.3 minutes more) adds the tuned PyTorch captured by torch.compile, JAX's
 # fastest precision, bfloat16 in the Pallas conv and TF32 with channels padded to
 # multiples of 8. REPRO=1 (2 minutes more) adds the DynaSeg-SCF predictions of the
@@ -34,6 +36,10 @@ log() { tee -a "$OUT/log.txt"; }
   nproc
   python -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__, 'cuda', torch.version.cuda)"; } 2>&1 | tee "$OUT/log.txt"
 timeout 40 python -m pytest -q -p no:cacheprovider tests/test_conv3x3_pallas.py 2>&1 | tail -15 | log
+# Native TF32 steps against the float64 step with TF32-rounded operands (the precision's
+# bound: tests/test_torch_parity.py, test_teacher_forced_steps_reduced_precision).
+timeout 45 python -m pytest -q -s -p no:cacheprovider tests/test_torch_parity.py -k reduced_precision 2>&1 \
+  | grep -E "teacher-forced|passed|failed|Error" | log
 bench="python benchmarks/bench_speed.py --device gpu --iters 20 --repeats 3 --warmup 2 --no-hugepages --strategy vmap --conv-impl winograd"
 timeout 100 $bench --size 240x160 481x321 --batch 1 32 \
   --json "$OUT/speed_gpu.json" --plot "$OUT/speed_gpu.png" 2>&1 | log
@@ -73,3 +79,6 @@ if [ "$REPRO" = 1 ]; then
     --limit "$LIMIT" --out "$repro" --methods dynaseg_scf --set engine.batch="$LIMIT" --no-plots 2>&1 | tail -4 | log
   tar czf "$OUT/repro.tgz" -C "$(dirname "$repro")" "$(basename "$repro")"
 fi
+# The README's tables from the JSON files above, each row with both sides' precision and
+# versions (benchmarks/speed_tables.py; seconds, and it runs anywhere afterwards too).
+python benchmarks/speed_tables.py "$OUT"/*.json > "$OUT/tables.md" 2>> "$OUT/log.txt"

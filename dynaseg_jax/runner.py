@@ -100,6 +100,28 @@ class KStarEstimator:
             _drop_kstar_pool(n, pool)
             return silhouette.kstar_of_sample(*args)[0]
 
+    def estimate_many(self, images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> list[int]:
+        """k_min of every image, computed concurrently as ``segment`` computes them ahead
+        of the engine (its loader threads, and the k* processes of
+        ``engine.kstar_processes``).
+
+        Args:
+          images: float RGB images.
+          names: each image's name (its initial network, under ``init = "per_image"``);
+            default: its position, as ``segment`` names arrays.
+
+        Returns:
+          One k_min per image, in order. The first failure raises.
+        """
+        names = [str(i) for i in range(len(images))] if names is None else list(names)
+        ks = []
+        for _, k in _prefetch(range(len(images)), lambda i: self(images[i], names[i]),
+                              _loader_threads(self.config)):
+            if isinstance(k, Exception):
+                raise k
+            ks.append(k)
+        return ks
+
 
 _KSTAR_POOLS: dict[int, cf.ProcessPoolExecutor] = {}
 _KSTAR_POOLS_LOCK = threading.Lock()

@@ -11,6 +11,13 @@ require("torch")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_speed  # noqa: E402
+import speed_tables  # noqa: E402
+
+
+def table_rows(markdown: str, title: str) -> list[list[str]]:
+    """The cells of the data rows of the table under ``### title``."""
+    block = markdown.split(f"### {title}\n\n", 1)[1].split("\n\n", 1)[0]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines()[2:]]
 
 
 def test_json_contract(tmp_path):
@@ -43,6 +50,26 @@ def test_full_run_scaled_with_fewer_torch_images(tmp_path, monkeypatch):
     assert len(full["jax_iterations"]) == 2 and max(full["jax_iterations"]) <= 3
     assert len(full["torch_iterations"]) == 1 and max(full["torch_iterations"]) <= 3
     assert full["speedup"] == pytest.approx(full["jax_images_per_s"] / full["torch_images_per_s"])
+    assert full["products"] == full["torch_products"] == "float32"
+    assert len(full["torch_batched_iterations"]) == 1
+
+    # The README's tables from this file: JAX, the reference and the tuned PyTorch, each
+    # row with its precision and versions, the ratios recomputed from images per second.
+    md = speed_tables.tables([out])
+    jax_row, ref_row, tuned_row = table_rows(md, "Whole runs with early stopping")
+    assert jax_row[1].startswith("JAX") and ref_row[1] == "PyTorch reference" and tuned_row[1] == "PyTorch tuned"
+    assert jax_row[3] == "2" and ref_row[3] == "1" and tuned_row[3] == "2"  # images at once
+    assert float(ref_row[6].rstrip("x")) == pytest.approx(full["speedup"], abs=0.005)
+    assert float(tuned_row[6].rstrip("x")) == pytest.approx(
+        full["jax_images_per_s"] / full["torch_batched_images_per_s"], abs=0.005)
+    assert all(r[2] == "float32" and "jax " in r[7] and "torch " in r[7] for r in (jax_row, ref_row, tuned_row))
+    (step,) = table_rows(md, "Steps (no early stop)")
+    row = json.loads(out.read_text())
+    assert step[3] == f"{row['jax_ms_per_image_iter']:.2f}"
+    assert float(step[6].rstrip("x")) == pytest.approx(row["torch_ms_per_image_iter"] / row["jax_ms_per_image_iter"],
+                                                       abs=0.005)
+    assert float(step[7].rstrip("x")) == pytest.approx(
+        row["torch_batched_ms_per_image_iter"] / row["jax_ms_per_image_iter"], abs=0.005)
 
 
 def test_kstar_run_times_the_silhouette_phase_against_the_engine(tmp_path, monkeypatch):
@@ -62,6 +89,9 @@ def test_kstar_run_times_the_silhouette_phase_against_the_engine(tmp_path, monke
     assert run["device_images_per_s"] == pytest.approx(2 / run["device_seconds"])
     # The waits are parts of the pipelined run's wall time.
     assert run["wait_for_kstar_while_running_s"] + run["wait_for_kstar_while_idle_s"] <= run["pipeline_seconds"]
+    (row,) = table_rows(speed_tables.tables([out]), "The silhouette phase against the device")
+    assert row[:3] == ["2 (scale 0.1)", "2", f"0 ({run['cpu_count']})"]
+    assert row[3] == f"{run['kstar_per_s']:.3g}"
 
 
 def test_card_peaks():
@@ -101,3 +131,14 @@ def test_bench_conv_rows_and_failures(tmp_path):
     assert rows["pallas/16x16"]["max_relative_difference_vs_lax_float32"] < 1e-5
     assert rows["winograd"]["max_relative_difference_vs_lax_float32"] < 3e-4
     assert rows["lax"]["tflops_direct"] == pytest.approx(3 * 2 * 12 * 8 * 9 * 16 * 16 / (rows["lax"]["ms_per_image"] * 1e9))
+    table = {r[1]: r for r in table_rows(speed_tables.tables([out]), "The 3x3 conv alone (forward and both gradients)")}
+    assert table["pallas/48x16"][3].startswith("failed:") and table["lax"][6] == "0.0e+00"
+    assert table["winograd"][3] == f"{rows['winograd']['ms_per_image']:.3f}"
+
+
+def test_speed_tables_refuses_other_files(tmp_path):
+    other = tmp_path / "other.json"
+    other.write_text('{"a": 1}')
+    assert speed_tables.main([str(other)]) == 2
+    with pytest.raises(ValueError, match="not a bench_speed.py or bench_conv.py"):
+        speed_tables.tables([other])

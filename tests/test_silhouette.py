@@ -85,11 +85,12 @@ def test_kstar_processes_give_the_same_k_and_scores(tiny_config):
     in_threads = KStarEstimator(config, None)
     in_processes = KStarEstimator(config.replace({"engine.kstar_processes": 2}), None)
     rng = np.random.default_rng(3)
-    ks = []
+    ks, imgs = [], []
     try:
         for n_colours in (2, 3, 5):
             img = np.repeat(rng.uniform(0, 1, (n_colours, 1, 3)), 40, axis=1).repeat(8, axis=0)
             img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1).astype(np.float32)
+            imgs.append(img)
             ks.append(in_threads(img))
             assert in_processes(img) == ks[-1]
             feats = in_threads.features(img)
@@ -100,6 +101,8 @@ def test_kstar_processes_give_the_same_k_and_scores(tiny_config):
             k1, scores1 = kstar_of_sample(sample, (2, 6), config.seed, threads=1)
             k_all, scores_all = kstar_of_sample(sample, (2, 6), config.seed)
             assert k1 == k_all and scores1 == pytest.approx(scores_all, abs=1e-9)
+        # All at once, as segment() computes them: each image's own k*, in order.
+        assert in_processes.estimate_many(imgs) == ks
     finally:
         _close_kstar_pools()  # this test's processes end here, not at the suite's exit
     assert len(set(ks)) > 1  # the images do test different answers

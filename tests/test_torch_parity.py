@@ -15,7 +15,9 @@ same step, on this machine, plus a floor from the arithmetic for quantities wher
 torch's error could be small by chance (see ``C_ORDER``, ``winograd_error_factor`` and
 ``truth_step`` for the constants and their reasoning). ``test_planted_bugs_are_rejected``
 shows that this criterion, at these constants, rejects a BatchNorm eps of 1e-3 and a
-weight decay applied after the momentum.
+weight decay applied after the momentum. Steps with TF32 or bfloat16 products get an
+allowance more: the change that rounding their operands makes to the float64 step
+(``product_rounding_allowances``).
 
 The step map has three discontinuities, handled explicitly, not by tolerance: the
 labels c = argmax r' (at a near-tie), ReLU's derivative (at a pre-activation within
@@ -351,9 +353,39 @@ def same_branch(a: dict, b: dict) -> bool:
             and all(np.array_equal(x, y) for x, y in zip(a["signs"], b["signs"])))
 
 
-def truth_step(start: dict, image: np.ndarray, branch: dict, config=CONFIG) -> dict:
+def round_significand(t: torch.Tensor, bits: int, mode: str) -> torch.Tensor:
+    """t rounded to ``bits`` significant bits: 'nearest_even', 'nearest_away' (ties away
+    from zero) or 'toward_zero'. Arithmetic on frexp's significand, independent of the
+    bit manipulation of ``conv3x3.round_to_precision``."""
+    m, e = torch.frexp(t)  # t = m 2^e, 0.5 <= |m| < 1: m 2^bits has ``bits`` integer bits
+    v = m * 2.0 ** bits
+    r = {"nearest_even": torch.round, "toward_zero": torch.trunc,
+         "nearest_away": lambda v: torch.sign(v) * torch.floor(v.abs() + 0.5)}[mode](v)
+    return torch.ldexp(r / 2.0 ** bits, e)
+
+
+def round_products(model, rounding) -> None:
+    """Hooks that round the operands of every product with learned weights (the convs,
+    the classifier) with ``rounding``: the input and kernel in the forward pass and the
+    incoming gradient dy of both gradients, as reduced-precision products read them. The
+    input and kernel pass their gradients through unchanged, and the bias is added after
+    the product, as in ``conv3x3.emulated_products``."""
+    def rounded(t):
+        return t + (rounding(t.detach()) - t.detach())
+
+    def hook(module, inp, out):
+        product = module._conv_forward(rounded(inp[0]), rounded(module.weight), None)
+        product.register_hook(rounding)
+        return product + module.bias[:, None, None]
+
+    for module in [*model.convs, model.classifier]:
+        module.register_forward_hook(hook)
+
+
+def truth_step(start: dict, image: np.ndarray, branch: dict, config=CONFIG, rounding=None) -> dict:
     """The float64 truth of one step from a float32 snapshot, on a given ``branch_of``,
-    with the floors of the criterion.
+    with the floors of the criterion. ``rounding``: the same step with every product's
+    operands rounded by it (``round_products``; its floors then mean nothing).
 
     Floors, from the arithmetic (all evaluated on the float64 run; N = H*W pixels;
     "the sum floor" is LAMBDA U32 sqrt(n) (|sum t| + sqrt(sum t^2)), see LAMBDA):
@@ -378,6 +410,8 @@ def truth_step(start: dict, image: np.ndarray, branch: dict, config=CONFIG) -> d
     model = ref.build_model(config).double()
     model.load_state_dict(start["state_dict"])
     model.train()
+    if rounding is not None:
+        round_products(model, rounding)  # before the hooks below, which see its outputs
     optimizer = ref.make_optimizer(model, config)
     if start["momentum"] is not None:
         for name, p in model.named_parameters():
@@ -488,20 +522,29 @@ def reference_step(run: TorchRun, image: np.ndarray) -> dict:
     return {"start": start, "torch": torch32, "branch": branch, "ties": ties, "truth": truth}
 
 
-def judge_step(rec: dict, image: np.ndarray, impl: str, new_state, metrics, fwd) -> list:
-    """Rows (quantity, ||jax - truth||, allowed) of one JAX step against ``rec``.
+def truth_on_jax_branch(rec: dict, image: np.ndarray, fwd) -> tuple[dict, dict]:
+    """(JAX's branch, the float64 truth on it): ``fwd`` = (r', pre-activations) of JAX's
+    forward pass from ``rec``'s start give the branch; where it is not torch's, the
+    truth is recomputed on JAX's."""
+    r_j = np.asarray(fwd[0], np.float64)
+    branch = branch_of(r_j, np.asarray(fwd[0]).argmax(-1), tuple(np.asarray(y) > 0 for y in fwd[1]),
+                       JAX_ABS_SUBGRADIENT, rec["ties"])
+    if same_branch(branch, rec["branch"]):
+        return branch, rec["truth"]
+    return branch, truth_step(rec["start"], image, branch)
 
-    ``fwd`` = (r', pre-activations) of JAX's forward pass from the same start: they give
-    JAX's branch; where it is not torch's, the truth is recomputed on JAX's branch.
+
+def judge_step(rec: dict, image: np.ndarray, impl: str, new_state, metrics, fwd,
+               extra: dict | None = None) -> list:
+    """Rows (quantity, ||jax - truth||, allowed) of one JAX step against ``rec``, the
+    truth taken on JAX's branch (``truth_on_jax_branch``). ``extra``: allowances added
+    per quantity (reduced-precision products: ``product_rounding_allowances``).
     """
     torch32, truth_t = rec["torch"], rec["truth"]
+    extra = extra or {}
     r_j = np.asarray(fwd[0], np.float64)
     labels_j = np.asarray(fwd[0]).argmax(-1)
-    branch = branch_of(r_j, labels_j, tuple(np.asarray(y) > 0 for y in fwd[1]),
-                       JAX_ABS_SUBGRADIENT, rec["ties"])
-    truth_j = truth_t
-    if not same_branch(branch, rec["branch"]):
-        truth_j = truth_step(rec["start"], image, branch)
+    _, truth_j = truth_on_jax_branch(rec, image, fwd)
     # Labels may differ from float64's own argmax only where its top-2 gap is within
     # twice JAX's r' error at that pixel (else the argmax itself is wrong).
     own = truth_j["response"].argmax(-1)
@@ -529,7 +572,7 @@ def judge_step(rec: dict, image: np.ndarray, impl: str, new_state, metrics, fwd)
                          norm(jax_trees[what][k] - truth),
                          C_ORDER * kappa * norm(torch32[what][k] - truth_t[what][k])
                          + truth_j[f"floor_{what}"][k]))
-    return rows
+    return [(name, err, bound + extra.get(name, 0.0)) for name, err, bound in rows]
 
 
 def worst_row(rows: list) -> tuple:
@@ -665,6 +708,78 @@ def test_teacher_forced_steps(impl, jax_fns, teacher):
     ratio, name, err, bound, t = worst
     print(f"\n[teacher-forced/{impl}] worst |jax - truth64| / allowed over {N_STEPS} steps: "
           f"{ratio:.3f} ({name} at step {t}: {err:.2e} / {bound:.2e})")
+
+
+# Reduced-precision products: every product with a learned weight (forward, and both
+# gradients) multiplies operands rounded to the format, then sums in float32 (TF32: 11
+# significant bits, rounded to nearest, ties away, or truncated by some GPU paths;
+# bfloat16: 8, to nearest even). What that rounding does to a step is computed in
+# float64 on JAX's branch, with the operands rounded as the format rounds them
+# (``round_products``): the change of each quantity from the unrounded truth. JAX's
+# reduced-precision step may differ from the truth by that change, ROUNDING_MARGIN = 2
+# times (float64 operands sit within U32 of JAX's float32 ones, so an operand within
+# that of a rounding midpoint may round the other way: one unit of the format for that
+# element, a small part of a norm over >= 100 elements), plus the float32 criterion's
+# allowance for the float32 sums. The losses are functions of r' alone (no learned
+# weights): their allowance is already the propagation of JAX's r' error. An error of
+# the wrong precision is off by the ratio of units, 8 between TF32 and bfloat16.
+SIGNIFICANT_BITS = {"tensorfloat32": 11, "bfloat16": 8}
+ROUNDING_MODES = {"tensorfloat32": ("nearest_away",), "bfloat16": ("nearest_even",)}
+ROUNDING_MARGIN = 2.0
+
+
+def product_rounding_allowances(rec, image, fwd, precision: str, modes) -> dict:
+    """ROUNDING_MARGIN x the change of each quantity (r', each parameter and momentum
+    leaf) of the float64 step on JAX's branch when every product's operands are rounded
+    to ``precision`` (the largest over rounding ``modes``)."""
+    branch, base = truth_on_jax_branch(rec, image, fwd)
+    change = {}
+    for mode in modes:
+        rounding = functools.partial(round_significand, bits=SIGNIFICANT_BITS[precision], mode=mode)
+        moved = truth_step(rec["start"], image, branch, rounding=rounding)
+        diffs = [("r'", moved["response"] - base["response"])]
+        for what in ("params", "momentum"):
+            diffs += [(what + k.replace("['params']", ""), moved[what][k] - base[what][k]) for k in base[what]]
+        for name, diff in diffs:
+            change[name] = max(change.get(name, 0.0), float(np.linalg.norm(diff)))
+    return {name: ROUNDING_MARGIN * c for name, c in change.items()}
+
+
+@pytest.mark.parametrize("precision,finer,native", [("tensorfloat32", "float32", False),
+                                                    ("bfloat16", "tensorfloat32", False),
+                                                    ("tensorfloat32", "float32", True)],
+                         ids=["tensorfloat32-emulated", "bfloat16-emulated", "tensorfloat32-gpu"])
+def test_teacher_forced_steps_reduced_precision(precision, finer, native, teacher):
+    """Steps with TF32 or bfloat16 products, each started from torch's exact state,
+    within the float32 criterion plus the allowance for the precision's rounding: the
+    bound a faster precision must meet. Emulated (``model.emulate_precision``) on any
+    backend; native TF32 on an NVIDIA GPU, where either rounding mode is allowed. The
+    same steps judged with the finer precision's allowance instead are rejected: the
+    bound tells the precisions apart."""
+    if native and jax.default_backend() != "gpu":
+        pytest.skip("native TF32 products need an NVIDIA GPU (benchmarks/run_gpu.sh runs this case)")
+    image, records = teacher
+    config = CONFIG.replace({"model.emulate_precision": not native, "model.matmul_precision": precision})
+    modes = ("nearest_away", "toward_zero") if native else ROUNDING_MODES[precision]
+    step, forward = jax.jit(train.make_train_step(config)), jax.jit(make_forward(config))
+    x, mask = jnp.asarray(image), jnp.ones(image.shape[:2], jnp.float32)
+    worst, finer_worst = (0.0,), []
+    for rec in records:
+        state = jax_state(rec["start"])
+        new_state, metrics = step(state, x, mask)
+        fwd = forward(state["params"], x, mask)
+        extra = product_rounding_allowances(rec, image, fwd, precision, modes)
+        rows = judge_step(rec, image, "lax", new_state, metrics, fwd, extra)
+        worst = max(worst, worst_row(rows) + (rec["start"]["t"],))
+        assert_rows(rows, f"[{precision}] step {rec['start']['t']}")
+        finer_extra = ({} if finer == "float32" else
+                       product_rounding_allowances(rec, image, fwd, finer, ROUNDING_MODES[finer]))
+        finer_worst.append(worst_row(judge_step(rec, image, "lax", new_state, metrics, fwd, finer_extra))[0])
+    ratio, name, err, bound, t = worst
+    print(f"\n[teacher-forced/{precision}] worst |jax - truth64| / allowed over {N_STEPS} steps: "
+          f"{ratio:.3f} ({name} at step {t}: {err:.2e} / {bound:.2e}); with {finer}'s allowance: "
+          f"{min(finer_worst):.2f}-{max(finer_worst):.2f} x allowed")
+    assert min(finer_worst) > 1
 
 
 def _buggy_eps_step(start, forward):

@@ -1,0 +1,190 @@
+"""Markdown tables from the speed benchmarks' JSON files, as the README shows them.
+
+Reads any mix of ``bench_speed.py`` files (step timings, ``full_run`` and ``kstar_run``)
+and ``bench_conv.py`` files (the conv alone) and prints one table per kind: every row
+names the products' precision of each side and the versions (jax, torch, and the CUDA
+each one runs on), so that a row copied elsewhere still says what was measured.
+Ratios are images per second of JAX over the opponent (> 1: JAX is faster), computed
+from the times of one run, where both sides were interleaved.
+
+Example::
+
+    python benchmarks/speed_tables.py runs/gpu/*.json > runs/gpu/tables.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def versions(run: dict) -> str:
+    """'jax V (platform), torch V (CUDA V)' of one benchmark file."""
+    plat = run.get("jax_platform_version") or run.get("jax_backend") or run.get("backend") or "?"
+    out = f"jax {run.get('jax', '?')} ({plat})"
+    if run.get("torch"):
+        cuda = f", CUDA {run['torch_cuda']}" if run.get("torch_cuda") else ""
+        out += f"; torch {run['torch']}{cuda}"
+    return out
+
+
+def card(run: dict) -> str:
+    return run.get("torch_device") or run.get("jax_device") or run.get("device") or "?"
+
+
+def _f(x, fmt: str = ".2f", none: str = "—") -> str:
+    return none if x is None else format(x, fmt)
+
+
+def _ratio(ms_other, ms_jax) -> str:
+    """Images per second of JAX over the other side, from ms per image-iteration."""
+    return "—" if not ms_other or not ms_jax else f"{ms_other / ms_jax:.2f}x"
+
+
+def _strict_or_tf32(run: dict) -> str:
+    """Products of files written before the benchmarks recorded them: bench_speed ran
+    both sides in strict float32 unless --tf32."""
+    return "tensorfloat32" if run.get("tf32") else "float32"
+
+
+def _peak(row: dict) -> str:
+    gflops, peak = row.get("jax_gflops"), row.get("card_peak_tflops")
+    if gflops is None:
+        return "—"
+    text = f"{gflops / 1e3:.3g}"
+    if peak:
+        text += f", {row['jax_peak_fraction_direct']:.0%} of {peak:g}"
+        if row.get("jax_peak_fraction_executed"):
+            text += f" ({row['jax_peak_fraction_executed']:.0%} executed)"
+    return text
+
+
+def step_table(runs: list[tuple[str, dict]]) -> list[str]:
+    lines = ["| size | batch | JAX: strategy, conv, products | JAX ms / image-iter | reference ms (products) "
+             "| tuned ms (products) | JAX over reference | JAX over tuned | JAX TFLOP/s (direct), of peak "
+             "| step MiB | card; versions |",
+             "|" + "---|" * 11]
+    for _, run in runs:
+        for row in run.get("results", []):
+            torch_p = row.get("torch_products") or _strict_or_tf32(row)
+            ref = row.get("torch_ms_per_image_iter")
+            tuned = row.get("torch_batched_ms_per_image_iter")
+            compiled = ", compiled" if row.get("torch_batched_compiled") else ""
+            lines.append(
+                f"| {row['size']} | {row['batch']} | {row['strategy']}, {row['conv_impl']}, "
+                f"{row.get('products') or _strict_or_tf32(row)} | {row['jax_ms_per_image_iter']:.2f} "
+                f"| {_f(ref)}{f' ({torch_p})' if ref else ''} "
+                f"| {_f(tuned)}{f' ({torch_p}{compiled})' if tuned else ''} "
+                f"| {_ratio(ref, row['jax_ms_per_image_iter'])} | {_ratio(tuned, row['jax_ms_per_image_iter'])} "
+                f"| {_peak(row)} | {_f(row.get('step_total_mb'), '.0f')} | {card(run)}; {versions(run)} |")
+    return lines if len(lines) > 2 else []
+
+
+def _iterations(its) -> str:
+    return f"{min(its)} / {statistics.median(its):g} / {max(its)}" if its else "—"
+
+
+def full_run_table(runs: list[tuple[str, dict]]) -> list[str]:
+    lines = ["| images (size) | side | products | images at once | images / s | iterations min / median / max "
+             "| JAX over it | card; versions |",
+             "|" + "---|" * 8]
+    for _, run in runs:
+        fr = run.get("full_run")
+        if not fr or "jax_seconds" not in fr:
+            continue
+        what = f"{fr['images']} BSDS500 val ({fr['size']}, scale {fr['scale']:g})"
+        tail = f"{card(run)}; {versions(run)}"
+        jax_ips = fr["jax_images_per_s"]
+        lines.append(f"| {what} | JAX {fr['strategy']}, {fr['conv_impl']} | {fr.get('products') or _strict_or_tf32(run)} "
+                     f"| {fr['batch']} | {jax_ips:.4g} | {_iterations(fr['jax_iterations'])} | | {tail} |")
+        if "torch_images_per_s" in fr:
+            lines.append(f"| first {fr['torch_images']} | PyTorch reference | {fr.get('torch_products') or _strict_or_tf32(run)} | 1 "
+                         f"| {fr['torch_images_per_s']:.4g} | {_iterations(fr['torch_iterations'])} "
+                         f"| {jax_ips / fr['torch_images_per_s']:.2f}x | {tail} |")
+        if "torch_batched_images_per_s" in fr:
+            lines.append(f"| first {fr['torch_images']} | PyTorch tuned | {fr.get('torch_products') or _strict_or_tf32(run)} "
+                         f"| {fr['batch']} | {fr['torch_batched_images_per_s']:.4g} "
+                         f"| {_iterations(fr['torch_batched_iterations'])} "
+                         f"| {jax_ips / fr['torch_batched_images_per_s']:.2f}x | {tail} |")
+    return lines if len(lines) > 2 else []
+
+
+def kstar_table(runs: list[tuple[str, dict]]) -> list[str]:
+    lines = ["| images | slots | k* processes (CPUs) | k* / s | device images / s (k* given) "
+             "| pipeline images / s | wait for k*, slots running / idle (s) | card; versions |",
+             "|" + "---|" * 8]
+    for _, run in runs:
+        k = run.get("kstar_run")
+        if not k or "kstar_per_s" not in k:
+            continue
+        lines.append(f"| {k['images']} (scale {k['scale']:g}) | {k['batch']} | {k['kstar_processes']} "
+                     f"({k['cpu_count']}) | {k['kstar_per_s']:.3g} | {_f(k.get('device_images_per_s'), '.3g')} "
+                     f"| {_f(k.get('pipeline_images_per_s'), '.3g')} "
+                     f"| {_f(k.get('wait_for_kstar_while_running_s'))} / {_f(k.get('wait_for_kstar_while_idle_s'))} "
+                     f"| {card(run)}; {versions(run)} |")
+    return lines if len(lines) > 2 else []
+
+
+def conv_table(runs: list[tuple[str, dict]]) -> list[str]:
+    lines = ["| size, batch, channels | impl | products | ms / image | TFLOP/s (direct) | of peak "
+             "| rel. diff vs lax float32 | card; versions |",
+             "|" + "---|" * 8]
+    for _, run in runs:
+        for row in run.get("rows", []):
+            what = f"{run['size']}, {run['batch']}, {run['channels']}"
+            tail = f"{run.get('device', '?')}; {versions(run)}"
+            if "error" in row:
+                lines.append(f"| {what} | {row['impl']} | {row['precision']} | failed: "
+                             f"{row['error'].splitlines()[0][:80]} | | | | {tail} |")
+                continue
+            lines.append(f"| {what} | {row['impl']} | {row['precision']} | {row['ms_per_image']:.3f} "
+                         f"| {row['tflops_direct']:.2f} | {_f(row.get('peak_fraction'), '.0%')} "
+                         f"| {row['max_relative_difference_vs_lax_float32']:.1e} | {tail} |")
+    return lines if len(lines) > 2 else []
+
+
+def tables(paths: list[Path]) -> str:
+    """The markdown of every table the files have data for; raises ValueError on a file
+    that is neither kind."""
+    speed, conv = [], []
+    for path in paths:
+        try:
+            run = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read: {e}") from None
+        if "results" in run or "full_run" in run or "kstar_run" in run:
+            speed.append((str(path), run))
+        elif "rows" in run:
+            conv.append((str(path), run))
+        else:
+            raise ValueError(f"{path}: not a bench_speed.py or bench_conv.py JSON file")
+    parts = []
+    for title, lines in (("Steps (no early stop)", step_table(speed)),
+                         ("Whole runs with early stopping", full_run_table(speed)),
+                         ("The silhouette phase against the device", kstar_table(speed)),
+                         ("The 3x3 conv alone (forward and both gradients)", conv_table(conv))):
+        if lines:
+            parts.append(f"### {title}\n\n" + "\n".join(lines))
+    partial = [p for p, r in speed + conv if r.get("partial")]
+    if partial:  # the benchmark stopped before its last row or phase
+        parts.insert(0, f"Cut short, rows or phases missing: {', '.join(partial)}.")
+    sources = " ".join(str(p) for p in paths)
+    return f"<!-- python benchmarks/speed_tables.py {sources} -->\n\n" + "\n\n".join(parts) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", nargs="+", type=Path, help="bench_speed.py / bench_conv.py JSON files")
+    args = parser.parse_args(argv)
+    try:
+        sys.stdout.write(tables(args.json))
+    except ValueError as e:
+        print(f"speed_tables: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
