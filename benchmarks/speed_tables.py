@@ -31,6 +31,9 @@ def versions(run: dict) -> str:
 
 
 def card(run: dict) -> str:
+    """The device both sides ran on: the GPU's name, or the CPU's cores."""
+    if "cpu" in (run.get("jax_backend"), run.get("backend")):
+        return f"CPU, {run['cpu_count']} cores" if run.get("cpu_count") else "CPU"
     return run.get("torch_device") or run.get("jax_device") or run.get("device") or "?"
 
 
