@@ -212,7 +212,7 @@ class BatchedTorchRunner:
     device, stop flags read every ``check_every`` updates; optionally the update captured
     by ``torch.compile(mode="reduce-overhead")``."""
 
-    def __init__(self, config, h, w, batch, device, compile_step=False):
+    def __init__(self, config, h, w, batch, device, compile_step=False, conv="bmm"):
         import torch
         import torch_batched as tb
         self.torch, self.device, self.batch = torch, device, batch
@@ -222,7 +222,7 @@ class BatchedTorchRunner:
         self.momenta = {k: torch.zeros_like(v) for k, v in self.params.items()}
         self.x = torch.cat([tb.ref.image_to_tensor(synthetic_image(h, w, i), device) for i in range(batch)])
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
-        self.update = tb.make_update(config, h, w, config.model.padding)
+        self.update = tb.make_update(config, h, w, config.model.padding, conv)
         if compile_step:
             self.update = torch.compile(self.update, mode="reduce-overhead")
         self.time_iters(3)  # warm-up (and capture, when compiled)
@@ -260,20 +260,25 @@ def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_c
     tkey = (h, w)
     if not args.no_torch and tkey not in torch_cache:
         torch_cache[tkey] = TorchRunner(config, h, w, "cuda" if args.device == "gpu" else "cpu")
-    bkey = (h, w, batch, "batched")
-    if not args.no_torch and cfg.model.name == "cnn" and bkey not in torch_cache:
-        torch_cache[bkey] = BatchedTorchRunner(config, h, w, batch, "cuda" if args.device == "gpu" else "cpu",
-                                               compile_step=args.torch_compile)
-    jax_t, torch_t, batched_t = [], [], []
+    bkeys = [(h, w, batch, "batched", conv) for conv in args.torch_conv]
+    for bkey in bkeys:
+        if not args.no_torch and cfg.model.name == "cnn" and bkey not in torch_cache:
+            torch_cache[bkey] = BatchedTorchRunner(config, h, w, batch, "cuda" if args.device == "gpu" else "cpu",
+                                                   compile_step=args.torch_compile, conv=bkey[-1])
+    jax_t, torch_t, batched_t = [], [], {bkey[-1]: [] for bkey in bkeys if bkey in torch_cache}
     for _ in range(args.repeats):  # interleaved, so drifts in machine load hit every side
         jax_t.append(jr.time_iters(args.iters))
         if not args.no_torch:
             torch_t.append(torch_cache[tkey].time_iters(args.iters))
-        if bkey in torch_cache:
-            batched_t.append(torch_cache[bkey].time_iters(args.iters))
+        for bkey in bkeys:
+            if bkey in torch_cache:
+                batched_t[bkey[-1]].append(torch_cache[bkey].time_iters(args.iters))
     jax_ms = statistics.median(jax_t) * 1e3
     torch_ms = statistics.median(torch_t) * 1e3 if torch_t else None
-    batched_ms = statistics.median(batched_t) * 1e3 if batched_t else None
+    # The tuned opponent: the faster of its conv forms.
+    batched_by_conv = {conv: statistics.median(t) * 1e3 for conv, t in batched_t.items()}
+    batched_conv = min(batched_by_conv, key=batched_by_conv.get) if batched_by_conv else None
+    batched_ms = batched_by_conv[batched_conv] if batched_conv else None
     if cfg.model.name == "cnn":
         flops, flops_source = model_flops(h, w, cfg), "algorithmic (direct convolution)"
     else:
@@ -297,8 +302,9 @@ def bench_case(config, h, w, batch, strategy, conv_impl, args, roofline, torch_c
         "jax_ms_per_image_iter": jax_ms, "torch_ms_per_image_iter": torch_ms,
         "ratio": jax_ms / torch_ms if torch_ms else None,
         "torch_batched_ms_per_image_iter": batched_ms, "torch_batched_compiled": bool(args.torch_compile),
+        "torch_batched_conv": batched_conv, "torch_batched_ms_by_conv": batched_by_conv,
         "ratio_batched": jax_ms / batched_ms if batched_ms else None,
-        "torch_batched_ms_all": [t * 1e3 for t in batched_t],
+        "torch_batched_ms_all": {conv: [x * 1e3 for x in t] for conv, t in batched_t.items()},
         "jax_images_per_s_at_iters": 1e3 / (jax_ms * args.iters),
         "jax_gflops": flops / (jax_ms * 1e-3) / 1e9,
         "torch_gflops": flops / (torch_ms * 1e-3) / 1e9 if torch_ms else None,
@@ -369,16 +375,22 @@ def full_run(config, args, save=lambda partial: None) -> dict:
             groups: dict = {}
             for im in upright:
                 groups.setdefault(im.shape, []).append(im)
-            t = time.perf_counter()
-            bres = []
-            for group in groups.values():
-                for k in range(0, len(group), args.full_batch):
-                    chunk = group[k:k + args.full_batch]
-                    bres += tb.segment_batch(chunk, config, tb.initial_state_dicts(config, range(len(chunk))),
-                                             device=dev, tf32=args.tf32, compile_step=args.torch_compile)
-            batched_s = time.perf_counter() - t
-            out.update(torch_batched_seconds=batched_s, torch_batched_images_per_s=n_torch / batched_s,
-                       torch_batched_iterations=sorted(r["iterations"] for r in bres),
+            by_conv = {}
+            for conv in args.torch_conv:  # each conv form; the faster one is the opponent
+                t = time.perf_counter()
+                bres = []
+                for group in groups.values():
+                    for k in range(0, len(group), args.full_batch):
+                        chunk = group[k:k + args.full_batch]
+                        bres += tb.segment_batch(chunk, config, tb.initial_state_dicts(config, range(len(chunk))),
+                                                 device=dev, tf32=args.tf32, compile_step=args.torch_compile,
+                                                 conv=conv)
+                by_conv[conv] = (time.perf_counter() - t, sorted(r["iterations"] for r in bres))
+            conv = min(by_conv, key=lambda c: by_conv[c][0])
+            batched_s = by_conv[conv][0]
+            out.update(torch_batched_conv=conv, torch_batched_seconds_by_conv={c: v[0] for c, v in by_conv.items()},
+                       torch_batched_seconds=batched_s, torch_batched_images_per_s=n_torch / batched_s,
+                       torch_batched_iterations=by_conv[conv][1],
                        speedup_batched=(len(imgs) / jax_s) / (n_torch / batched_s))
     return out
 
@@ -480,6 +492,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--torch-conv", nargs="+", default=["bmm"], choices=["bmm", "grouped"],
+                    help="the tuned PyTorch's 3x3 conv forms to time (torch_batched.CONV_FORMS); the "
+                         "faster one is reported")
     ap.add_argument("--torch-compile", action="store_true",
                     help="capture the batched PyTorch update with torch.compile(mode='reduce-overhead')")
     ap.add_argument("--full-run", type=int, default=0, metavar="N",

@@ -4,7 +4,8 @@
 #      and single steps with native TF32 products against the precision's bound;
 #   2. speed in strict float32 (240x160 and 481x321, batch 1 and 32), vmap + winograd (the
 #      engine's accelerator default), against the PyTorch reference one image at a time
-#      and the tuned batched PyTorch (torch_batched.py);
+#      and the tuned batched PyTorch (torch_batched.py: unfold + bmm and a grouped cuDNN
+#      conv, the faster reported);
 #   3. the 3x3 conv alone in every formulation and Pallas tile size (bench_conv.py), strict
 #      float32 and TF32, and the whole step with the Pallas conv at batch 32;
 #   4. TF32 products in both frameworks at batch 32, with the memory of a step (per slot);
@@ -40,7 +41,7 @@ timeout 40 python -m pytest -q -p no:cacheprovider tests/test_conv3x3_pallas.py 
 # bound: tests/test_torch_parity.py, test_teacher_forced_steps_reduced_precision).
 timeout 45 python -m pytest -q -s -p no:cacheprovider tests/test_torch_parity.py -k reduced_precision 2>&1 \
   | grep -E "teacher-forced|passed|failed|Error" | log
-bench="python benchmarks/bench_speed.py --device gpu --iters 20 --repeats 3 --warmup 2 --no-hugepages --strategy vmap --conv-impl winograd"
+bench="python benchmarks/bench_speed.py --device gpu --iters 20 --repeats 3 --warmup 2 --no-hugepages --strategy vmap --conv-impl winograd --torch-conv bmm grouped"
 timeout 100 $bench --size 240x160 481x321 --batch 1 32 \
   --json "$OUT/speed_gpu.json" --plot "$OUT/speed_gpu.png" 2>&1 | log
 # The conv alone (forward + both gradients, batch 32, per-image kernels): every formulation

@@ -74,7 +74,8 @@ def step_table(runs: list[tuple[str, dict]]) -> list[str]:
             torch_p = row.get("torch_products") or _strict_or_tf32(row)
             ref = row.get("torch_ms_per_image_iter")
             tuned = row.get("torch_batched_ms_per_image_iter")
-            compiled = ", compiled" if row.get("torch_batched_compiled") else ""
+            compiled = f", {row.get('torch_batched_conv') or 'bmm'}"
+            compiled += ", compiled" if row.get("torch_batched_compiled") else ""
             lines.append(
                 f"| {row['size']} | {row['batch']} | {row['strategy']}, {row['conv_impl']}, "
                 f"{row.get('products') or _strict_or_tf32(row)} | {row['jax_ms_per_image_iter']:.2f} "
@@ -107,7 +108,8 @@ def full_run_table(runs: list[tuple[str, dict]]) -> list[str]:
                          f"| {fr['torch_images_per_s']:.4g} | {_iterations(fr['torch_iterations'])} "
                          f"| {jax_ips / fr['torch_images_per_s']:.2f}x | {tail} |")
         if "torch_batched_images_per_s" in fr:
-            lines.append(f"| first {fr['torch_images']} | PyTorch tuned | {fr.get('torch_products') or _strict_or_tf32(run)} "
+            lines.append(f"| first {fr['torch_images']} | PyTorch tuned ({fr.get('torch_batched_conv', 'bmm')}) "
+                         f"| {fr.get('torch_products') or _strict_or_tf32(run)} "
                          f"| {fr['batch']} | {fr['torch_batched_images_per_s']:.4g} "
                          f"| {_iterations(fr['torch_batched_iterations'])} "
                          f"| {jax_ips / fr['torch_batched_images_per_s']:.2f}x | {tail} |")

@@ -5,9 +5,12 @@
 section 1) on a batch of same-sized images, each with its own network, the way one
 writes it for a GPU:
 
-* the B networks' weights are stacked, and each 3x3 conv is ``F.unfold`` + one batched
-  matmul (``torch.bmm``) over the images: per-image weights without a grouped conv, the
-  same batched-matmul form that the JAX engine's vmap strategy compiles to;
+* the B networks' weights are stacked, and each 3x3 conv is either ``F.unfold`` + one
+  batched matmul (``torch.bmm``) over the images (``conv="bmm"``: per-image weights
+  without a grouped conv, the batched-matmul form that the JAX engine's vmap strategy
+  compiles to) or one cuDNN/oneDNN convolution with the images as groups
+  (``conv="grouped"``: the B images' channels side by side, ``groups=B``); the benchmark
+  times both and reports the faster;
 * q' is counted on the device (a scatter into a (B, q) presence table, no ``unique``,
   whose data-dependent output size forces a sync and breaks graph capture); mu is a
   (B,) tensor;
@@ -77,17 +80,33 @@ def _batch_norm(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
     return (y - mean) * torch.rsqrt(var + BN_EPS) * scale + shift
 
 
+CONV_FORMS = ("bmm", "grouped")
+
+
+def _conv3x3(x: torch.Tensor, weight: torch.Tensor, padding: str, conv: str) -> torch.Tensor:
+    """Each image's 3x3 conv with its own kernel: x (B, Cin, H, W), weight (B, Cout,
+    Cin * 9) -> (B, Cout, H * W), without the bias."""
+    b, cin, h, w = x.shape
+    if padding != "zeros":
+        x = F.pad(x, (1, 1, 1, 1), mode=padding)
+    pad = 1 if padding == "zeros" else 0
+    if conv == "bmm":
+        return torch.bmm(weight, F.unfold(x, 3, padding=pad))  # unfold: (B, Cin * 9, H * W)
+    if conv == "grouped":
+        cout = weight.shape[1]
+        y = F.conv2d(x.reshape(1, b * cin, *x.shape[2:]), weight.reshape(b * cout, cin, 3, 3),
+                     padding=pad, groups=b)
+        return y.view(b, cout, h * w)
+    raise ValueError(f"conv = {conv!r}: one of {CONV_FORMS}")
+
+
 def forward(params: dict, x: torch.Tensor, n_conv: int, padding: str = "zeros", input_space: str = "rgb",
-            position: float = 0.0) -> torch.Tensor:
+            position: float = 0.0, conv: str = "bmm") -> torch.Tensor:
     """r' of B images through their own networks: x (B, 3, H, W) -> (B, q, H * W)."""
     x = ref.encode_input(x, input_space, position)
     b, _, h, w = x.shape
     for i in range(n_conv):
-        if padding == "zeros":
-            cols = F.unfold(x, 3, padding=1)  # (B, Cin * 9, H * W)
-        else:
-            cols = F.unfold(F.pad(x, (1, 1, 1, 1), mode=padding), 3)
-        y = torch.relu(torch.bmm(params[f"conv{i}.w"], cols) + params[f"conv{i}.b"])
+        y = torch.relu(_conv3x3(x, params[f"conv{i}.w"], padding, conv) + params[f"conv{i}.b"])
         y = _batch_norm(y, params[f"bn{i}.g"], params[f"bn{i}.b"])
         x = y.view(b, -1, h, w)
     r = torch.bmm(params["classifier.w"], x.view(b, x.shape[1], -1)) + params["classifier.b"]
@@ -120,10 +139,10 @@ def batch_loss(r: torch.Tensor, h: int, w: int, config: Config):
     return (l_sim + mu * l_con).sum(), n_clusters.long()
 
 
-def make_update(config: Config, h: int, w: int, padding: str):
+def make_update(config: Config, h: int, w: int, padding: str, conv: str = "bmm"):
     """``update(params, momenta, x, active) -> n_clusters``: one SGD-momentum
     update of every active image in place; inactive images keep their parameters and
-    momentum exactly."""
+    momentum exactly. ``conv``: the 3x3 conv's form (``CONV_FORMS``)."""
     lr, m, wd = float(config.optim.lr), float(config.optim.momentum), float(config.optim.weight_decay)
     n_conv = config.model.n_conv
 
@@ -131,7 +150,7 @@ def make_update(config: Config, h: int, w: int, padding: str):
         for p in params.values():
             p.grad = None
         loss, n_clusters = batch_loss(forward(params, x, n_conv, padding, config.model.input_space,
-                                              config.model.position), h, w, config)
+                                              config.model.position, conv), h, w, config)
         loss.backward()
         with torch.no_grad():
             for name, p in params.items():
@@ -148,7 +167,8 @@ def make_update(config: Config, h: int, w: int, padding: str):
 
 def segment_batch(images: Sequence[np.ndarray], config: Config, init_state_dicts: Sequence[dict],
                   device: str | torch.device = "cpu", k_mins: Sequence[int] | None = None,
-                  check_every: int = 10, tf32: bool = False, compile_step: bool = False) -> list[dict]:
+                  check_every: int = 10, tf32: bool = False, compile_step: bool = False,
+                  conv: str = "bmm") -> list[dict]:
     """Segments same-sized images at once, each with its own network and stop.
 
     Args:
@@ -161,6 +181,7 @@ def segment_batch(images: Sequence[np.ndarray], config: Config, init_state_dicts
         on it: a finished image is frozen).
       tf32: let CUDA use TF32 (off: strict float32).
       compile_step: capture the update with ``torch.compile(mode="reduce-overhead")``.
+      conv: the 3x3 conv's form, ``"bmm"`` or ``"grouped"`` (``CONV_FORMS``).
 
     Returns:
       One dict per image: ``labels`` (H, W), ``iterations``, ``clusters``.
@@ -177,7 +198,7 @@ def segment_batch(images: Sequence[np.ndarray], config: Config, init_state_dicts
         params = {k: v.to(device).requires_grad_(True)
                   for k, v in stack_state_dicts(init_state_dicts, config.model.n_conv).items()}
         momenta = {k: torch.zeros_like(v) for k, v in params.items()}
-        update = make_update(config, h, w, config.model.padding)
+        update = make_update(config, h, w, config.model.padding, conv)
         if compile_step:
             update = torch.compile(update, mode="reduce-overhead")
         k_min = torch.as_tensor(k_mins, device=device)
@@ -193,7 +214,7 @@ def segment_batch(images: Sequence[np.ndarray], config: Config, init_state_dicts
                 break
         with torch.no_grad():
             labels = forward(params, x, config.model.n_conv, config.model.padding, config.model.input_space,
-                             config.model.position).argmax(dim=1)
+                             config.model.position, conv).argmax(dim=1)
         labels = labels.view(b, h, w).cpu().numpy()
         its = iterations.cpu().numpy()
     return [{"labels": labels[i], "iterations": int(its[i]), "clusters": int(np.unique(labels[i]).size)}
@@ -209,4 +230,4 @@ def initial_state_dicts(config: Config, seeds: Sequence[int]) -> list[dict]:
     return out
 
 
-__all__ = ["forward", "batch_loss", "make_update", "segment_batch", "stack_state_dicts", "initial_state_dicts"]
+__all__ = ["CONV_FORMS", "forward", "batch_loss", "make_update", "segment_batch", "stack_state_dicts", "initial_state_dicts"]

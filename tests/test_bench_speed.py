@@ -42,9 +42,13 @@ def test_full_run_scaled_with_fewer_torch_images(tmp_path, monkeypatch):
     code = bench_speed.main(["--size", "24x16", "--batch", "1", "--iters", "1", "--repeats", "1",
                              "--warmup", "1", "--set", "model.channels=8", "--set", "model.max_clusters=8", "--set", "stop.max_iters=3",
                              "--full-run", "2", "--full-batch", "2", "--full-scale", "0.1",
-                             "--full-torch", "1", "--json", str(out)])
+                             "--full-torch", "1", "--torch-conv", "bmm", "grouped", "--json", str(out)])
     assert code == 0
     full = json.loads(out.read_text())["full_run"]
+    # Both conv forms of the tuned PyTorch ran the same image; the faster one is reported.
+    by_conv = full["torch_batched_seconds_by_conv"]
+    assert set(by_conv) == {"bmm", "grouped"} and full["torch_batched_seconds"] == min(by_conv.values())
+    assert by_conv[full["torch_batched_conv"]] == full["torch_batched_seconds"]
     assert full["images"] == 2 and full["torch_images"] == 1
     assert full["size"] in ("48x32", "32x48")  # BSDS 481x321 scaled by 0.1
     assert len(full["jax_iterations"]) == 2 and max(full["jax_iterations"]) <= 3
@@ -57,7 +61,8 @@ def test_full_run_scaled_with_fewer_torch_images(tmp_path, monkeypatch):
     # row with its precision and versions, the ratios recomputed from images per second.
     md = speed_tables.tables([out])
     jax_row, ref_row, tuned_row = table_rows(md, "Whole runs with early stopping")
-    assert jax_row[1].startswith("JAX") and ref_row[1] == "PyTorch reference" and tuned_row[1] == "PyTorch tuned"
+    assert jax_row[1].startswith("JAX") and ref_row[1] == "PyTorch reference"
+    assert tuned_row[1] == f"PyTorch tuned ({full['torch_batched_conv']})"
     assert jax_row[3] == "2" and ref_row[3] == "1" and tuned_row[3] == "2"  # images at once
     assert float(ref_row[6].rstrip("x")) == pytest.approx(full["speedup"], abs=0.005)
     assert float(tuned_row[6].rstrip("x")) == pytest.approx(
@@ -70,6 +75,8 @@ def test_full_run_scaled_with_fewer_torch_images(tmp_path, monkeypatch):
                                                        abs=0.005)
     assert float(step[7].rstrip("x")) == pytest.approx(
         row["torch_batched_ms_per_image_iter"] / row["jax_ms_per_image_iter"], abs=0.005)
+    assert row["torch_batched_ms_per_image_iter"] == min(row["torch_batched_ms_by_conv"].values())
+    assert f", {row['torch_batched_conv']})" in step[5]
 
 
 def test_kstar_run_times_the_silhouette_phase_against_the_engine(tmp_path, monkeypatch):

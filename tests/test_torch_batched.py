@@ -51,15 +51,16 @@ def reference_update(config, image, state_dict, dtype):
     return batched.stack_state_dicts([model.state_dict()], config.model.n_conv)
 
 
+@pytest.mark.parametrize("conv", batched.CONV_FORMS)
 @pytest.mark.parametrize("padding", ["zeros", "reflect"])
-def test_one_update_matches_the_reference(setup, padding):
+def test_one_update_matches_the_reference(setup, padding, conv):
     config, images, sds = setup
     config = config.replace({"model.padding": padding})
     params = {k: v.requires_grad_(True) for k, v in batched.stack_state_dicts(sds, config.model.n_conv).items()}
     start = {k: v.detach().clone() for k, v in params.items()}
     momenta = {k: torch.zeros_like(v) for k, v in params.items()}
     x = torch.cat([ref.image_to_tensor(im) for im in images])
-    update = batched.make_update(config, *SHAPE, padding)
+    update = batched.make_update(config, *SHAPE, padding, conv)
     update(params, momenta, x, torch.ones(3, dtype=torch.bool))
     n = SHAPE[0] * SHAPE[1]
     for i, (image, sd) in enumerate(zip(images, sds)):
@@ -70,21 +71,22 @@ def test_one_update_matches_the_reference(setup, padding):
             ours, other = p[i].detach().double().numpy(), theirs[name][0].double().numpy()
             moved = np.linalg.norm(t - start[name][i].double().numpy())
             # The reference's own float32 error, times 4 for another reduction order
-            # (bmm against oneDNN's conv), plus a floor: a gradient sums H*W pixels'
+            # (bmm or a grouped conv against oneDNN's conv), plus a floor: a gradient sums H*W pixels'
             # terms (a random walk of sqrt(n) roundings of the update's size), and the
             # new parameter is rounded once more.
             bound = (4 * np.linalg.norm(other - t) + 4 * U32 * math.sqrt(n) * moved
                      + U32 * np.linalg.norm(t))
-            assert np.linalg.norm(ours - t) <= bound, (padding, i, name)
+            assert np.linalg.norm(ours - t) <= bound, (padding, conv, i, name)
 
 
-def test_short_runs_equal_the_reference_and_finished_images_freeze(setup):
+@pytest.mark.parametrize("conv", batched.CONV_FORMS)
+def test_short_runs_equal_the_reference_and_finished_images_freeze(setup, conv):
     config, images, sds = setup
     config = config.replace({"stop.max_iters": 4})
     # Image 0 stops after its first update (k_min = q); the others run all 4. The stop
     # flags are read every 3 updates, so image 0 takes 2 more steps frozen.
     k_mins = [config.model.max_clusters, 1, 1]
-    got = batched.segment_batch(images, config, sds, k_mins=k_mins, check_every=3)
+    got = batched.segment_batch(images, config, sds, k_mins=k_mins, check_every=3, conv=conv)
     for i, (image, sd) in enumerate(zip(images, sds)):
         want = ref.segment_image(image, config, init_state_dict=sd, k_min=k_mins[i])
         assert got[i]["iterations"] == want["iterations"] == (1 if i == 0 else 4)
