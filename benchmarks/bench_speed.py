@@ -371,27 +371,33 @@ def full_run(config, args, save=lambda partial: None) -> dict:
             # The tuned opponent: portraits transposed (as the engine does) and images of
             # one shape in batches of full_batch, each image from its own seed.
             import torch_batched as tb
-            upright = [im.transpose(1, 0, 2) if im.shape[0] > im.shape[1] else im for im in imgs[:n_torch]]
+            n_tuned = min(len(imgs), args.full_tuned or n_torch)
+            upright = [im.transpose(1, 0, 2) if im.shape[0] > im.shape[1] else im for im in imgs[:n_tuned]]
             groups: dict = {}
             for im in upright:
                 groups.setdefault(im.shape, []).append(im)
-            by_conv = {}
-            for conv in args.torch_conv:  # each conv form; the faster one is the opponent
-                t = time.perf_counter()
-                bres = []
-                for group in groups.values():
-                    for k in range(0, len(group), args.full_batch):
-                        chunk = group[k:k + args.full_batch]
-                        bres += tb.segment_batch(chunk, config, tb.initial_state_dicts(config, range(len(chunk))),
-                                                 device=dev, tf32=args.tf32, compile_step=args.torch_compile,
-                                                 conv=conv)
-                by_conv[conv] = (time.perf_counter() - t, sorted(r["iterations"] for r in bres))
-            conv = min(by_conv, key=lambda c: by_conv[c][0])
-            batched_s = by_conv[conv][0]
-            out.update(torch_batched_conv=conv, torch_batched_seconds_by_conv={c: v[0] for c, v in by_conv.items()},
-                       torch_batched_seconds=batched_s, torch_batched_images_per_s=n_torch / batched_s,
-                       torch_batched_iterations=by_conv[conv][1],
-                       speedup_batched=(len(imgs) / jax_s) / (n_torch / batched_s))
+            # Its faster conv form, by 10 timed updates at the run's first shape and batch.
+            h, w = next(iter(groups))[:2]
+            pick_ms = {}
+            for conv in args.torch_conv:
+                runner = BatchedTorchRunner(config, h, w, min(args.full_batch, n_tuned), dev,
+                                            compile_step=args.torch_compile, conv=conv)
+                pick_ms[conv] = runner.time_iters(10) * 1e3
+                del runner
+            conv = min(pick_ms, key=pick_ms.get)
+            t = time.perf_counter()
+            bres = []
+            for group in groups.values():
+                for k in range(0, len(group), args.full_batch):
+                    chunk = group[k:k + args.full_batch]
+                    bres += tb.segment_batch(chunk, config, tb.initial_state_dicts(config, range(len(chunk))),
+                                             device=dev, tf32=args.tf32, compile_step=args.torch_compile,
+                                             conv=conv)
+            batched_s = time.perf_counter() - t
+            out.update(torch_batched_conv=conv, torch_batched_pick_ms_by_conv=pick_ms, torch_batched_images=n_tuned,
+                       torch_batched_seconds=batched_s, torch_batched_images_per_s=n_tuned / batched_s,
+                       torch_batched_iterations=sorted(r["iterations"] for r in bres),
+                       speedup_batched=(len(imgs) / jax_s) / (n_tuned / batched_s))
     return out
 
 
@@ -504,6 +510,9 @@ def main(argv=None) -> int:
                     help="resize the full-run images by this factor (CPU-sized runs)")
     ap.add_argument("--full-torch", type=int, default=0, metavar="N",
                     help="run the PyTorch reference on the first N full-run images only (0: all)")
+    ap.add_argument("--full-tuned", type=int, default=0, metavar="N",
+                    help="run the tuned PyTorch on the first N full-run images, --full-batch at once "
+                         "(0: as many as --full-torch)")
     ap.add_argument("--executed-flops", action="store_true",
                     help="also count each case's executed FLOPs (XLA cost analysis of the step: one "
                          "more compile per case) and report their fraction of the card's peak; not "

@@ -10,7 +10,7 @@
 #      float32 and TF32, and the whole step with the Pallas conv at batch 32;
 #   4. TF32 products in both frameworks at batch 32, with the memory of a step (per slot);
 #   5. whole runs with early stopping on 32 real BSDS500 val images at half size (images
-#      per second; the PyTorch versions on the first 4);
+#      per second; the reference on the first 4, the tuned PyTorch on the first 8 at once);
 #   6. the silhouette phase against the device at batch 32 (k* per second, and how long
 #      the engine waited for k* while slots were running);
 #   7. the README's tables from all of it (OUT/tables.md, benchmarks/speed_tables.py).
@@ -56,7 +56,7 @@ timeout 70 $bench --tf32 --memory --size 240x160 481x321 --batch 32 \
 # Half size (240x160): at full size 1000 steps of 32 slots take about 160 s (4.9 ms per
 # image-iteration measured on an H200), more than this part's share of the run.
 timeout 120 $bench --size 240x160 --batch 32 --iters 1 --repeats 1 --warmup 1 \
-  --full-run 32 --full-batch 32 --full-scale 0.5 --full-torch 4 --json "$OUT/full_run_gpu.json" 2>&1 | log
+  --full-run 32 --full-batch 32 --full-scale 0.5 --full-torch 4 --full-tuned 8 --json "$OUT/full_run_gpu.json" 2>&1 | log
 timeout 95 $bench --no-torch --size \
   --kstar-run 32 --full-batch 32 --full-scale 0.5 --kstar-processes "$KSTAR_PROCESSES" \
   --json "$OUT/kstar_run_gpu.json" 2>&1 | log

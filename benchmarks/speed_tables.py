@@ -108,9 +108,11 @@ def full_run_table(runs: list[tuple[str, dict]]) -> list[str]:
                          f"| {fr['torch_images_per_s']:.4g} | {_iterations(fr['torch_iterations'])} "
                          f"| {jax_ips / fr['torch_images_per_s']:.2f}x | {tail} |")
         if "torch_batched_images_per_s" in fr:
-            lines.append(f"| first {fr['torch_images']} | PyTorch tuned ({fr.get('torch_batched_conv', 'bmm')}) "
+            lines.append(f"| first {fr.get('torch_batched_images', fr['torch_images'])} "
+                         f"| PyTorch tuned ({fr.get('torch_batched_conv', 'bmm')}) "
                          f"| {fr.get('torch_products') or _strict_or_tf32(run)} "
-                         f"| {fr['batch']} | {fr['torch_batched_images_per_s']:.4g} "
+                         f"| {min(fr['batch'], fr.get('torch_batched_images', fr['torch_images']))} "
+                         f"| {fr['torch_batched_images_per_s']:.4g} "
                          f"| {_iterations(fr['torch_batched_iterations'])} "
                          f"| {jax_ips / fr['torch_batched_images_per_s']:.2f}x | {tail} |")
     return lines if len(lines) > 2 else []

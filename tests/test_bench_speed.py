@@ -42,20 +42,20 @@ def test_full_run_scaled_with_fewer_torch_images(tmp_path, monkeypatch):
     code = bench_speed.main(["--size", "24x16", "--batch", "1", "--iters", "1", "--repeats", "1",
                              "--warmup", "1", "--set", "model.channels=8", "--set", "model.max_clusters=8", "--set", "stop.max_iters=3",
                              "--full-run", "2", "--full-batch", "2", "--full-scale", "0.1",
-                             "--full-torch", "1", "--torch-conv", "bmm", "grouped", "--json", str(out)])
+                             "--full-torch", "1", "--full-tuned", "2", "--torch-conv", "bmm", "grouped",
+                             "--json", str(out)])
     assert code == 0
     full = json.loads(out.read_text())["full_run"]
-    # Both conv forms of the tuned PyTorch ran the same image; the faster one is reported.
-    by_conv = full["torch_batched_seconds_by_conv"]
-    assert set(by_conv) == {"bmm", "grouped"} and full["torch_batched_seconds"] == min(by_conv.values())
-    assert by_conv[full["torch_batched_conv"]] == full["torch_batched_seconds"]
+    # The tuned PyTorch ran with the faster of its conv forms, on --full-tuned images.
+    pick = full["torch_batched_pick_ms_by_conv"]
+    assert set(pick) == {"bmm", "grouped"} and pick[full["torch_batched_conv"]] == min(pick.values())
+    assert full["torch_batched_images"] == 2 and len(full["torch_batched_iterations"]) == 2
     assert full["images"] == 2 and full["torch_images"] == 1
     assert full["size"] in ("48x32", "32x48")  # BSDS 481x321 scaled by 0.1
     assert len(full["jax_iterations"]) == 2 and max(full["jax_iterations"]) <= 3
     assert len(full["torch_iterations"]) == 1 and max(full["torch_iterations"]) <= 3
     assert full["speedup"] == pytest.approx(full["jax_images_per_s"] / full["torch_images_per_s"])
     assert full["products"] == full["torch_products"] == "float32"
-    assert len(full["torch_batched_iterations"]) == 1
 
     # The README's tables from this file: JAX, the reference and the tuned PyTorch, each
     # row with its precision and versions, the ratios recomputed from images per second.
@@ -64,6 +64,7 @@ def test_full_run_scaled_with_fewer_torch_images(tmp_path, monkeypatch):
     assert jax_row[1].startswith("JAX") and ref_row[1] == "PyTorch reference"
     assert tuned_row[1] == f"PyTorch tuned ({full['torch_batched_conv']})"
     assert jax_row[3] == "2" and ref_row[3] == "1" and tuned_row[3] == "2"  # images at once
+    assert ref_row[0] == "first 1" and tuned_row[0] == "first 2"
     assert float(ref_row[6].rstrip("x")) == pytest.approx(full["speedup"], abs=0.005)
     assert float(tuned_row[6].rstrip("x")) == pytest.approx(
         full["jax_images_per_s"] / full["torch_batched_images_per_s"], abs=0.005)
