@@ -60,7 +60,7 @@ def relative_difference(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="240x160", help="W x H")
     parser.add_argument("--batch", type=int, default=32)
@@ -70,7 +70,11 @@ def main(argv=None) -> int:
     parser.add_argument("--impl", nargs="+", default=DEFAULT_IMPLS)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     w, h = (int(v) for v in args.size.lower().split("x"))
     b, c = args.batch, args.channels

@@ -478,7 +478,7 @@ def plot(rows, path):
     print(f"plot -> {path}")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", nargs="*", default=["64x64", "128x128", "240x160", "481x321"],
                     help="W x H sizes (none, as a bare --size: only --full-run / --kstar-run)")
@@ -534,7 +534,11 @@ def main(argv=None) -> int:
                     help="do not restart with GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
     ap.add_argument("--json")
     ap.add_argument("--plot")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if argv is None and not args.no_hugepages:
         # Same process set-up as the `dynaseg` command (dynaseg_jax/runtime.py); it
         # applies to both frameworks, which share this process.

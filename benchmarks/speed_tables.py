@@ -181,10 +181,14 @@ def tables(paths: list[Path]) -> str:
     return f"<!-- python benchmarks/speed_tables.py {sources} -->\n\n" + "\n\n".join(parts) + "\n"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json", nargs="+", type=Path, help="bench_speed.py / bench_conv.py JSON files")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         sys.stdout.write(tables(args.json))
     except ValueError as e:
