@@ -87,6 +87,10 @@ CARD_PEAK_TFLOPS = {  # the first name found in the device's name wins: specific
 def jax_products(config) -> str:
     """The precision of the engine's products with learned weights, as executed."""
     precision = config.model.matmul_precision
+    if config.model.emulate_precision:
+        return f"{precision} (emulated)"
+    if jax.default_backend() == "cpu":
+        return "float32"  # XLA:CPU multiplies float32 at every precision setting
     if precision == "bfloat16" and jax.default_backend() == "gpu" and config.model.conv_impl != "pallas":
         return "tensorfloat32"  # JAX's DEFAULT precision: TF32 on NVIDIA GPUs
     return precision

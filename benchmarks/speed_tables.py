@@ -163,7 +163,7 @@ def tables(paths: list[Path]) -> str:
             raise ValueError(f"{path}: cannot read: {e}") from None
         if "results" in run or "full_run" in run or "kstar_run" in run:
             speed.append((str(path), run))
-        elif "rows" in run:
+        elif "rows" in run and {"size", "batch", "channels"} <= run.keys():
             conv.append((str(path), run))
         else:
             raise ValueError(f"{path}: not a bench_speed.py or bench_conv.py JSON file")

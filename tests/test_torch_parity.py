@@ -755,7 +755,9 @@ def test_teacher_forced_steps_reduced_precision(precision, finer, native, teache
     bound a faster precision must meet. Emulated (``model.emulate_precision``) on any
     backend; native TF32 on an NVIDIA GPU, where either rounding mode is allowed. The
     same steps judged with the finer precision's allowance instead are rejected: the
-    bound tells the precisions apart."""
+    bound tells the precisions apart. (Natively, XLA's conv is cuDNN's: an algorithm
+    that multiplies transformed tiles (Winograd, FFT) rounds those instead of x and the
+    kernel, a different error this bound does not model.)"""
     if native and jax.default_backend() != "gpu":
         pytest.skip("native TF32 products need an NVIDIA GPU (benchmarks/run_gpu.sh runs this case)")
     image, records = teacher
