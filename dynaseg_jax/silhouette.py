@@ -63,7 +63,6 @@ def kstar_of_sample(sample: np.ndarray, k_range=(2, 12), seed: int = 0, n_init: 
             return kstar_of_sample(sample, k_range, seed, n_init, dims)
     # scikit-learn takes ~1 s to import: only runs that use the silhouette phase pay it.
     from sklearn.cluster import KMeans
-    from sklearn.metrics import silhouette_score
 
     if 0 < dims < sample.shape[1]:
         centred = sample - sample.mean(axis=0)
@@ -71,14 +70,42 @@ def kstar_of_sample(sample: np.ndarray, k_range=(2, 12), seed: int = 0, n_init: 
         sample = centred @ vt[:dims].T
     lo, hi = k_range
     n_distinct = len(np.unique(sample, axis=0))
-    scores = {}
+    labelings = {}
     for k in range(lo, hi + 1):
         if k >= n_distinct:
             break
         labels = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(sample)
-        if len(np.unique(labels)) < 2:
-            continue
-        scores[k] = float(silhouette_score(sample, labels))
-    if not scores:
-        return lo, scores
+        if len(np.unique(labels)) >= 2:
+            labelings[k] = labels
+    if not labelings:
+        return lo, {}
+    scores = dict(zip(labelings, silhouette_scores(sample, list(labelings.values()))))
     return max(scores, key=scores.get), scores
+
+
+def silhouette_scores(sample: np.ndarray, labelings: list[np.ndarray]) -> list[float]:
+    """scikit-learn's ``silhouette_score`` (Euclidean) of each labeling of ``sample``, with
+    the pairwise distances computed once for all of them instead of once per labeling.
+
+    Per point i of cluster c (Rousseeuw 1987): a_i is its mean distance to the other
+    points of c, b_i its least mean distance to the points of another cluster,
+    s_i = (b_i - a_i) / max(a_i, b_i), and 0 in a cluster of one point. The distance sums
+    to every cluster are one matmul of the distance matrix with the labels' one-hot
+    matrix. Equal to scikit-learn's up to the order of those float64 sums.
+    """
+    from sklearn.metrics import pairwise_distances
+
+    distances = pairwise_distances(sample)  # the Euclidean distances silhouette_score uses
+    rows = np.arange(len(sample))
+    scores = []
+    for labels in labelings:
+        _, labels = np.unique(labels, return_inverse=True)  # clusters 0..k-1, as LabelEncoder
+        counts = np.bincount(labels)
+        sums = distances @ np.eye(len(counts))[labels]  # (n, k): summed distance to each cluster
+        with np.errstate(divide="ignore", invalid="ignore"):
+            a = sums[rows, labels] / (counts[labels] - 1)  # 0 / 0 in a cluster of one point
+            sums[rows, labels] = np.inf
+            b = (sums / counts).min(axis=1)
+            s = (b - a) / np.maximum(a, b)
+        scores.append(float(np.nan_to_num(s).mean()))  # NaN (one-point cluster) -> 0
+    return scores

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from dynaseg_jax.silhouette import color_position_features, estimate_k
+from dynaseg_jax.silhouette import color_position_features, estimate_k, silhouette_scores
 from tests.conftest import smooth_image
 
 
@@ -21,6 +21,23 @@ def test_estimate_k_is_seeded_and_handles_flat_images():
     assert estimate_k(feats, (2, 5), 500, seed=1) == estimate_k(feats, (2, 5), 500, seed=1)
     k, scores = estimate_k(np.zeros((100, 3)), (2, 6), 50, seed=0)
     assert k == 2 and scores == {}
+
+
+def test_silhouette_scores_equal_scikit_learns():
+    # One distance matrix for every labeling, sums by matmul: scikit-learn's scores up to
+    # the order of float64 sums of <= n = 600 distances (relative error <= n * 2^-53 =
+    # 7e-14 per mean, so <= ~3e-13 on a score, a ratio of their differences; 1e-12).
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(4)
+    sample = np.concatenate([rng.normal(c, 1.0, (200, 6)) for c in (-3, 0, 3)])
+    labelings = [np.repeat([0, 1, 2], 200), rng.integers(0, 7, 600),
+                 np.where(np.arange(600) == 5, 9, 2),  # a one-point cluster; labels 2 and 9
+                 rng.permutation(np.repeat([4, 1], 300))]
+    ours = silhouette_scores(sample, labelings)
+    theirs = [silhouette_score(sample, labels) for labels in labelings]
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
+    assert ours[0] > 0.5 > abs(ours[1])  # the test cases do differ
 
 
 def test_color_position_features():
