@@ -64,11 +64,19 @@ def _peak(row: dict) -> str:
     return text
 
 
+def _row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _header(*cells: str) -> list[str]:
+    """A markdown table's header and rule."""
+    return [_row(*cells), "|" + "---|" * len(cells)]
+
+
 def step_table(runs: list[tuple[str, dict]]) -> list[str]:
-    lines = ["| size | batch | JAX: strategy, conv, products | JAX ms / image-iter | reference ms (products) "
-             "| tuned ms (products) | JAX over reference | JAX over tuned | JAX TFLOP/s (direct), of peak "
-             "| step MiB | card; versions |",
-             "|" + "---|" * 11]
+    lines = _header("size", "batch", "JAX: strategy, conv, products", "JAX ms / image-iter",
+                    "reference ms (products)", "tuned ms (products, conv)", "JAX over reference",
+                    "JAX over tuned", "JAX TFLOP/s (direct), of peak", "step MiB", "card; versions")
     for _, run in runs:
         for row in run.get("results", []):
             torch_p = row.get("torch_products") or _strict_or_tf32(row)
@@ -90,54 +98,52 @@ def _iterations(its) -> str:
     return f"{min(its)} / {statistics.median(its):g} / {max(its)}" if its else "—"
 
 
-def full_run_table(runs: list[tuple[str, dict]]) -> list[str]:
-    lines = ["| images (size) | side | products | images at once | images / s | iterations min / median / max "
-             "| JAX over it | card; versions |",
-             "|" + "---|" * 8]
+def _phases(runs: list[tuple[str, dict]], key: str, required: str):
+    """(file's run, its ``key`` phase) of each file whose phase got as far as ``required``."""
     for _, run in runs:
-        fr = run.get("full_run")
-        if not fr or "jax_seconds" not in fr:
-            continue
+        phase = run.get(key)
+        if phase and required in phase:
+            yield run, phase
+
+
+def full_run_table(runs: list[tuple[str, dict]]) -> list[str]:
+    lines = _header("images (size)", "side", "products", "images at once", "images / s",
+                    "iterations min / median / max", "JAX over it", "card; versions")
+    for run, fr in _phases(runs, "full_run", "jax_seconds"):
         what = f"{fr['images']} BSDS500 val ({fr['size']}, scale {fr['scale']:g})"
         tail = f"{card(run)}; {versions(run)}"
         jax_ips = fr["jax_images_per_s"]
         lines.append(f"| {what} | JAX {fr['strategy']}, {fr['conv_impl']} | {fr.get('products') or _strict_or_tf32(run)} "
                      f"| {fr['batch']} | {jax_ips:.4g} | {_iterations(fr['jax_iterations'])} | | {tail} |")
+        torch_products = fr.get("torch_products") or _strict_or_tf32(run)
         if "torch_images_per_s" in fr:
-            lines.append(f"| first {fr['torch_images']} | PyTorch reference | {fr.get('torch_products') or _strict_or_tf32(run)} | 1 "
-                         f"| {fr['torch_images_per_s']:.4g} | {_iterations(fr['torch_iterations'])} "
-                         f"| {jax_ips / fr['torch_images_per_s']:.2f}x | {tail} |")
+            lines.append(_row(f"first {fr['torch_images']}", "PyTorch reference", torch_products, 1,
+                              f"{fr['torch_images_per_s']:.4g}", _iterations(fr["torch_iterations"]),
+                              f"{jax_ips / fr['torch_images_per_s']:.2f}x", tail))
         if "torch_batched_images_per_s" in fr:
-            lines.append(f"| first {fr.get('torch_batched_images', fr['torch_images'])} "
-                         f"| PyTorch tuned ({fr.get('torch_batched_conv', 'bmm')}) "
-                         f"| {fr.get('torch_products') or _strict_or_tf32(run)} "
-                         f"| {min(fr['batch'], fr.get('torch_batched_images', fr['torch_images']))} "
-                         f"| {fr['torch_batched_images_per_s']:.4g} "
-                         f"| {_iterations(fr['torch_batched_iterations'])} "
-                         f"| {jax_ips / fr['torch_batched_images_per_s']:.2f}x | {tail} |")
+            n_tuned = fr.get("torch_batched_images", fr["torch_images"])
+            lines.append(_row(f"first {n_tuned}", f"PyTorch tuned ({fr.get('torch_batched_conv', 'bmm')})",
+                              torch_products, min(fr["batch"], n_tuned), f"{fr['torch_batched_images_per_s']:.4g}",
+                              _iterations(fr["torch_batched_iterations"]),
+                              f"{jax_ips / fr['torch_batched_images_per_s']:.2f}x", tail))
     return lines if len(lines) > 2 else []
 
 
 def kstar_table(runs: list[tuple[str, dict]]) -> list[str]:
-    lines = ["| images | slots | k* processes (CPUs) | k* / s | device images / s (k* given) "
-             "| pipeline images / s | wait for k*, slots running / idle (s) | card; versions |",
-             "|" + "---|" * 8]
-    for _, run in runs:
-        k = run.get("kstar_run")
-        if not k or "kstar_per_s" not in k:
-            continue
-        lines.append(f"| {k['images']} (scale {k['scale']:g}) | {k['batch']} | {k['kstar_processes']} "
-                     f"({k['cpu_count']}) | {k['kstar_per_s']:.3g} | {_f(k.get('device_images_per_s'), '.3g')} "
-                     f"| {_f(k.get('pipeline_images_per_s'), '.3g')} "
-                     f"| {_f(k.get('wait_for_kstar_while_running_s'))} / {_f(k.get('wait_for_kstar_while_idle_s'))} "
-                     f"| {card(run)}; {versions(run)} |")
+    lines = _header("images", "slots", "k* processes (CPUs)", "k* / s", "device images / s (k* given)",
+                    "pipeline images / s", "wait for k*, slots running / idle (s)", "card; versions")
+    for run, k in _phases(runs, "kstar_run", "kstar_per_s"):
+        waits = f"{_f(k.get('wait_for_kstar_while_running_s'))} / {_f(k.get('wait_for_kstar_while_idle_s'))}"
+        lines.append(_row(f"{k['images']} (scale {k['scale']:g})", k["batch"],
+                          f"{k['kstar_processes']} ({k['cpu_count']})", f"{k['kstar_per_s']:.3g}",
+                          _f(k.get("device_images_per_s"), ".3g"), _f(k.get("pipeline_images_per_s"), ".3g"),
+                          waits, f"{card(run)}; {versions(run)}"))
     return lines if len(lines) > 2 else []
 
 
 def conv_table(runs: list[tuple[str, dict]]) -> list[str]:
-    lines = ["| size, batch, channels | impl | products | ms / image | TFLOP/s (direct) | of peak "
-             "| rel. diff vs lax float32 | card; versions |",
-             "|" + "---|" * 8]
+    lines = _header("size, batch, channels", "impl", "products", "ms / image", "TFLOP/s (direct)", "of peak",
+                    "rel. diff vs lax float32", "card; versions")
     for _, run in runs:
         for row in run.get("rows", []):
             what = f"{run['size']}, {run['batch']}, {run['channels']}"
