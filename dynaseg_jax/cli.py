@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from . import __version__
 from .config import ConfigError, list_presets, load_config
@@ -301,7 +302,9 @@ def main(argv=None) -> int:
         from .runtime import reexec_with_hugepages
         reexec_with_hugepages("dynaseg_jax.cli", sys.argv[1:])
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return COMMANDS[args.command](args)
     except ConfigError as e:  # bad config, option, output folder (OutputFolderError)
         print(f"dynaseg: error: {e}", file=sys.stderr)
         return 2
@@ -320,6 +323,11 @@ def main(argv=None) -> int:
         return 1
     except Exception as e:  # noqa: BLE001 - one line, not a traceback
         return _unexpected(e)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as the command's other messages: one line, no source location."""
+    print(f"dynaseg: warning: {message}", file=file or sys.stderr)
 
 
 def _unexpected(e: BaseException) -> int:

@@ -422,3 +422,46 @@ def test_finisher_keeps_order_bounds_its_queue_and_surfaces_errors():
     with pytest.raises(RuntimeError, match="unexpected"):  # or on leaving the block
         with Finisher() as finisher:
             finisher.submit(boom)
+
+
+def test_warnings_are_one_line_and_precision_on_cpu_is_named(tmp_path, capsys):
+    # A precision the CPU ignores is named, once, as the command's other messages are.
+    import warnings
+
+    import jax
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the warning is about the CPU backend")
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.fromarray(u8(smooth_image(20, 30, 0))).save(d / "a.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # this suite's own filters ignore the warning
+        assert main(["segment", str(d), *tiny_args(tmp_path / "out"),
+                     *sets("model.matmul_precision=tensorfloat32")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    named = [line for line in err if "model.matmul_precision = 'tensorfloat32' has no effect on cpu" in line]
+    assert named and all(line.startswith("dynaseg: warning: ") for line in named)
+    assert not any("UserWarning" in line or "warnings.warn" in line for line in err)
+
+
+@pytest.mark.parametrize("changes,warned", [({"model.matmul_precision": "tensorfloat32"}, True),
+                                            ({"model.matmul_precision": "float32"}, False),
+                                            ({"model.matmul_precision": "bfloat16",
+                                              "model.emulate_precision": True}, False),
+                                            ({"model.matmul_precision": "bfloat16",
+                                              "model.conv_impl": "pallas"}, False)])
+def test_ignored_precision_warning(tiny_config, changes, warned):
+    # Emulation and the Pallas conv's bfloat16 do change the products on a CPU.
+    import warnings
+
+    import jax
+
+    from dynaseg_jax.models import build_model
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the warning is about the CPU backend")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_model(tiny_config.replace(changes))
+    assert any("has no effect on cpu" in str(w.message) for w in caught) == warned

@@ -17,7 +17,10 @@ A model is built once (``build_model(config)``) and handed to everything that ru
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable, NamedTuple
+
+import jax
 
 from . import cnn, efficientnet, resnet
 from .conv3x3 import CONV_IMPLS, MATMUL_PRECISIONS, default_conv_impl
@@ -78,6 +81,12 @@ def build_model(config, name: str | None = None):
         builder = MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(MODELS))}") from None
+    m = config.model
+    pallas_bfloat16 = m.conv_impl == "pallas" and m.matmul_precision == "bfloat16"  # casts its operands
+    if (jax.default_backend() == "cpu" and m.matmul_precision != "float32" and not m.emulate_precision
+            and not pallas_bfloat16):
+        warnings.warn(f"model.matmul_precision = {m.matmul_precision!r} has no effect on cpu, where XLA "
+                      "multiplies in float32; model.emulate_precision = true emulates it")
     return builder(config)
 
 
