@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     truth = batched_vjp(CONV3X3["lax"], "float32")(xs, ks, gs)
     machine = {"jax": jax.__version__, "backend": jax.default_backend(),
-               "jax_platform_version": getattr(getattr(device, "client", None), "platform_version", None), "device": str(device.device_kind),
+               "jax_platform_version": getattr(getattr(device, "client", None), "platform_version", None),
+               "device": str(device.device_kind),
                "size": args.size, "batch": b, "channels": c, "direct_flops_per_image": flops}
     print(f"# {machine['device']} ({machine['backend']}), jax {jax.__version__}: {args.size}, batch {b}, "
           f"{c} -> {c} channels, vjp of the conv")

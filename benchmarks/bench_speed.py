@@ -566,7 +566,9 @@ def main(argv=None) -> int:
     roofline = matmul_roofline()
     dev = jax.devices()[0]
     machine = {"device": args.device, "jax_device": str(dev.device_kind), "jax_backend": jax.default_backend(),
-               "jax": jax.__version__, "jax_platform_version": getattr(getattr(dev, "client", None), "platform_version", None), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+               "jax": jax.__version__,
+               "jax_platform_version": getattr(getattr(dev, "client", None), "platform_version", None),
+               "cpu_count": os.cpu_count(), "platform": platform.platform(),
                "matmul_roofline_gflops": roofline, "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     if not args.no_torch:
         import torch
