@@ -454,34 +454,6 @@ def kstar_run(args, save=lambda partial: None) -> dict:
     return out
 
 
-def plot(rows, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
-        return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    sizes = sorted({r["size"] for r in rows}, key=lambda s: np.prod([int(v) for v in s.split("x")]))
-    for key in sorted({(r["strategy"], r["conv_impl"], r["batch"]) for r in rows}):
-        ys = [next((r["jax_ms_per_image_iter"] for r in rows
-                    if (r["strategy"], r["conv_impl"], r["batch"]) == key and r["size"] == s), np.nan)
-              for s in sizes]
-        ax.plot(sizes, ys, marker="o", label=f"JAX {key[0]} {key[1]} batch {key[2]}")
-    ys = [next((r["torch_ms_per_image_iter"] for r in rows if r["size"] == s and r["torch_ms_per_image_iter"]),
-               np.nan) for s in sizes]
-    ax.plot(sizes, ys, marker="s", color="black", linestyle="--", label="PyTorch reference")
-    ax.set_yscale("log")
-    ax.set_xlabel("image size (W x H)")
-    ax.set_ylabel("ms per image-iteration (lower is better)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot -> {path}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", nargs="*", default=["64x64", "128x128", "240x160", "481x321"],
@@ -625,8 +597,10 @@ def main(argv=None) -> int:
     if args.json:
         write_text_atomic(args.json, json.dumps(result, indent=2))
         print(f"json -> {args.json}")
-    if args.plot and rows:
-        plot(rows, args.plot)
+    if args.plot:
+        import speed_tables
+        if speed_tables.plot([(args.json or "", result)], args.plot):
+            print(f"plot -> {args.plot}")
     return 0
 
 

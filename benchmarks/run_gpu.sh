@@ -13,7 +13,8 @@
 #      per second; the reference on the first 4, the tuned PyTorch on the first 8 at once);
 #   6. the silhouette phase against the device at batch 32 (k* per second, and how long
 #      the engine waited for k* while slots were running);
-#   7. the README's tables from all of it (OUT/tables.md, benchmarks/speed_tables.py).
+#   7. the README's tables and picture from all of it (OUT/tables.md, OUT/speed.png;
+#      benchmarks/speed_tables.py).
 # EXTRA=1 (about 3.3 minutes more) adds the tuned PyTorch captured by torch.compile, JAX's
 # fastest precision, bfloat16 in the Pallas conv and TF32 with channels padded to
 # multiples of 8. REPRO=1 (2 minutes more) adds the DynaSeg-SCF predictions of the
@@ -82,4 +83,4 @@ if [ "$REPRO" = 1 ]; then
 fi
 # The README's tables from the JSON files above, each row with both sides' precision and
 # versions (benchmarks/speed_tables.py; seconds, and it runs anywhere afterwards too).
-python benchmarks/speed_tables.py "$OUT"/*.json > "$OUT/tables.md" 2>> "$OUT/log.txt"
+python benchmarks/speed_tables.py "$OUT"/*.json --plot "$OUT/speed.png" > "$OUT/tables.md" 2>> "$OUT/log.txt"

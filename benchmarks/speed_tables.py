@@ -7,9 +7,11 @@ each one runs on), so that a row copied elsewhere still says what was measured.
 Ratios are images per second of JAX over the opponent (> 1: JAX is faster), computed
 from the times of one run, where both sides were interleaved.
 
+``--plot`` also draws each side's speed as bars (steps and whole runs).
+
 Example::
 
-    python benchmarks/speed_tables.py runs/gpu/*.json > runs/gpu/tables.md
+    python benchmarks/speed_tables.py runs/gpu/*.json --plot runs/gpu/speed.png > runs/gpu/tables.md
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import json
 import statistics
 import sys
 from pathlib import Path
+
+import numpy as np
 
 
 def versions(run: dict) -> str:
@@ -158,9 +162,9 @@ def conv_table(runs: list[tuple[str, dict]]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
-def tables(paths: list[Path]) -> str:
-    """The markdown of every table the files have data for; raises ValueError on a file
-    that is neither kind."""
+def read_runs(paths: list[Path]) -> tuple[list, list]:
+    """(bench_speed files, bench_conv files), each as (path, its JSON); raises ValueError
+    on a file that is neither kind."""
     speed, conv = [], []
     for path in paths:
         try:
@@ -173,6 +177,63 @@ def tables(paths: list[Path]) -> str:
             conv.append((str(path), run))
         else:
             raise ValueError(f"{path}: not a bench_speed.py or bench_conv.py JSON file")
+    return speed, conv
+
+
+def plot(speed: list[tuple[str, dict]], path) -> bool:
+    """Bars of each side's speed, higher is better: image-iterations per second of the
+    step rows, and images per second of whole runs, one panel each. False (and a note on
+    stderr) without matplotlib (the ``bench`` extra) or without data."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
+        return False
+    sides = (("JAX", "tab:blue"), ("PyTorch reference", "tab:gray"), ("PyTorch tuned", "tab:orange"))
+    steps = sorted(((run, row) for _, run in speed for row in run.get("results", [])),
+                   key=lambda item: (item[1]["height"] * item[1]["width"], item[1]["batch"]))
+    whole = list(_phases(speed, "full_run", "jax_seconds"))
+    panels = [p for p in (("steps", steps), ("whole runs", whole)) if p[1]]
+    if not panels:
+        print("no step rows or whole runs to plot", file=sys.stderr)
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (kind, items) in zip(axes[0], panels):
+        labels, values = [], []
+        for run, item in items:
+            if kind == "steps":
+                labels.append(f"{item['size']}\nbatch {item['batch']}")
+                ms = (item["jax_ms_per_image_iter"], item.get("torch_ms_per_image_iter"),
+                      item.get("torch_batched_ms_per_image_iter"))
+                values.append([1e3 / m if m else 0.0 for m in ms])
+            else:
+                labels.append(f"{item['images']} images\n{item['size']}")
+                values.append([item["jax_images_per_s"], item.get("torch_images_per_s") or 0.0,
+                               item.get("torch_batched_images_per_s") or 0.0])
+        x = np.arange(len(labels))
+        for i, (side, color) in enumerate(sides):
+            bars = ax.bar(x + (i - 1) * 0.27, [v[i] for v in values], 0.27, label=side, color=color)
+            if i:  # JAX over this side, above its bar
+                ax.bar_label(bars, [f"{v[0] / v[i]:.2g}x" if v[i] else "" for v in values], fontsize=7)
+        ax.set_xticks(x, labels, fontsize=8)
+        if kind == "steps":  # sizes differ by orders of magnitude
+            ax.set_yscale("log")
+        ax.set_ylabel("image-iterations per second" if kind == "steps" else "images per second")
+        ax.set_title(f"{kind}: {card(items[0][0])} (higher is better; labels: JAX over that side)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def tables(paths: list[Path]) -> str:
+    """The markdown of every table the files have data for; raises ValueError on a file
+    that is neither kind."""
+    speed, conv = read_runs(paths)
     parts = []
     for title, lines in (("Steps (no early stop)", step_table(speed)),
                          ("Whole runs with early stopping", full_run_table(speed)),
@@ -190,6 +251,7 @@ def tables(paths: list[Path]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json", nargs="+", type=Path, help="bench_speed.py / bench_conv.py JSON files")
+    parser.add_argument("--plot", type=Path, help="also draw each side's speed (PNG; needs matplotlib)")
     return parser
 
 
@@ -197,6 +259,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         sys.stdout.write(tables(args.json))
+        if args.plot and plot(read_runs(args.json)[0], args.plot):
+            print(f"plot -> {args.plot}", file=sys.stderr)
     except ValueError as e:
         print(f"speed_tables: {e}", file=sys.stderr)
         return 2
