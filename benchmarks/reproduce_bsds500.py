@@ -40,8 +40,10 @@ Methods (``--methods``, default: all but the pretrained-trunk presets):
   likewise the pretrained-trunk presets ``efficientnet_lite0_fpn_fsf``, ``resnet18_fpn_fsf``,
   ``resnet18_fpn_scf``, ``resnet18_layer1_coco``, run only when named (they need their
   weights files), and ``dynaseg_plus`` (options beyond the paper), also only when named;
-  its superpixel sizes are set for ``--scale 0.25`` (configs/dynaseg_plus.toml says how
-  to convert them, e.g. ``--set superpixels.scale=...``), and are not converted here.
+  its superpixel sizes are set for ``--scale 0.25`` (configs/dynaseg_plus.toml), and at
+  another scale s they are converted as the Felzenszwalb baseline's are (``scale`` and
+  ``min_size`` x (s / 0.25)^2, ``sigma`` x s / 0.25), unless ``--set`` gives a
+  ``superpixels.`` field.
 
 Images are resized by ``--scale`` (bilinear) before segmenting and label maps are
 resized back to the ground-truth size (nearest neighbour), for every method alike.
@@ -201,8 +203,22 @@ def run_baseline(method: str, ds, ids: list[str], out: Path, args) -> dict:
 # ------------------------------------------------------------------------------ DynaSeg
 
 
+# configs/dynaseg_plus.toml gives its superpixel sizes in pixels of BSDS500 images at this
+# --scale (where they were chosen on train).
+PLUS_SUPERPIXEL_SCALE = 0.25
+
+
 def dynaseg_config(method: str, args):
-    return load_config(method, list(args.overrides))
+    """The preset with ``--set`` applied; for ``dynaseg_plus`` at another ``--scale``, its
+    superpixel sizes converted as the Felzenszwalb baseline's are (areas x f^2, sigma x f,
+    f = scale / 0.25), unless ``--set`` gives any ``superpixels.`` field itself."""
+    config = load_config(method, list(args.overrides))
+    own = any(o.split("=", 1)[0].strip().startswith("superpixels.") for o in args.overrides)
+    if method != "dynaseg_plus" or own or args.scale == PLUS_SUPERPIXEL_SCALE:
+        return config
+    f, sp = args.scale / PLUS_SUPERPIXEL_SCALE, config.superpixels
+    return config.replace({"superpixels.scale": sp.scale * f ** 2, "superpixels.sigma": sp.sigma * f,
+                           "superpixels.min_size": max(1, round(sp.min_size * f ** 2))})
 
 
 def dynaseg_settings(method: str, config, args) -> dict:
