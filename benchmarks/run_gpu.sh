@@ -56,7 +56,7 @@ timeout 70 $bench --tf32 --memory --size 240x160 481x321 --batch 32 \
   --json "$OUT/speed_gpu_tf32.json" 2>&1 | log
 # Half size (240x160): at full size 1000 steps of 32 slots take about 160 s (4.9 ms per
 # image-iteration measured on an H200), more than this part's share of the run.
-timeout 120 $bench --size 240x160 --batch 32 --iters 1 --repeats 1 --warmup 1 \
+timeout 120 $bench --size \
   --full-run 32 --full-batch 32 --full-scale 0.5 --full-torch 4 --full-tuned 8 --json "$OUT/full_run_gpu.json" 2>&1 | log
 timeout 95 $bench --no-torch --size \
   --kstar-run 32 --full-batch 32 --full-scale 0.5 --kstar-processes "$KSTAR_PROCESSES" \

@@ -204,7 +204,8 @@ def plot(speed: list[tuple[str, dict]], path) -> bool:
         labels, values = [], []
         for run, item in items:
             if kind == "steps":
-                labels.append(f"{item['size']}\nbatch {item['batch']}")
+                products = (item.get("products") or _strict_or_tf32(item)).replace("tensorfloat32", "TF32")
+                labels.append(f"{item['size']}\nbatch {item['batch']}\n{item['conv_impl']}\n{products}")
                 ms = (item["jax_ms_per_image_iter"], item.get("torch_ms_per_image_iter"),
                       item.get("torch_batched_ms_per_image_iter"))
                 values.append([1e3 / m if m else 0.0 for m in ms])
@@ -223,8 +224,9 @@ def plot(speed: list[tuple[str, dict]], path) -> bool:
         ax.set_ylabel("image-iterations per second" if kind == "steps" else "images per second")
         ax.set_title(f"{kind}: {card(items[0][0])} (higher is better; labels: JAX over that side)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
