@@ -235,7 +235,11 @@ def plot(speed: list[tuple[str, dict]], path) -> bool:
 def tables(paths: list[Path]) -> str:
     """The markdown of every table the files have data for; raises ValueError on a file
     that is neither kind."""
-    speed, conv = read_runs(paths)
+    return render(*read_runs(paths))
+
+
+def render(speed: list[tuple[str, dict]], conv: list[tuple[str, dict]]) -> str:
+    """The markdown of ``read_runs``' files."""
     parts = []
     for title, lines in (("Steps (no early stop)", step_table(speed)),
                          ("Whole runs with early stopping", full_run_table(speed)),
@@ -246,7 +250,7 @@ def tables(paths: list[Path]) -> str:
     partial = [p for p, r in speed + conv if r.get("partial")]
     if partial:  # the benchmark stopped before its last row or phase
         parts.insert(0, f"Cut short, rows or phases missing: {', '.join(partial)}.")
-    sources = " ".join(str(p) for p in paths)
+    sources = " ".join(p for p, _ in speed + conv)
     return f"<!-- python benchmarks/speed_tables.py {sources} -->\n\n" + "\n\n".join(parts) + "\n"
 
 
@@ -260,8 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        sys.stdout.write(tables(args.json))
-        if args.plot and plot(read_runs(args.json)[0], args.plot):
+        speed, conv = read_runs(args.json)  # each file read once, for the tables and the plot
+        sys.stdout.write(render(speed, conv))
+        if args.plot and plot(speed, args.plot):
             print(f"plot -> {args.plot}", file=sys.stderr)
     except ValueError as e:
         print(f"speed_tables: {e}", file=sys.stderr)

@@ -3,6 +3,7 @@ command in it must parse here, where it can be checked, and the parts' time caps
 fit the total the script promises."""
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 import shlex
@@ -32,6 +33,7 @@ def expand(text: str, variables: dict) -> str:
     return text
 
 
+@functools.cache
 def commands() -> list[tuple[str, list[str]]]:
     """(script or "pytest", its arguments) of every python command the script runs."""
     text = script_text()

@@ -535,16 +535,17 @@ def truth_on_jax_branch(rec: dict, image: np.ndarray, fwd) -> tuple[dict, dict]:
 
 
 def judge_step(rec: dict, image: np.ndarray, impl: str, new_state, metrics, fwd,
-               extra: dict | None = None) -> list:
+               extra: dict | None = None, on_branch: tuple | None = None) -> list:
     """Rows (quantity, ||jax - truth||, allowed) of one JAX step against ``rec``, the
-    truth taken on JAX's branch (``truth_on_jax_branch``). ``extra``: allowances added
-    per quantity (reduced-precision products: ``product_rounding_allowances``).
+    truth taken on JAX's branch (``on_branch``: ``truth_on_jax_branch``'s result, computed
+    here if not given). ``extra``: allowances added per quantity (reduced-precision
+    products: ``product_rounding_allowances``).
     """
     torch32, truth_t = rec["torch"], rec["truth"]
     extra = extra or {}
     r_j = np.asarray(fwd[0], np.float64)
     labels_j = np.asarray(fwd[0]).argmax(-1)
-    _, truth_j = truth_on_jax_branch(rec, image, fwd)
+    _, truth_j = on_branch or truth_on_jax_branch(rec, image, fwd)
     # Labels may differ from float64's own argmax only where its top-2 gap is within
     # twice JAX's r' error at that pixel (else the argmax itself is wrong).
     own = truth_j["response"].argmax(-1)
@@ -728,11 +729,12 @@ ROUNDING_MODES = {"tensorfloat32": ("nearest_away",), "bfloat16": ("nearest_even
 ROUNDING_MARGIN = 2.0
 
 
-def product_rounding_allowances(rec, image, fwd, precision: str, modes) -> dict:
+def product_rounding_allowances(rec, image, on_branch: tuple, precision: str, modes) -> dict:
     """ROUNDING_MARGIN x the change of each quantity (r', each parameter and momentum
-    leaf) of the float64 step on JAX's branch when every product's operands are rounded
-    to ``precision`` (the largest over rounding ``modes``)."""
-    branch, base = truth_on_jax_branch(rec, image, fwd)
+    leaf) of the float64 step on JAX's branch (``on_branch``: ``truth_on_jax_branch``'s
+    result) when every product's operands are rounded to ``precision`` (the largest over
+    rounding ``modes``)."""
+    branch, base = on_branch
     change = {}
     for mode in modes:
         rounding = functools.partial(round_significand, bits=SIGNIFICANT_BITS[precision], mode=mode)
@@ -770,13 +772,15 @@ def test_teacher_forced_steps_reduced_precision(precision, finer, native, teache
         state = jax_state(rec["start"])
         new_state, metrics = step(state, x, mask)
         fwd = forward(state["params"], x, mask)
-        extra = product_rounding_allowances(rec, image, fwd, precision, modes)
-        rows = judge_step(rec, image, "lax", new_state, metrics, fwd, extra)
+        on_branch = truth_on_jax_branch(rec, image, fwd)  # one float64 truth for all below
+        extra = product_rounding_allowances(rec, image, on_branch, precision, modes)
+        rows = judge_step(rec, image, "lax", new_state, metrics, fwd, extra, on_branch)
         worst = max(worst, worst_row(rows) + (rec["start"]["t"],))
         assert_rows(rows, f"[{precision}] step {rec['start']['t']}")
         finer_extra = ({} if finer == "float32" else
-                       product_rounding_allowances(rec, image, fwd, finer, ROUNDING_MODES[finer]))
-        finer_worst.append(worst_row(judge_step(rec, image, "lax", new_state, metrics, fwd, finer_extra))[0])
+                       product_rounding_allowances(rec, image, on_branch, finer, ROUNDING_MODES[finer]))
+        finer_worst.append(worst_row(judge_step(rec, image, "lax", new_state, metrics, fwd, finer_extra,
+                                                on_branch))[0])
     ratio, name, err, bound, t = worst
     print(f"\n[teacher-forced/{precision}] worst |jax - truth64| / allowed over {N_STEPS} steps: "
           f"{ratio:.3f} ({name} at step {t}: {err:.2e} / {bound:.2e}); with {finer}'s allowance: "
