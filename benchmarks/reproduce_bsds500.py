@@ -40,10 +40,9 @@ Methods (``--methods``, default: all but the pretrained-trunk presets):
   likewise the pretrained-trunk presets ``efficientnet_lite0_fpn_fsf``, ``resnet18_fpn_fsf``,
   ``resnet18_fpn_scf``, ``resnet18_layer1_coco``, run only when named (they need their
   weights files), and ``dynaseg_plus`` (options beyond the paper), also only when named;
-  its superpixel sizes are set for ``--scale 0.25`` (configs/dynaseg_plus.toml), and at
-  another scale s they are converted as the Felzenszwalb baseline's are (``scale`` and
-  ``min_size`` x (s / 0.25)^2, ``sigma`` x s / 0.25), unless ``--set`` gives a
-  ``superpixels.`` field.
+  its superpixel sizes were chosen at ``--scale 0.25`` and follow each image's area
+  (``superpixels.reference_pixels`` in configs/dynaseg_plus.toml), much as the
+  Felzenszwalb baseline's follow ``--scale``.
 
 Images are resized by ``--scale`` (bilinear) before segmenting and label maps are
 resized back to the ground-truth size (nearest neighbour), for every method alike.
@@ -203,24 +202,6 @@ def run_baseline(method: str, ds, ids: list[str], out: Path, args) -> dict:
 # ------------------------------------------------------------------------------ DynaSeg
 
 
-# configs/dynaseg_plus.toml gives its superpixel sizes in pixels of BSDS500 images at this
-# --scale (where they were chosen on train).
-PLUS_SUPERPIXEL_SCALE = 0.25
-
-
-def dynaseg_config(method: str, args):
-    """The preset with ``--set`` applied; for ``dynaseg_plus`` at another ``--scale``, its
-    superpixel sizes converted as the Felzenszwalb baseline's are (areas x f^2, sigma x f,
-    f = scale / 0.25), unless ``--set`` gives any ``superpixels.`` field itself."""
-    config = load_config(method, list(args.overrides))
-    own = any(o.split("=", 1)[0].strip().startswith("superpixels.") for o in args.overrides)
-    if method != "dynaseg_plus" or own or args.scale == PLUS_SUPERPIXEL_SCALE:
-        return config
-    f, sp = args.scale / PLUS_SUPERPIXEL_SCALE, config.superpixels
-    return config.replace({"superpixels.scale": sp.scale * f ** 2, "superpixels.sigma": sp.sigma * f,
-                           "superpixels.min_size": max(1, round(sp.min_size * f ** 2))})
-
-
 def dynaseg_settings(method: str, config, args) -> dict:
     """What determines a DynaSeg method's labels (the resume check compares these).
 
@@ -325,7 +306,7 @@ def segment_method(method: str, ds, ids, args, out_root: Path) -> dict:
     out = out_root / method
     out.mkdir(parents=True, exist_ok=True)
     if method in DYNASEG:
-        config = dynaseg_config(method, args)
+        config = load_config(method, list(args.overrides))
         settings = dynaseg_settings(method, config, args)
     else:
         config, settings = None, baseline_settings(method, args)
@@ -585,7 +566,7 @@ def run(args: argparse.Namespace) -> dict:
     for m in args.methods:
         if m in DYNASEG:
             try:
-                check_pretrained(dynaseg_config(m, args))
+                check_pretrained(load_config(m, list(args.overrides)))
             except ConfigError as e:
                 raise SystemExit(f"error: {m}: {e}") from None
     if "felzenszwalb" in args.methods:

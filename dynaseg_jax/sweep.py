@@ -185,17 +185,32 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
         meta = {}
 
         def prepare(entry):
+            """The image, and per pending setting its (k_min, superpixels), or the exception
+            that setting's inputs raised: a setting whose superpixels or k* fail loses
+            this image for itself only."""
             job, pending = entry
             original, image = load_job_image(job, scale, cfg)
-            maps, ks = {}, {}  # computed once per image for settings that agree
+            cache = {}  # computed once per image for settings that agree
+
+            def once(key, compute):
+                if key not in cache:
+                    try:
+                        cache[key] = compute()
+                    except Exception as e:  # recorded against each setting that needs it
+                        cache[key] = e
+                if isinstance(cache[key], Exception):
+                    raise cache[key]
+                return cache[key]
+
+            per_setting = []
             for i in pending:
-                sp, est = settings[i].config.superpixels, id(estimators[i])
-                if sp not in maps:
-                    maps[sp] = superpixel_map(image, settings[i].config)
-                if est not in ks:
-                    ks[est] = estimators[i](image, job[2])
-            return original, image, [(ks[id(estimators[i])], maps[settings[i].config.superpixels])
-                                     for i in pending]
+                c = settings[i].config
+                try:
+                    per_setting.append((once(("k", id(estimators[i])), lambda: estimators[i](image, job[2])),
+                                        once(("sp", c.superpixels), lambda: superpixel_map(image, c))))
+                except Exception as e:
+                    per_setting.append(e)
+            return original, image, per_setting
 
         lock = threading.Lock()  # records come from the engine's thread and the finisher's
 
@@ -217,8 +232,12 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
                 original, image, per_setting = prepared
                 # Settings that differ in post-processing only share one optimisation.
                 groups: dict = {}
-                for i, (k, segments) in zip(pending, per_setting):
-                    groups.setdefault(optimisation_key[i], []).append((i, k, segments))
+                for i, inputs_or_error in zip(pending, per_setting):
+                    if isinstance(inputs_or_error, Exception):
+                        record_error(i, job, error_message(job[0], inputs_or_error))
+                        bar.update(1)
+                        continue
+                    groups.setdefault(optimisation_key[i], []).append((i, *inputs_or_error))
                 for group in groups.values():
                     i, k, segments = group[0]
                     key = (tuple(g[0] for g in group), job[1])

@@ -180,7 +180,7 @@ def test_digest_covers_labels_not_layout():
                "silhouette.samples": 100, "silhouette.position_scale": 2.0, "silhouette.n_init": 1,
                "silhouette.dims": 8,
                "superpixels.method": "slic", "superpixels.max_segments": 100, "superpixels.scale": 5.0,
-               "superpixels.sigma": 0.1, "superpixels.min_size": 3, "superpixels.n_segments": 50,
+               "superpixels.sigma": 0.1, "superpixels.min_size": 3, "superpixels.reference_pixels": 9600, "superpixels.n_segments": 50,
                "superpixels.compactness": 20.0, "postprocess.connected": True, "engine.transpose_portrait": False}
     trunk = {"model.trunk": "frozen", "model.trunk_norm": "running"}  # fields of trunk models only
     needs_other_fields = {"postprocess.min_region", "postprocess.superpixel_vote"}  # checked below

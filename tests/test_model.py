@@ -243,6 +243,62 @@ def test_emulated_products_round_every_operand(precision):
     assert np.linalg.norm(np.asarray(y) - exact) > 10 * sum_bound(9 * 12, exact, exact_sq)
 
 
+def _winograd_tiles_rounded64(x, k, precision):
+    """Winograd's forward in float64 from its float32 transformed tiles U and kernel V,
+    rounded to ``precision``'s format (where a reduced-precision dot rounds them), and a
+    worst-case bound on float32's error in what follows: the Cin-term tile products and
+    the 36-term output transform (gamma_n <= 1.01 n U32 for these n)."""
+    from dynaseg_jax.models import conv3x3 as c3
+    from tests.conv_reference import U32
+    h, w, cin = x.shape
+    ht, wt = -(-h // 4), -(-w // 4)
+    r = lambda a: np.asarray(c3.round_to_precision(jnp.asarray(a), precision), np.float64)
+    u = r(c3._winograd_tiles(jnp.asarray(x), ht, wt))                          # (36, T, Cin)
+    v = r(np.asarray(c3._WINO_KG) @ np.asarray(k, np.float32).reshape(9, -1)).reshape(36, cin, -1)
+    m, m_abs = np.einsum("ptc,pcd->ptd", u, v), np.einsum("ptc,pcd->ptd", np.abs(u), np.abs(v))
+    ka = np.asarray(c3._WINO_KA, np.float64)
+    untile = lambda a: a.reshape(4, 4, ht, wt, -1).transpose(2, 0, 3, 1, 4).reshape(4 * ht, 4 * wt, -1)[:h, :w]
+    y = untile(ka @ m.reshape(36, -1))
+    bound = 1.01 * U32 * untile(np.abs(ka) @ (36 * np.abs(m) + cin * m_abs).reshape(36, -1))
+    return y, bound
+
+
+@pytest.mark.parametrize("precision", ["tensorfloat32", "bfloat16"])
+def test_emulated_winograd_rounds_the_transformed_tiles(precision):
+    # A Winograd conv's dots multiply the transformed tiles U = B^T d B and V = G g G^T, so
+    # reduced-precision products round those, not x and the kernel. The emulation must do
+    # the same: its output and input gradient (a Winograd conv of dy with the rotated
+    # kernel) are float64 computations from the rounded tiles, within the worst-case
+    # float32 bound; rounding x and the kernel instead is far outside it.
+    from dynaseg_jax.models.conv3x3 import conv3x3_winograd, emulated_products, round_to_precision
+    from tests.conv_reference import random_case
+    rng = np.random.default_rng(11)
+    x, k = random_case(rng, 10, 9, 16, 8)
+    g = rng.normal(size=(10, 9, 8)).astype(np.float32)
+    conv = emulated_products(conv3x3_winograd, precision)
+    y, vjp = jax.vjp(lambda x, k: conv(x, k), jnp.asarray(x), jnp.asarray(k))
+    dx, dk = vjp(jnp.asarray(g))
+    want, bound = _winograd_tiles_rounded64(x, k, precision)
+    assert np.all(np.abs(np.asarray(y) - want) <= bound)
+    dx_want, dx_bound = _winograd_tiles_rounded64(g, k[::-1, ::-1].transpose(0, 1, 3, 2), precision)
+    assert np.all(np.abs(np.asarray(dx) - dx_want) <= dx_bound)
+    # The weight gradient: G^T [sum over tiles of U * (A dy A^T)] G, both factors rounded;
+    # float32 errors in its tile sums (T terms) and the 36-term kernel transform.
+    from dynaseg_jax.models import conv3x3 as c3
+    from tests.conv_reference import U32
+    ht, wt = 3, 3
+    rnd = lambda a: round_to_precision(jnp.asarray(a), precision)
+    u = np.asarray(rnd(c3._winograd_tiles(jnp.asarray(x), ht, wt)), np.float64)
+    dm = np.asarray(rnd(c3._winograd_untile_transpose(jnp.asarray(g), ht, wt)), np.float64)
+    dv, dv_abs = np.einsum("ptc,ptd->pcd", u, dm), np.einsum("ptc,ptd->pcd", np.abs(u), np.abs(dm))
+    kg_t = np.abs(np.asarray(c3._WINO_KG, np.float64)).T
+    dk_want = (np.asarray(c3._WINO_KG, np.float64).T @ dv.reshape(36, -1)).reshape(k.shape)
+    dk_bound = 1.01 * U32 * (kg_t @ (36 * np.abs(dv) + ht * wt * dv_abs).reshape(36, -1)).reshape(k.shape)
+    assert np.all(np.abs(np.asarray(dk) - dk_want) <= dk_bound)
+    inputs_rounded = np.asarray(conv3x3_winograd(rnd(x), rnd(k), "float32"))
+    assert np.max(np.abs(inputs_rounded - want) / bound) > 10
+
+
 def test_emulated_precision_reaches_the_network():
     # The config switch reaches every conv of the CNN: emulated bfloat16 products change r'
     # (by about bfloat16's relative unit, 2^-8, far above float32 rounding); emulating

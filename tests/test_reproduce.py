@@ -110,23 +110,3 @@ def test_rerun_with_other_settings_is_refused(script, tmp_path):
     with pytest.raises(SystemExit, match="other settings"):
         script.main(base + fast + ["--kmeans-k", "7"])
     assert _prediction_mtimes(out, ["kmeans"]) == mtimes
-
-
-def test_dynaseg_plus_superpixels_follow_the_scale():
-    # The preset's sizes are for --scale 0.25: at 0.5 areas grow 4x and sigma 2x, at 0.25
-    # nothing changes, and a superpixels field given with --set turns the conversion off.
-    import argparse
-
-    module = _load_script()  # needs no data
-    plus = module.load_config("dynaseg_plus").superpixels
-
-    def converted(scale, overrides=()):
-        args = argparse.Namespace(scale=scale, overrides=list(overrides))
-        return module.dynaseg_config("dynaseg_plus", args).superpixels
-
-    half = converted(0.5)
-    assert (half.scale, half.sigma, half.min_size) == (plus.scale * 4, plus.sigma * 2, plus.min_size * 4)
-    assert converted(0.25) == plus
-    assert converted(0.5, ["superpixels.sigma=0.7"]).scale == plus.scale
-    assert module.dynaseg_config("dynaseg_fsf", argparse.Namespace(scale=0.5, overrides=[])) == \
-        module.load_config("dynaseg_fsf")

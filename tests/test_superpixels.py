@@ -9,7 +9,9 @@ import pytest
 from dynaseg_jax import losses, train
 from dynaseg_jax.config import Config, ConfigError
 from dynaseg_jax.engine import pad_segments, pad_to_bucket
-from dynaseg_jax.superpixels import check_available, majority_labels, majority_targets, superpixel_map
+from dynaseg_jax.config import load_config
+from dynaseg_jax.superpixels import (check_available, felzenszwalb_params, majority_labels, majority_targets,
+                                     superpixel_map)
 from tests.conftest import require, smooth_image
 
 
@@ -84,6 +86,41 @@ def test_superpixel_maps():
                               "superpixels.scale": 1.0, "superpixels.min_size": 1})
     with pytest.raises(ValueError, match="superpixels, more than superpixels.max_segments = 2"):
         superpixel_map(image, tight)
+
+
+def test_felzenszwalb_sizes_follow_the_image_area():
+    # reference_pixels R: an image of A pixels gets min_size x A / R and scale and sigma
+    # x (A / R) ** (1/4) (hand-computed below, with areas 16x and 1/16x so that the fourth
+    # root is exact); R = 0 keeps the sizes as given.
+    config = Config().replace({"superpixels.scale": 100.0, "superpixels.sigma": 0.5,
+                               "superpixels.min_size": 3, "superpixels.reference_pixels": 9600})
+    assert felzenszwalb_params(80, 120, config) == {"scale": 100.0, "sigma": 0.5, "min_size": 3}
+    assert felzenszwalb_params(320, 480, config) == {"scale": 200.0, "sigma": 1.0, "min_size": 48}
+    small = felzenszwalb_params(20, 30, config)  # 1/16 of the area: 50, 0.25, round(0.1875) -> 1
+    assert small == {"scale": 50.0, "sigma": 0.25, "min_size": 1}
+    as_given = config.replace({"superpixels.reference_pixels": 0})
+    assert felzenszwalb_params(240, 160, as_given) == {"scale": 100.0, "sigma": 0.5, "min_size": 3}
+    with pytest.raises(ConfigError, match="superpixels.reference_pixels = -1: must be >= 0"):
+        config.replace({"superpixels.reference_pixels": -1})
+    # The dynaseg_plus preset's sizes were chosen on BSDS500 at scale 0.25 (120 x 80 either
+    # way up): unchanged there.
+    plus = load_config("dynaseg_plus")
+    sp = plus.superpixels
+    for shape in ((80, 120), (120, 80)):
+        assert felzenszwalb_params(*shape, plus) == {"scale": sp.scale, "sigma": sp.sigma, "min_size": sp.min_size}
+
+
+def test_superpixel_map_uses_the_area_scaled_sizes():
+    require("skimage")
+    from skimage.segmentation import felzenszwalb
+    image = smooth_image(32, 48, 2)
+    config = Config().replace({"superpixels.method": "felzenszwalb", "superpixels.scale": 3.0,
+                               "superpixels.min_size": 2, "superpixels.reference_pixels": 32 * 48 // 4})
+    direct = felzenszwalb(image, scale=3.0 * 4 ** 0.25, sigma=0.5 * 4 ** 0.25, min_size=8, channel_axis=-1)
+    _, direct = np.unique(direct, return_inverse=True)
+    np.testing.assert_array_equal(superpixel_map(image, config), direct.reshape(32, 48))
+    as_given = superpixel_map(image, config.replace({"superpixels.reference_pixels": 0}))
+    assert as_given.max() > superpixel_map(image, config).max()  # smaller sizes: more superpixels
 
 
 def test_missing_scikit_image_is_a_config_error(monkeypatch):
@@ -163,6 +200,16 @@ def test_segment_and_sweep_with_superpixels(tmp_path, capsys):
     for i in range(2):
         np.testing.assert_array_equal(imio.read_labels(tmp_path / "sweep" / "superpixels.scale_5" / f"im{i}.png"),
                                       imio.read_labels(tmp_path / "sp" / f"im{i}.png"))
+    # A setting whose superpixels fail (scale 0.01: about one per pixel, over the 64
+    # allowed) loses the images for itself only.
+    code = main(["sweep", str(tmp_path / "in"), "--out", str(tmp_path / "fail"), *base,
+                 "--set", "superpixels.method=felzenszwalb", "--set", "superpixels.max_segments=64",
+                 "--set", "superpixels.min_size=1", "--grid", "superpixels.scale=0.01,50"])
+    captured = capsys.readouterr()
+    assert "2 settings: 2 segmented, 0 already done, 2 failed" in captured.out, captured.out
+    assert captured.err.count("more than superpixels.max_segments = 64") == 2 and code != 0
+    assert sorted(p.name for p in (tmp_path / "fail" / "superpixels.scale_50").glob("im?.png")) == ["im0.png", "im1.png"]
+    assert not list((tmp_path / "fail" / "superpixels.scale_0.01").glob("im?.png"))
 
 
 def test_the_vote_reuses_the_targets_superpixels(tmp_path, tiny_config, monkeypatch):

@@ -12,6 +12,7 @@ it (without bias). ``precision`` is the precision of the products with the kerne
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -60,6 +61,24 @@ _WINO_KG = np.kron(_WINO_G, _WINO_G).astype(np.float32)    # (36, 9):  kernel ->
 _EXACT = jax.lax.Precision.HIGHEST  # the transforms stay float32 even where dots may use TF32
 
 
+@dataclasses.dataclass(frozen=True)
+class EmulatedPrecision:
+    """A ``precision`` for the Winograd formulation: its tile products multiply in float32
+    with both operands rounded to ``name``'s format (``round_to_precision``), as a dot with
+    TF32 or bfloat16 products rounds the transformed tiles it is given, not x and the
+    kernel (``emulated_products``)."""
+
+    name: str
+
+
+def _tile_products(subscripts: str, a: jax.Array, b: jax.Array, precision) -> jax.Array:
+    """The Winograd tile-position matmuls, ``einsum(subscripts, a, b)`` at ``precision``."""
+    if isinstance(precision, EmulatedPrecision):
+        a, b = round_to_precision(a, precision.name), round_to_precision(b, precision.name)
+        precision = _EXACT
+    return jnp.einsum(subscripts, a, b, precision=precision)
+
+
 def _winograd_tiles(x: jax.Array, ht: int, wt: int) -> jax.Array:
     """U = B^T d B for every overlapping 6x6 tile (stride 4) of x zero-padded by 1.
 
@@ -96,8 +115,7 @@ def _winograd_forward(x: jax.Array, kernel: jax.Array, precision=None):
     u = _winograd_tiles(x, ht, wt)
     cin, cout = kernel.shape[2:]
     v = jnp.dot(jnp.asarray(_WINO_KG), kernel.reshape(9, -1), precision=_EXACT)
-    m = jnp.einsum("ptc,pcd->ptd", u, v.reshape(36, cin, cout),  # 36 tile-position matmuls
-                   precision=precision)
+    m = _tile_products("ptc,pcd->ptd", u, v.reshape(36, cin, cout), precision)  # 36 tile-position matmuls
     return _winograd_untile(m, ht, wt, h, w), u
 
 
@@ -126,7 +144,7 @@ def _conv3x3_winograd_bwd(precision, residuals, dy):
     u, kernel = residuals
     h, w, _ = dy.shape
     dm = _winograd_untile_transpose(dy, -(-h // 4), -(-w // 4))      # (36, T, Cout)
-    dv = jnp.einsum("ptc,ptd->pcd", u, dm, precision=precision)      # (36, Cin, Cout)
+    dv = _tile_products("ptc,ptd->pcd", u, dm, precision)             # (36, Cin, Cout)
     dkernel = jnp.dot(jnp.asarray(_WINO_KG).T, dv.reshape(36, -1), precision=_EXACT)
     # d/dx of a zero-padded correlation: correlate dy with the kernel rotated by 180
     # degrees, its input and output channels swapped.
@@ -145,6 +163,8 @@ WINOGRAD_MIN_CIN = 16
 def conv3x3_winograd_layer(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
     """Winograd, except im2col for layers with fewer than WINOGRAD_MIN_CIN inputs."""
     if x.shape[-1] < WINOGRAD_MIN_CIN:
+        if isinstance(precision, EmulatedPrecision):
+            return emulated_products(conv3x3_im2col, precision.name)(x, kernel)
         return conv3x3_im2col(x, kernel, precision)
     return conv3x3_winograd(x, kernel, precision)
 
@@ -181,11 +201,17 @@ def emulated_products(product, precision: str | None):
     products summed in float32: the effect of TF32 or bfloat16 products (their rounding of
     x, of the kernel and of the incoming gradient) on any backend.
 
+    The Winograd formulations multiply transformed tiles, and a dot with reduced-precision
+    products rounds those (``EmulatedPrecision``): for them the rounding happens there.
+
     Exact emulation of the operand rounding: a product of two TF32 (11-bit) or bfloat16
     (8-bit) significands fits float32's 24 bits. The sums keep float32 order and
     rounding, which tensor cores approximate (their internal accumulation differs in the
     last bits). ``product`` must be linear in each operand (a conv, a matmul).
     """
+    if product in (conv3x3_winograd, conv3x3_winograd_layer):
+        tiles_rounded = EmulatedPrecision(precision)
+        return lambda x, kernel, _=None: product(x, kernel, tiles_rounded)
     exact = functools.partial(product, precision="float32")
     rnd = functools.partial(round_to_precision, precision=precision)
 
