@@ -96,7 +96,8 @@ class ModelConfig:
                                    ("float32", "tensorfloat32", "bfloat16"))
     emulate_precision: bool = _field(False, "'cnn' only: round both operands of every product with "
                                             "learned weights (forward and backward) to "
-                                            "model.matmul_precision's format and multiply in float32, "
+                                            "model.matmul_precision's format and multiply in float32 "
+                                            "(winograd: the transformed tiles, as its dots would), "
                                             "on any backend: the effect of TF32 or bfloat16 products, "
                                             "studied on a CPU (models/conv3x3.py, emulated_products).")
     channel_multiple: int = _field(1, "'cnn' only: inside each conv, pad the channels with zeros to a "

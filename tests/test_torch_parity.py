@@ -364,16 +364,78 @@ def round_significand(t: torch.Tensor, bits: int, mode: str) -> torch.Tensor:
     return torch.ldexp(r / 2.0 ** bits, e)
 
 
-def round_products(model, rounding) -> None:
+def _winograd_matrices():
+    """F(4x4, 3x3)'s 2-D transforms in float64 torch tensors: input tiles (36 x 36),
+    output tiles (16 x 36), kernel (36 x 9), from the 1-D matrices of ``conv3x3``."""
+    kron = lambda a: torch.from_numpy(np.kron(a, a))
+    return kron(conv3x3_lib._WINO_BT), kron(conv3x3_lib._WINO_AT), kron(conv3x3_lib._WINO_G)
+
+
+def _winograd_tiles_torch(x: torch.Tensor, ht: int, wt: int) -> torch.Tensor:
+    """The 6x6 input tiles (stride 4) of x (H, W, C) zero-padded by 1: (36, ht wt, C)."""
+    h, w, c = x.shape
+    xp = torch.nn.functional.pad(x, (0, 0, 1, 4 * wt + 1 - w, 1, 4 * ht + 1 - h))
+    return torch.stack([xp[a:a + 4 * ht - 3:4, b:b + 4 * wt - 3:4] for a in range(6) for b in range(6)]
+                       ).reshape(36, ht * wt, c)
+
+
+def _winograd_rounded(x: torch.Tensor, kernel: torch.Tensor, rounding) -> torch.Tensor:
+    """Winograd F(4x4, 3x3) of x (H, W, Cin) with an HWIO kernel, in float64, the tile
+    products' operands U = B^T d B and V = G g G^T rounded by ``rounding``."""
+    kb, ka, kg = _winograd_matrices()
+    h, w, cin = x.shape
+    ht, wt = -(-h // 4), -(-w // 4)
+    u = rounding((kb @ _winograd_tiles_torch(x, ht, wt).reshape(36, -1)).reshape(36, ht * wt, cin))
+    v = rounding((kg @ kernel.reshape(9, -1)).reshape(36, cin, -1))
+    m = torch.einsum("ptc,pcd->ptd", u, v)
+    y = (ka @ m.reshape(36, -1)).reshape(4, 4, ht, wt, -1).permute(2, 0, 3, 1, 4).reshape(4 * ht, 4 * wt, -1)
+    return y[:h, :w]
+
+
+class WinogradRoundedConv(torch.autograd.Function):
+    """A 3x3 conv (stride 1, zero padding 1, no bias; torch layouts) as
+    ``conv3x3.conv3x3_winograd`` computes it with reduced-precision products, in float64:
+    the forward rounds the transformed tiles U and V; the kernel gradient multiplies U
+    and the transformed gradient A dy A^T, both rounded; the input gradient is such a
+    Winograd conv of dy with the rotated kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, rounding):
+        xs, k = x[0].permute(1, 2, 0), weight.permute(2, 3, 1, 0)  # (H, W, Cin), HWIO
+        ctx.save_for_backward(xs, k)
+        ctx.rounding = rounding
+        return _winograd_rounded(xs, k, rounding).permute(2, 0, 1)[None]
+
+    @staticmethod
+    def backward(ctx, dy):
+        xs, k = ctx.saved_tensors
+        rounding, dys = ctx.rounding, dy[0].permute(1, 2, 0)
+        kb, ka, kg = _winograd_matrices()
+        (h, w, cin), d = xs.shape, dys.shape[-1]
+        ht, wt = -(-h // 4), -(-w // 4)
+        u = rounding((kb @ _winograd_tiles_torch(xs, ht, wt).reshape(36, -1)).reshape(36, ht * wt, cin))
+        dyp = torch.nn.functional.pad(dys, (0, 0, 0, 4 * wt - w, 0, 4 * ht - h))
+        dm = rounding((ka.T @ dyp.reshape(ht, 4, wt, 4, d).permute(1, 3, 0, 2, 4).reshape(16, -1))
+                      .reshape(36, ht * wt, d))
+        dk = (kg.T @ torch.einsum("ptc,ptd->pcd", u, dm).reshape(36, -1)).reshape(3, 3, cin, d)
+        dx = _winograd_rounded(dys, k.flip(0, 1).transpose(2, 3), rounding)
+        return dx.permute(2, 0, 1)[None], dk.permute(3, 2, 0, 1), None
+
+
+def round_products(model, rounding, winograd_min_cin: int | None = None) -> None:
     """Hooks that round the operands of every product with learned weights (the convs,
     the classifier) with ``rounding``: the input and kernel in the forward pass and the
     incoming gradient dy of both gradients, as reduced-precision products read them. The
     input and kernel pass their gradients through unchanged, and the bias is added after
-    the product, as in ``conv3x3.emulated_products``."""
+    the product, as in ``conv3x3.emulated_products``. ``winograd_min_cin``: 3x3 convs
+    with at least this many input channels multiply Winograd's transformed tiles instead
+    (``WinogradRoundedConv``), as ``conv_impl = 'winograd'`` does."""
     def rounded(t):
         return t + (rounding(t.detach()) - t.detach())
 
     def hook(module, inp, out):
+        if winograd_min_cin is not None and module.kernel_size == (3, 3) and module.in_channels >= winograd_min_cin:
+            return WinogradRoundedConv.apply(inp[0], module.weight, rounding) + module.bias[:, None, None]
         product = module._conv_forward(rounded(inp[0]), rounded(module.weight), None)
         product.register_hook(rounding)
         return product + module.bias[:, None, None]
@@ -382,10 +444,12 @@ def round_products(model, rounding) -> None:
         module.register_forward_hook(hook)
 
 
-def truth_step(start: dict, image: np.ndarray, branch: dict, config=CONFIG, rounding=None) -> dict:
+def truth_step(start: dict, image: np.ndarray, branch: dict, config=CONFIG, rounding=None,
+               winograd_min_cin: int | None = None) -> dict:
     """The float64 truth of one step from a float32 snapshot, on a given ``branch_of``,
     with the floors of the criterion. ``rounding``: the same step with every product's
-    operands rounded by it (``round_products``; its floors then mean nothing).
+    operands rounded by it (``round_products``, with ``winograd_min_cin``; its floors
+    then mean nothing).
 
     Floors, from the arithmetic (all evaluated on the float64 run; N = H*W pixels;
     "the sum floor" is LAMBDA U32 sqrt(n) (|sum t| + sqrt(sum t^2)), see LAMBDA):
@@ -411,7 +475,7 @@ def truth_step(start: dict, image: np.ndarray, branch: dict, config=CONFIG, roun
     model.load_state_dict(start["state_dict"])
     model.train()
     if rounding is not None:
-        round_products(model, rounding)  # before the hooks below, which see its outputs
+        round_products(model, rounding, winograd_min_cin)  # before the hooks below, which see its outputs
     optimizer = ref.make_optimizer(model, config)
     if start["momentum"] is not None:
         for name, p in model.named_parameters():
@@ -716,7 +780,8 @@ def test_teacher_forced_steps(impl, jax_fns, teacher):
 # significant bits, rounded to nearest, ties away, or truncated by some GPU paths;
 # bfloat16: 8, to nearest even). What that rounding does to a step is computed in
 # float64 on JAX's branch, with the operands rounded as the format rounds them
-# (``round_products``): the change of each quantity from the unrounded truth. JAX's
+# (``round_products``; with Winograd, its transformed tiles, which its dots multiply):
+# the change of each quantity from the unrounded truth. JAX's
 # reduced-precision step may differ from the truth by that change, ROUNDING_MARGIN = 2
 # times (float64 operands sit within U32 of JAX's float32 ones, so an operand within
 # that of a rounding midpoint may round the other way: one unit of the format for that
@@ -729,16 +794,18 @@ ROUNDING_MODES = {"tensorfloat32": ("nearest_away",), "bfloat16": ("nearest_even
 ROUNDING_MARGIN = 2.0
 
 
-def product_rounding_allowances(rec, image, on_branch: tuple, precision: str, modes) -> dict:
+def product_rounding_allowances(rec, image, on_branch: tuple, precision: str, modes, impl: str = "lax") -> dict:
     """ROUNDING_MARGIN x the change of each quantity (r', each parameter and momentum
     leaf) of the float64 step on JAX's branch (``on_branch``: ``truth_on_jax_branch``'s
     result) when every product's operands are rounded to ``precision`` (the largest over
-    rounding ``modes``)."""
+    rounding ``modes``): for ``impl = 'winograd'``, the transformed tiles of its convs
+    with WINOGRAD_MIN_CIN inputs or more."""
     branch, base = on_branch
+    min_cin = conv3x3_lib.WINOGRAD_MIN_CIN if impl == "winograd" else None
     change = {}
     for mode in modes:
         rounding = functools.partial(round_significand, bits=SIGNIFICANT_BITS[precision], mode=mode)
-        moved = truth_step(rec["start"], image, branch, rounding=rounding)
+        moved = truth_step(rec["start"], image, branch, rounding=rounding, winograd_min_cin=min_cin)
         diffs = [("r'", moved["response"] - base["response"])]
         for what in ("params", "momentum"):
             diffs += [(what + k.replace("['params']", ""), moved[what][k] - base[what][k]) for k in base[what]]
@@ -747,23 +814,27 @@ def product_rounding_allowances(rec, image, on_branch: tuple, precision: str, mo
     return {name: ROUNDING_MARGIN * c for name, c in change.items()}
 
 
-@pytest.mark.parametrize("precision,finer,native", [("tensorfloat32", "float32", False),
-                                                    ("bfloat16", "tensorfloat32", False),
-                                                    ("tensorfloat32", "float32", True)],
-                         ids=["tensorfloat32-emulated", "bfloat16-emulated", "tensorfloat32-gpu"])
-def test_teacher_forced_steps_reduced_precision(precision, finer, native, teacher):
+@pytest.mark.parametrize("precision,finer,native,impl", [
+    ("tensorfloat32", "float32", False, "lax"), ("bfloat16", "tensorfloat32", False, "lax"),
+    ("tensorfloat32", "float32", False, "winograd"), ("bfloat16", "tensorfloat32", False, "winograd"),
+    ("tensorfloat32", "float32", True, "lax"), ("tensorfloat32", "float32", True, "winograd")],
+    ids=["tensorfloat32-emulated", "bfloat16-emulated", "tensorfloat32-emulated-winograd",
+         "bfloat16-emulated-winograd", "tensorfloat32-gpu", "tensorfloat32-gpu-winograd"])
+def test_teacher_forced_steps_reduced_precision(precision, finer, native, impl, teacher):
     """Steps with TF32 or bfloat16 products, each started from torch's exact state,
     within the float32 criterion plus the allowance for the precision's rounding: the
     bound a faster precision must meet. Emulated (``model.emulate_precision``) on any
     backend; native TF32 on an NVIDIA GPU, where either rounding mode is allowed. The
     same steps judged with the finer precision's allowance instead are rejected: the
-    bound tells the precisions apart. (Natively, XLA's conv is cuDNN's: an algorithm
-    that multiplies transformed tiles (Winograd, FFT) rounds those instead of x and the
-    kernel, a different error this bound does not model.)"""
+    bound tells the precisions apart. Winograd's dots multiply transformed tiles, so its
+    allowance rounds those (``WinogradRoundedConv``). (Natively, ``lax`` is cuDNN's
+    conv: an algorithm that multiplies transformed tiles (Winograd, FFT) rounds those
+    instead of x and the kernel, a different error this bound does not model.)"""
     if native and jax.default_backend() != "gpu":
         pytest.skip("native TF32 products need an NVIDIA GPU (benchmarks/run_gpu.sh runs this case)")
     image, records = teacher
-    config = CONFIG.replace({"model.emulate_precision": not native, "model.matmul_precision": precision})
+    config = CONFIG.replace({"model.emulate_precision": not native, "model.matmul_precision": precision,
+                             "model.conv_impl": impl})
     modes = ("nearest_away", "toward_zero") if native else ROUNDING_MODES[precision]
     step, forward = jax.jit(train.make_train_step(config)), jax.jit(make_forward(config))
     x, mask = jnp.asarray(image), jnp.ones(image.shape[:2], jnp.float32)
@@ -773,16 +844,16 @@ def test_teacher_forced_steps_reduced_precision(precision, finer, native, teache
         new_state, metrics = step(state, x, mask)
         fwd = forward(state["params"], x, mask)
         on_branch = truth_on_jax_branch(rec, image, fwd)  # one float64 truth for all below
-        extra = product_rounding_allowances(rec, image, on_branch, precision, modes)
-        rows = judge_step(rec, image, "lax", new_state, metrics, fwd, extra, on_branch)
+        extra = product_rounding_allowances(rec, image, on_branch, precision, modes, impl)
+        rows = judge_step(rec, image, impl, new_state, metrics, fwd, extra, on_branch)
         worst = max(worst, worst_row(rows) + (rec["start"]["t"],))
-        assert_rows(rows, f"[{precision}] step {rec['start']['t']}")
+        assert_rows(rows, f"[{precision}/{impl}] step {rec['start']['t']}")
         finer_extra = ({} if finer == "float32" else
-                       product_rounding_allowances(rec, image, on_branch, finer, ROUNDING_MODES[finer]))
-        finer_worst.append(worst_row(judge_step(rec, image, "lax", new_state, metrics, fwd, finer_extra,
+                       product_rounding_allowances(rec, image, on_branch, finer, ROUNDING_MODES[finer], impl))
+        finer_worst.append(worst_row(judge_step(rec, image, impl, new_state, metrics, fwd, finer_extra,
                                                 on_branch))[0])
     ratio, name, err, bound, t = worst
-    print(f"\n[teacher-forced/{precision}] worst |jax - truth64| / allowed over {N_STEPS} steps: "
+    print(f"\n[teacher-forced/{precision}/{impl}] worst |jax - truth64| / allowed over {N_STEPS} steps: "
           f"{ratio:.3f} ({name} at step {t}: {err:.2e} / {bound:.2e}); with {finer}'s allowance: "
           f"{min(finer_worst):.2f}-{max(finer_worst):.2f} x allowed")
     assert min(finer_worst) > 1
