@@ -137,8 +137,9 @@ def kmeans_labels(image: np.ndarray, k: int, seed: int) -> np.ndarray:
     return labels.reshape(image.shape[:2])
 
 
-def felzenszwalb_params(args, scale: float) -> dict:
-    """Felzenszwalb parameters for images resized by ``scale`` (see the module docstring)."""
+def baseline_felzenszwalb_params(args, scale: float) -> dict:
+    """The Felzenszwalb baseline's parameters for images resized by ``scale`` (see the module
+    docstring; DynaSeg's superpixels follow ``superpixels.reference_pixels`` instead)."""
     return {"scale": args.fz_scale * scale ** 2, "sigma": args.fz_sigma * scale,
             "min_size": max(1, round(args.fz_min_size * scale ** 2))}
 
@@ -157,7 +158,7 @@ def baseline_settings(method: str, args) -> dict:
     else:
         settings.update(full_size={"scale": args.fz_scale, "sigma": args.fz_sigma,
                                    "min_size": args.fz_min_size},
-                        used=felzenszwalb_params(args, args.scale))
+                        used=baseline_felzenszwalb_params(args, args.scale))
     return settings
 
 
@@ -167,7 +168,7 @@ def run_baseline(method: str, ds, ids: list[str], out: Path, args) -> dict:
     Returns:
       ``{"segmented", "reused", "failed"}`` counts of this run.
     """
-    params = felzenszwalb_params(args, args.scale) if method == "felzenszwalb" else None
+    params = baseline_felzenszwalb_params(args, args.scale) if method == "felzenszwalb" else None
     counts = {"segmented": 0, "reused": 0, "failed": 0}
     results = out / "results.jsonl"
     for n, id_ in enumerate(ids, 1):

@@ -85,6 +85,8 @@ def _run_segment(args) -> int:
     if args.batch is not None:
         overrides.append(f"engine.batch={args.batch}")
     if args.devices is not None:
+        if args.devices != "all" and not args.devices.isdigit():
+            raise ConfigError(f"--devices {args.devices}: expected a number of devices or 'all'")
         overrides.append(f"engine.devices={0 if args.devices == 'all' else args.devices}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
@@ -146,7 +148,7 @@ def _run_sweep(args) -> int:
     scored = args.dataset if args.dataset in ("bsds500", "voc2012") else None
     report = run_sweep(inputs, args.out, config, grid, scale=args.scale,
                        dataset=(scored, args.root, args.split) if scored else None,
-                       progress=not args.no_progress and sys.stderr.isatty())
+                       progress=not args.no_progress and sys.stderr.isatty(), overwrite=args.overwrite)
     print(f"{len(report['settings'])} settings: {report['segmented']} segmented, {report['skipped']} already "
           f"done, {report['failed']} failed in {report['seconds']:.1f} s -> {os.path.join(args.out, 'sweep.csv')}")
     return 1 if report["failed"] else 0
@@ -263,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="dataset folder (with --dataset)")
     p.add_argument("--split", help="dataset split")
     p.add_argument("--limit", type=int, help="with --dataset: only the first N images")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of another config in a setting's folder (default: refuse)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = sub.add_parser("merge", help="merge the results files of a multi-process run",
                        description="Write the union of OUT/results.jsonl and every process's "

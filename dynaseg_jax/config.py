@@ -261,18 +261,20 @@ class Config:
     postprocess: PostprocessConfig = dataclasses.field(default_factory=PostprocessConfig)
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
 
-    def replace(self, changes: Mapping[str, Any] | None = None, /, **sections) -> "Config":
+    def replace(self, changes: Mapping[str, Any] | None = None, /, *, source: str = "replace",
+                **sections) -> "Config":
         """A validated copy with fields changed.
 
         Args:
           changes: ``{dotted path: value}``, e.g. ``{"optim.lr": 0.05}`` (values are
             checked and coerced as from TOML).
+          source: where the changes come from, for error messages (e.g. ``--grid``).
           **sections: whole sections or top-level fields, e.g. ``seed=1`` or
             ``optim=OptimConfig(lr=0.05)``.
         """
         config = dataclasses.replace(self, **sections) if sections else self
         if changes:
-            config = _apply(config, dict(changes), "replace")
+            config = _apply(config, dict(changes), source)
         return validate(config)
 
     def get(self, path: str) -> Any:

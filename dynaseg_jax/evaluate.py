@@ -210,15 +210,16 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
     Returns:
       A JSON-serialisable dict: the protocol's scores (see the module docstring), ``images``
       (how many were scored), ``missing`` (ids without a prediction), ``missing_ids`` (the
-      first few of them), the run's settings, and for the ``bsds`` and ``best_overlap``
+      first few of them), ``failed`` (images whose prediction or ground truth could not be
+      read, or whose prediction is transposed) and ``failures`` (one line each, naming
+      the file), the run's settings, and for the ``bsds`` and ``best_overlap``
       protocols ``per_image``: ``{id: {"best_overlap": mean best-overlap IoU of the
       image's ground-truth segments (all annotations), "hungarian": its Hungarian mIoU}}``
       (for looking at images; the dataset scores pool segments, not images).
 
     Raises:
-      DatasetError: unknown dataset/protocol pair, missing or malformed dataset files,
-        unreadable predictions.
-      ValueError: a prediction transposed with respect to its ground truth.
+      DatasetError: unknown dataset/protocol pair, a missing prediction folder, a
+        missing or malformed dataset layout.
     """
     from . import metrics  # scipy: imported here so that `dynaseg --help` starts fast
 
@@ -237,6 +238,7 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
 
     start = time.perf_counter()
     missing: list[str] = []
+    failed: list[str] = []  # one line per image that could not be scored
     scored = 0
     scoring = _PROTOCOL_SCORING[protocol](ds, connected)
     for id_ in ids:
@@ -244,13 +246,16 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
         if not pred_path.is_file():
             missing.append(id_)
             continue
-        pred = read_prediction(pred_path)
+        # One unreadable prediction or ground-truth file, or a transposed prediction, is
+        # that image's failure: the others are still scored.
         try:
-            scoring.add(id_, pred)
+            scoring.add(id_, read_prediction(pred_path))
+        except DatasetError as e:
+            failed.append(str(e))
+            continue
         except ValueError as e:
-            if isinstance(e, DatasetError):
-                raise
-            raise ValueError(f"{pred_path}: {e}") from None
+            failed.append(f"{pred_path}: {e}")
+            continue
         scored += 1
 
     result: dict = {
@@ -269,6 +274,8 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
     result["images"] = scored
     result["missing"] = len(missing)
     result["missing_ids"] = missing[:_MISSING_LISTED]
+    result["failed"] = len(failed)
+    result["failures"] = failed
     result["seconds"] = round(time.perf_counter() - start, 3)
     return result
 
@@ -309,6 +316,8 @@ def format_table(result: dict) -> str:
         rows.append((label, text))
     rows.append(("images scored", str(result.get("images", 0))))
     rows.append(("predictions missing", str(result.get("missing", 0))))
+    if result.get("failed"):
+        rows.append(("images failed", str(result["failed"])))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -350,25 +359,36 @@ def run_evaluate(args: argparse.Namespace) -> int:
     Returns:
       Exit code: 0 when the predictions found were scored (missing ones are counted and
       reported: a run over the first N images of a split scores those N), 1 when some
-      were missing and ``--strict`` was given, 2 on errors or when none was found.
+      could not be scored (each named on stderr) or, with ``--strict``, were missing, 2
+      on errors or when none was scored.
     """
+    if args.limit is not None and args.limit < 1:
+        print(f"dynaseg: error: --limit {args.limit}: must be >= 1", file=sys.stderr)
+        return 2
     try:
         result = evaluate_predictions(args.dataset, args.root, args.split, args.pred,
                                       protocol=args.protocol, connected=args.connected,
                                       limit=args.limit, id_list=args.id_list)
     except ValueError as e:  # DatasetError included
-        print(f"error: {e}", file=sys.stderr)
+        print(f"dynaseg: error: {e}", file=sys.stderr)
         return 2
     print(format_table(result))
     if args.json:
         imio.write_json_atomic(args.json, result, sort_keys=True)  # NaN -> null
         print(f"wrote {args.json}")
+    for failure in result["failures"]:
+        print(f"dynaseg: error: {failure}", file=sys.stderr)
     if result["images"] == 0:
-        print(f"error: no predictions found in {args.pred} for this split", file=sys.stderr)
+        found = "none could be scored" if result["failed"] else "no predictions found"
+        print(f"dynaseg: error: {found} in {args.pred} for this split", file=sys.stderr)
         return 2
+    if result["failed"]:
+        print(f"dynaseg: error: {result['failed']} of {result['failed'] + result['images']} prediction(s) "
+              f"could not be scored (above); the scores cover the {result['images']} scored", file=sys.stderr)
+        return 1
     if result["missing"]:
         shown = ", ".join(result["missing_ids"][:5])
-        print(f"{'error' if args.strict else 'note'}: {result['missing']} of "
+        print(f"dynaseg: {'error' if args.strict else 'note'}: {result['missing']} of "
               f"{result['missing'] + result['images']} prediction(s) missing (e.g. {shown}); "
               f"the scores cover the {result['images']} found", file=sys.stderr)
         return 1 if args.strict else 0

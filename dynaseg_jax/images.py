@@ -41,6 +41,9 @@ def open_image(path: Path, error: type[Exception] = ImageError) -> Image.Image:
         raise error(f"{path}: is a directory") from None
     except UnidentifiedImageError:
         raise error(f"{path}: not an image file (unrecognised format)") from None
+    except Image.DecompressionBombError:
+        raise error(f"{path}: image is larger than {2 * Image.MAX_IMAGE_PIXELS} pixels (Pillow's "
+                    f"decompression-bomb limit); resize it") from None
     except OSError as e:
         raise error(f"{path}: cannot open image: truncated or corrupt file ({e})") from None
     return img
@@ -265,16 +268,20 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     """Calls ``write(tmp_path)`` on a temporary file beside ``path``, then renames it into
     place: readers (and an interrupted run) never see a half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            # Named by the file asked for, not the temporary one.
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 
@@ -400,30 +407,42 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Records of a results file; a torn last line (interrupted write) is skipped."""
+    """Records of a results file: its lines that are JSON objects. Others are skipped:
+    silently a torn last line (an interrupted write leaves no newline) and blank lines,
+    with a one-line warning naming the file and line anything else."""
     records = []
     try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:
-                    continue
+                    record = None
+                if isinstance(record, dict):
+                    records.append(record)
+                elif line.endswith("\n") and line.strip():
+                    warnings.warn(f"{path}:{number}: not a JSON object (a damaged record); skipped",
+                                  stacklevel=2)
     except FileNotFoundError:
         pass
     return records
 
 
+def scaled_size(h: int, w: int, scale: float) -> tuple[int, int]:
+    """(height, width) of an h x w image resized by ``scale``: each side rounded, at least 1."""
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 def resize_image(image: np.ndarray, scale: float) -> np.ndarray:
-    """Bilinear resize of an RGB image by ``scale``; each side is at least 1 pixel.
+    """Bilinear resize of an RGB image by ``scale`` to ``scaled_size``.
 
     uint8 images come back as uint8; float images in [0, 1] go through 8 bits (as they
     were read) and come back as float32, so both give the same pixels.
     """
     if scale == 1.0:
         return image
-    h, w = image.shape[:2]
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    h, w = scaled_size(*image.shape[:2], scale)
+    size = (w, h)
     if image.dtype == np.uint8:
         return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR), np.uint8)
     pil = Image.fromarray(np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8))

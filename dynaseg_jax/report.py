@@ -110,20 +110,26 @@ def build_report(out_dir: str | os.PathLike, dataset: str | None = None, root: s
         cells["image"] = (f'<img src="{_data_uri(_to_uint8(image), thumb_width, "JPEG")}" alt="image">'
                           if image is not None else "—")
         overlay_path, labels_path = out / f"{stem}_overlay.png", out / f"{stem}.png"
+        cells["overlay"] = cells["labels"] = "—"
+        error = r.get("error")
         if r.get("status") == "ok" and overlay_path.is_file() and labels_path.is_file():
-            overlay = np.asarray(Image.open(overlay_path).convert("RGB"))
-            labels = imio.read_labels(labels_path)
-            colors = imio.label_colors(int(labels.max()) + 1)[labels]
-            cells["overlay"] = f'<img src="{_data_uri(overlay, thumb_width, "JPEG")}" alt="overlay">'
-            cells["labels"] = f'<img src="{_data_uri(colors, thumb_width, "PNG")}" alt="labels">'
-        else:
-            cells["overlay"] = cells["labels"] = "—"
+            try:
+                with imio.open_image(overlay_path) as img:
+                    imio.decode_now(img, overlay_path)
+                    overlay = np.asarray(img.convert("RGB"))
+                labels = imio.read_labels(labels_path)
+            except imio.ImageError as e:  # a damaged file: its row says so, the page is written
+                error = str(e)
+            else:
+                colors = imio.label_colors(int(labels.max()) + 1)[labels]
+                cells["overlay"] = f'<img src="{_data_uri(overlay, thumb_width, "JPEG")}" alt="overlay">'
+                cells["labels"] = f'<img src="{_data_uri(colors, thumb_width, "PNG")}" alt="labels">'
         values = {"name": str(stem or r.get("file")), "status": r.get("status"),
                   "iterations": r.get("iterations"), "clusters": r.get("clusters"), "k_min": r.get("k_min"),
                   "seconds": r.get("seconds")}
         for key, _ in score_cols:
             values[key] = scores.get(str(stem), {}).get(key)
-        rows.append((cells, values, r.get("error")))
+        rows.append((cells, values, error))
 
     columns = [("name", "name"), ("status", "status"), ("iterations", "iterations"), ("clusters", "clusters"),
                ("k_min", "k_min"), ("seconds", "seconds")] + score_cols

@@ -24,7 +24,7 @@ from .config import Config, ConfigError, load_config
 from .engine import Engine, WorkItem, bucket_shape, pad_to_bucket, resolve_config
 from .metrics import resize_prediction
 from .models import build_model, check_pretrained
-from .outputs import OutputFolder, merge_results
+from .outputs import OutputFolder, OutputFolderError, merge_results
 from .postprocess import postprocess
 from .superpixels import check_available as check_superpixels
 from .superpixels import superpixel_map
@@ -421,6 +421,7 @@ def segment_files(inputs: Sequence, out_dir: str | os.PathLike, config: Config, 
     folder = OutputFolder.open(out_dir, config, scale, overwrite=overwrite,
                                resolved=resolve_config(config), process=process)
     try:
+        _check_label_format(folder, color_labels)
         if folder.dropped_bytes:
             log(f"warning: {folder.results_path}: dropped a torn last line ({folder.dropped_bytes} bytes) "
                 f"left by an interrupted run")
@@ -452,6 +453,28 @@ def resolve_jobs(inputs: Sequence, out: Path) -> tuple[list, list]:
     return jobs, problems
 
 
+def _check_label_format(folder: OutputFolder, color_labels: bool) -> None:
+    """Refuses a run whose label maps would differ in format (``--color-labels``) from
+    those its folder already holds: one folder, one format."""
+    from PIL import Image
+
+    for record in folder.records:
+        path = folder.path / f"{record.get('stem')}.png"
+        if record.get("status") != "ok" or not path.is_file():
+            continue
+        try:
+            with Image.open(path) as img:
+                palette = img.mode == "P"
+        except OSError:
+            continue  # a damaged map is redone, in this run's format
+        if palette != color_labels:
+            held = "8-bit palette (--color-labels)" if palette else "16-bit grayscale"
+            raise OutputFolderError(f"--out {folder.path}: holds {held} label maps; "
+                                    f"{'add' if palette else 'drop'} --color-labels to resume there, "
+                                    f"or use another --out")
+        return
+
+
 def load_job_image(job, scale: float, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     """(original, image): a job's image as read, and as the network sees it (scaled,
     then checked against the size limits under its own name)."""
@@ -460,8 +483,10 @@ def load_job_image(job, scale: float, cfg: Config) -> tuple[np.ndarray, np.ndarr
         imio.as_float_image(src(), name)
     image = original
     if scale != 1.0:
+        # Checked before resizing: a large --scale must not allocate the image first.
+        imio.check_size(*imio.scaled_size(*original.shape[:2], scale), cfg.engine.max_pixels,
+                        f"{name} (scaled by {scale})")
         image = imio.resize_image(original, scale)
-        imio.check_size(*image.shape[:2], cfg.engine.max_pixels, f"{name} (scaled by {scale})")
     return original, image
 
 
@@ -523,8 +548,7 @@ def _job_bucket(job, scale: float, cfg: Config, model):
         h, w = imio.image_size(src) if isinstance(src, Path) else (0, 0)
     except imio.ImageError:
         h, w = 0, 0
-    h, w = max(1, round(h * scale)), max(1, round(w * scale))
-    return _bucket_order((h, w), cfg, model)
+    return _bucket_order(imio.scaled_size(h, w, scale), cfg, model)
 
 
 def _run_files(inputs, folder: OutputFolder, config: Config, scale: float, progress: bool,

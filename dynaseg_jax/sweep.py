@@ -106,7 +106,7 @@ def expand(base: Config, grid: dict[str, list]) -> list[Setting]:
     keys = list(grid)
     for combo in itertools.product(*(grid[k] for k in keys)):
         values = dict(zip(keys, combo))
-        config = base.replace(values)
+        config = base.replace(values, source="--grid")
         digest = config_digest(config)
         if digest in seen:
             continue
@@ -117,7 +117,7 @@ def expand(base: Config, grid: dict[str, list]) -> list[Setting]:
 
 def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: dict[str, list], *,
               scale: float = 1.0, dataset: tuple | None = None, progress: bool = False,
-              log=None) -> dict:
+              overwrite: bool = False, log=None) -> dict:
     """Runs every (image, setting) pair in one engine, writes each setting's folder,
     then (with ``dataset = (name, root, split)``) scores them and writes the table.
 
@@ -143,7 +143,7 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
     folders = []
     try:
         for s in settings:
-            folders.append(OutputFolder.open(out / s.name, s.config, scale))
+            folders.append(OutputFolder.open(out / s.name, s.config, scale, overwrite=overwrite))
         jobs, problems = resolve_jobs(inputs, out)
         for _, msg in problems:
             log(f"error: {msg}")
@@ -164,6 +164,7 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
         optimisation_key = [config_digest(s.config.replace({p: defaults.get(p) for p in POSTPROCESS_FIELDS}))
                             for s in settings]
         done = [f.done_sources() for f in folders]  # read once, not per image
+        unusable = len(problems)  # inputs that are not there, or whose output name is taken
         stems, todo, queued = {}, [], set()
         for job in jobs:
             name, source, stem, _ = job
@@ -172,6 +173,7 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
             queued.add(source)
             if stems.setdefault(stem.casefold(), source) != source:
                 log(f"error: {name}: output name {stem}.png is already used by {stems[stem.casefold()]}")
+                unusable += 1
                 continue
             pending = [i for i, d in enumerate(done) if source not in d]
             if pending:
@@ -180,7 +182,7 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
         for f in folders:
             f.commit()
         todo.sort(key=lambda t: _job_bucket(t[0], scale, cfg, engine.model))
-        counts = {"segmented": 0, "failed": 0, "skipped": skipped}
+        counts = {"segmented": 0, "failed": unusable, "skipped": skipped}
         bar = tqdm(total=sum(len(p) for _, p in todo), unit="pair", disable=not progress, file=sys.stderr)
         meta = {}
 

@@ -157,6 +157,8 @@ def test_cli_paths_end_in_one_line(tmp_path, capsys):
     one_line_error(capsys, main(["sample", str(tmp_path / "x.txt")]), 2, "unknown image type")
     one_line_error(capsys, main(["segment", str(afile), "--out", str(tmp_path / "o"), "--scale", "0"]),
                    2, "--scale")
+    one_line_error(capsys, main(["segment", str(afile), "--out", str(tmp_path / "o"), "--devices", "two"]),
+                   2, "--devices two: expected a number of devices or 'all'")
     assert main(["sample", str(tmp_path / "s.jpg")]) == 0
     assert Image.open(tmp_path / "s.jpg").format == "JPEG"
     capsys.readouterr()
@@ -176,8 +178,12 @@ def test_resume_keys_on_resolved_path_and_config(tmp_path, capsys, monkeypatch):
     assert main(["segment", str(d.resolve()), *base, "--color-labels"]) == 0
     assert Image.open(out / "a.png").mode == "P"  # --color-labels: a palette PNG
     capsys.readouterr()
-    # Another spelling of the same folder: nothing is redone.
+    # One folder, one label format: without --color-labels the resume is refused.
     monkeypatch.chdir(tmp_path)
+    one_line_error(capsys, main(["segment", "in", *base]), 2,
+                   "holds 8-bit palette (--color-labels) label maps; add --color-labels to resume")
+    base = [*base, "--color-labels"]
+    # Another spelling of the same folder: nothing is redone.
     assert main(["segment", "in", *base]) == 0
     assert "0 segmented, 1 already done" in capsys.readouterr().out
     assert main(["segment", "./in/../in/a.png", *base]) == 0
@@ -197,7 +203,7 @@ def test_resume_keys_on_resolved_path_and_config(tmp_path, capsys, monkeypatch):
     assert main(["segment", "in", *base, "--batch", "3", "--set", "engine.strategy=vmap"]) == 0
     assert "0 segmented, 1 already done" in capsys.readouterr().out
     # --overwrite replaces the folder's results with the new config's.
-    assert main(["segment", "in", *base, "--set", "stop.max_iters=2", "--overwrite"]) == 0
+    assert main(["segment", "in", *base[:-1], "--set", "stop.max_iters=2", "--overwrite"]) == 0
     assert "1 segmented, 0 already done" in capsys.readouterr().out
     (r,) = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert r["iterations"] <= 2 and r["config"] == config_digest(load_config(str(out / "config.toml")))

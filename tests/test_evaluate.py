@@ -83,21 +83,44 @@ def test_bsds_connected_and_resized(tmp_path):
     assert E.evaluate_predictions("bsds500", root, "val", pred_dir, connected=True)["all"] == pytest.approx(1.0)
 
 
-def test_transposed_prediction_names_the_file(bsds):
+def _only_20_scored(r):
+    """Image 20 alone scored, as by hand in test_bsds_scores_hand_worked: A's halves found
+    exactly (1, 1), B's whole image by a half (1/2)."""
+    return r["images"] == 1 and r["all"] == pytest.approx(2.5 / 3) and list(r["per_image"]) == ["20"]
+
+
+def test_transposed_prediction_fails_that_image_only(bsds):
     root, pred_dir = bsds
     write_pred(pred_dir / "10.png", np.zeros((W, H), np.int32))
-    with pytest.raises(ValueError, match="10.png: .*transposed"):
-        E.evaluate_predictions("bsds500", root, "val", pred_dir)
+    r = E.evaluate_predictions("bsds500", root, "val", pred_dir)
+    assert r["failed"] == 1 and "10.png: " in r["failures"][0] and "transposed" in r["failures"][0]
+    assert _only_20_scored(r)
 
 
-def test_bad_prediction_file(bsds):
+@pytest.mark.parametrize("bad", ["rgb", "garbage", "ground_truth"])
+def test_bad_file_fails_that_image_only(bsds, bad, capsys):
+    # An unreadable or colour prediction, or a corrupt ground-truth file, is one image's
+    # failure, named on one line; the others are scored, and the command exits 1.
     root, pred_dir = bsds
-    Image.new("RGB", (W, H)).save(pred_dir / "10.png")
-    with pytest.raises(DatasetError, match="10.png: prediction must be a single-channel"):
-        E.evaluate_predictions("bsds500", root, "val", pred_dir)
-    (pred_dir / "10.png").write_bytes(b"garbage")
-    with pytest.raises(DatasetError, match="10.png: not an image file"):
-        E.evaluate_predictions("bsds500", root, "val", pred_dir)
+    if bad == "rgb":
+        Image.new("RGB", (W, H)).save(pred_dir / "10.png")
+        words = "10.png: prediction must be a single-channel"
+    elif bad == "garbage":
+        (pred_dir / "10.png").write_bytes(b"garbage")
+        words = "10.png: not an image file"
+    else:
+        (root / "groundTruth" / "val" / "10.mat").write_bytes(b"garbage")
+        words = "10.mat: "
+    r = E.evaluate_predictions("bsds500", root, "val", pred_dir)
+    assert r["failed"] == 1 and words in r["failures"][0] and _only_20_scored(r)
+    parser = E.add_evaluate_arguments(argparse.ArgumentParser(prog="dynaseg evaluate"))
+    assert E.run_evaluate(parser.parse_args(["--dataset", "bsds500", "--root", str(root), "--split", "val",
+                                             "--pred", str(pred_dir)])) == 1
+    captured = capsys.readouterr()
+    assert "images failed" in captured.out and "Traceback" not in captured.err
+    lines = captured.err.splitlines()
+    assert any(line.startswith("dynaseg: error: ") and words in line for line in lines)
+    assert "dynaseg: error: 1 of 2 prediction(s) could not be scored" in captured.err
 
 
 def test_protocol_checks(bsds, tmp_path):
@@ -168,8 +191,8 @@ def test_cocostuff27_perfect_and_full_size_prediction(tmp_path):
     assert r["things"] == pytest.approx(0.6) and r["stuff"] == pytest.approx(0.0)
     assert r["miou"] == pytest.approx(0.3) and r["pixel_accuracy"] == pytest.approx(0.6)
     write_pred(pred_dir / "000000000139.png", full.T)
-    with pytest.raises(ValueError, match="transposed"):
-        E.evaluate_predictions("cocostuff27", tmp_path, "val", pred_dir, id_list=ids)
+    r = E.evaluate_predictions("cocostuff27", tmp_path, "val", pred_dir, id_list=ids)
+    assert (r["images"], r["failed"]) == (0, 1) and "transposed" in r["failures"][0]
 
 
 def test_cli_writes_json_atomically(bsds, tmp_path, capsys):
@@ -198,6 +221,10 @@ def test_cli_writes_json_atomically(bsds, tmp_path, capsys):
                              "--pred", str(pred_dir)])
     assert E.run_evaluate(bad) == 2
     assert "does not exist" in capsys.readouterr().err
+    for limit in ("0", "-1"):
+        assert E.run_evaluate(parser.parse_args(["--dataset", "bsds500", "--root", str(root),
+                                                 "--pred", str(pred_dir), "--limit", limit])) == 2
+        assert f"--limit {limit}: must be >= 1" in capsys.readouterr().err
 
 
 def test_table_names_a_split_only_where_there_is_one():

@@ -44,6 +44,57 @@ def test_errors_name_the_file(tmp_path):
         imio.load_image(tmp_path / "missing.png")
 
 
+def test_decompression_bomb_is_a_one_line_error(tmp_path, monkeypatch):
+    # Pillow refuses to open an image of more than 2 MAX_IMAGE_PIXELS pixels: a one-line
+    # ImageError naming the file, as for other unreadable files (one image of a run).
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1600 pixels > 2 x 100
+    with pytest.raises(imio.ImageError, match="bomb.png: image is larger than 200 pixels"):
+        imio.load_image(tmp_path / "bomb.png", max_pixels=10 ** 9)
+
+
+def test_scaled_size_is_checked_before_resizing(tmp_path, monkeypatch):
+    # A large --scale is refused from the image's size, before the resized image exists.
+    from pathlib import Path
+
+    from dynaseg_jax.config import Config
+    from dynaseg_jax.runner import load_job_image
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "a.png")
+    assert imio.scaled_size(20, 30, 20.0) == (400, 600) and imio.scaled_size(20, 30, 1e-3) == (1, 1)
+    monkeypatch.setattr(imio, "resize_image", lambda *a: pytest.fail("resized before the size check"))
+    cfg = Config().replace({"engine.max_pixels": 5000})
+    job = ("a.png", str(tmp_path / "a.png"), "a", Path(tmp_path / "a.png"))
+    with pytest.raises(imio.ImageError, match=r"a.png \(scaled by 20.0\): image is 400x600 = 240000 pixels"):
+        load_job_image(job, 20.0, cfg)
+
+
+def test_read_jsonl_skips_damaged_lines_with_a_warning(tmp_path):
+    # Only JSON objects are records. A damaged line in the middle is skipped with a
+    # warning naming the file and line; a torn last line (no newline) and blank lines
+    # silently.
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(b'{"stem": "a"}\n[1, 2]\n{"bad json\n\n\xff\xfe\n{"stem": "b"}\n{"stem": "c", "sta')
+    with pytest.warns(UserWarning) as caught:
+        records = imio.read_jsonl(path)
+    assert records == [{"stem": "a"}, {"stem": "b"}]
+    assert [str(w.message) for w in caught] == [f"{path}:{n}: not a JSON object (a damaged record); skipped"
+                                                for n in (2, 3, 5)]
+    assert imio.read_jsonl(tmp_path / "none.jsonl") == []
+
+
+def test_atomic_write_errors_name_the_file_asked_for(tmp_path):
+    # Not the temporary file beside it; and none is left behind.
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        imio.write_text_atomic(tmp_path / "taken", "x")
+    assert e.value.filename == str(tmp_path / "taken")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError) as e:
+        imio.write_json_atomic(tmp_path / "file" / "out.json", {})  # a file where a folder must be
+    assert e.value.filename == str(tmp_path / "file" / "out.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "taken"]
+
+
 def test_renumber_and_label_png_roundtrip(tmp_path):
     labels = np.array([[7, 7, 300], [42, 300, 7]])
     ren = imio.renumber(labels)

@@ -116,6 +116,19 @@ def test_report_page(tmp_path, capsys):
     assert [len(c[2]) for c in error_row[:3]] == [1, 0, 0] and error_row[4][1] == "error"
 
 
+def test_damaged_overlay_marks_its_row(tmp_path, capsys):
+    # One unreadable overlay: the page is still written, that row has no thumbnails and
+    # its status carries the file's one-line error; the other rows keep theirs.
+    root, made, out, preds = fake_run(tmp_path)
+    (out / "22_overlay.png").write_bytes(b"junk")
+    assert main(["report", str(out), "--dataset", "bsds500", "--root", str(root), "--split", "val"]) == 0
+    text = (out / "report.html").read_text()
+    page = Page()
+    page.feed(text)
+    assert [[len(c[2]) for c in row[:3]] for row in page.rows] == [[1, 1, 1], [1, 0, 0], [1, 0, 0]]
+    assert "22_overlay.png: not an image file" in text and capsys.readouterr().err == ""
+
+
 def test_report_errors(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err

@@ -31,6 +31,8 @@ def test_grid_parsing(tiny_config):
                                              "schedule.alpha_10__seed_1__schedule.kind_fsf"]
     # Values that resolve to the same config are run once: alpha 10 and 10.0.
     assert len(expand(tiny_config, parse_grid(["schedule.alpha=10,10.0,15"]))) == 2
+    with pytest.raises(ConfigError, match="^--grid: seed = 'a': expected an integer"):
+        expand(tiny_config, parse_grid(["seed=a,b"]))
     for bad, msg in (("optim.lr", "expected key=v1,v2"), ("optim.lrr=1", "unknown field"),
                      ("model.channels=8,16", "shapes the compiled program")):
         with pytest.raises(ConfigError, match=msg):
@@ -66,9 +68,24 @@ def test_sweep_pairs_equal_single_runs_and_resume(folder, capsys):
     assert [r["setting"] for r in rows] == ["optim.lr_0.05__seed_0", "optim.lr_0.05__seed_1",
                                            "optim.lr_0.1__seed_0", "optim.lr_0.1__seed_1"]
     assert all(r["images"] == "3" for r in rows)
-    # The rerun does nothing.
+    # The rerun does nothing; an input that is not there is a failure (exit 1).
     assert main(args) == 0
     assert capsys.readouterr().out.startswith("4 settings: 0 segmented, 12 already done")
+    assert main(args[:2] + [str(folder / "nope.png")] + args[2:]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.startswith("4 settings: 0 segmented, 12 already done, 1 failed")
+    assert "nope.png: no such file or folder" in captured.err
+    # Another config in the same folders is refused, naming --overwrite, which replaces it.
+    other = args[:-4] + ["--grid", "optim.lr=0.05", "--grid", "seed=1", "--set", "stop.max_iters=11"]
+    assert main(other) == 2
+    assert "use --overwrite to replace them" in capsys.readouterr().err
+    digest = (swept / "config.toml").read_text().splitlines()[1]  # "config digest: ..."
+    assert main(other + ["--overwrite"]) == 0
+    assert capsys.readouterr().out.startswith("1 settings: 3 segmented, 0 already done, 0 failed")
+    new_digest = (swept / "config.toml").read_text().splitlines()[1]
+    records = [json.loads(line) for line in (swept / "results.jsonl").read_text().splitlines()]
+    assert new_digest != digest and len(records) == 3
+    assert all(new_digest.endswith(r["config"]) for r in records)
 
 
 def test_sweep_varies_postprocessing_on_the_host(folder, capsys):
