@@ -241,7 +241,7 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
 
     Returns:
       One dict per input, in input order: ``labels`` ((H, W) int32, renumbered 0..K-1),
-      ``iterations``, ``clusters``, ``k_min``, ``seconds``, ``error`` (None, or why the
+      ``iterations``, ``clusters`` (K, after post-processing), ``k_min``, ``seconds``, ``error`` (None, or why the
       optimisation failed, e.g. diverged at a too large lr; its labels are then
       meaningless). Bad inputs raise ImageError.
     """
@@ -286,9 +286,12 @@ def segment(images: Iterable, config=None, *, batch: int | None = None,
 
     def finish(r, image_segments):
         labels = r.labels if r.error else postprocess(r.labels, arrays[r.key], engine.config, image_segments)
-        out[r.key] = {"labels": imio.renumber(labels), "iterations": r.iterations,
-                      "clusters": r.clusters, "k_min": r.k_min, "seconds": r.seconds,
-                      "error": r.error}
+        labels = imio.renumber(labels)
+        # As the command's results.jsonl: the clusters of the labels returned (after
+        # post-processing), not the engine's last q'.
+        out[r.key] = {"labels": labels, "iterations": r.iterations,
+                      "clusters": r.clusters if r.error else int(labels.max()) + 1, "k_min": r.k_min,
+                      "seconds": r.seconds, "error": r.error}
 
     bar = _progress(len(arrays), progress)
     with Finisher() as finisher:

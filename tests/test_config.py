@@ -197,6 +197,16 @@ def test_digest_covers_labels_not_layout():
     older = {p: v for p, v in base.flat().items() if p not in LAYOUT_FIELDS and p not in HASHED_WHEN_SET}
     text = json.dumps({"schema": DIGEST_SCHEMA, "scale": 1.0, "config": older}, sort_keys=True, default=list)
     assert d == hashlib.sha256(text.encode()).hexdigest()[:16]
+    # Emulated products hash the emulation's own schema too: a folder of an earlier
+    # emulation is not resumed into.
+    from dynaseg_jax.config import EMULATION_SCHEMA
+    emulated = base.replace({"model.emulate_precision": True})
+    fields = {p: v for p, v in emulated.flat().items()
+              if p not in LAYOUT_FIELDS and not (p in HASHED_WHEN_SET and v == HASHED_WHEN_SET[p])}
+    for extra, equal in (({"emulation_schema": EMULATION_SCHEMA}, True), ({}, False)):  # {}: the earlier form
+        payload = {"schema": DIGEST_SCHEMA, "scale": 1.0, "config": fields, **extra}
+        text = json.dumps(payload, sort_keys=True, default=list)
+        assert (config_digest(emulated) == hashlib.sha256(text.encode()).hexdigest()[:16]) == equal
     with_superpixels = base.replace({"superpixels.method": "felzenszwalb"})
     assert (config_digest(with_superpixels.replace({"postprocess.superpixel_vote": True}))
             != config_digest(with_superpixels))

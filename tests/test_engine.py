@@ -150,6 +150,10 @@ def test_segment_api_keeps_input_order(tiny_config, tmp_path):
     direct = run(Engine(tiny_config.replace({"engine.batch": 2})), [IMAGES[0]])[0]
     from dynaseg_jax.images import renumber
     np.testing.assert_array_equal(out[0]["labels"], renumber(direct.labels))
+    # clusters counts the labels returned: with connected regions, more than the engine's q'.
+    (split,) = segment([IMAGES[0]], tiny_config.replace({"postprocess.connected": True}), batch=2)
+    np.testing.assert_array_equal(np.unique(split["labels"]), np.arange(split["clusters"]))
+    assert split["clusters"] > out[0]["clusters"]
 
 
 def test_diverged_image_is_reported(engine):
