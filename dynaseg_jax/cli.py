@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, list_presets, load_config
@@ -154,10 +155,16 @@ def _run_sweep(args) -> int:
     return 1 if report["failed"] else 0
 
 
+def _require_folder(path: str) -> None:
+    if not os.path.isdir(path):
+        raise ConfigError(f"{path}: {'not a folder' if os.path.exists(path) else 'no such folder'}")
+
+
 def _run_merge(args) -> int:
-    from .outputs import merge_results
-    if not os.path.isdir(args.out):
-        raise ConfigError(f"{args.out}: no such folder")
+    from .outputs import merge_results, results_files
+    _require_folder(args.out)
+    if not results_files(Path(args.out)):
+        raise ConfigError(f"{args.out}: no results files (results.jsonl, results.<i>.jsonl) to merge")
     n = merge_results(args.out)
     print(f"{n} records -> {os.path.join(args.out, 'results.jsonl')}")
     return 0
@@ -165,8 +172,7 @@ def _run_merge(args) -> int:
 
 def _run_report(args) -> int:
     from .report import build_report
-    if not os.path.isdir(args.out):
-        raise ConfigError(f"{args.out}: no such folder")
+    _require_folder(args.out)
     if args.dataset and not args.root:
         raise ConfigError("--dataset needs --root DIR")
     try:

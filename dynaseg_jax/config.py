@@ -534,6 +534,8 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | Mapping 
       The validated Config. Raises ConfigError with the file and field on bad input.
     """
     config = Config()
+    if name_or_path is not None and not str(name_or_path).strip():
+        raise ConfigError("--config '': give a preset name or a .toml file")
     if name_or_path:
         path = Path(name_or_path)
         if not path.suffix == ".toml" or not path.exists():

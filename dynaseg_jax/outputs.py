@@ -166,7 +166,8 @@ class OutputFolder:
                 old = ", ".join(sorted({r.get("config") or "none (older dynaseg)" for r in stale}))
                 raise OutputFolderError(
                     f"--out {path}: holds results of another config (digest {old}; this run: "
-                    f"{digest}; see {path / CONFIG}); use --overwrite to replace them, "
+                    f"{digest}{'; see ' + str(path / CONFIG) if (path / CONFIG).is_file() else ''}); "
+                    f"use --overwrite to replace them, "
                     f"or another --out")
             header = (f"Written by dynaseg segment: the config of every result in this folder.\n"
                       f"config digest: {digest}\n"

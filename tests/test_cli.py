@@ -159,6 +159,13 @@ def test_cli_paths_end_in_one_line(tmp_path, capsys):
                    2, "--scale")
     one_line_error(capsys, main(["segment", str(afile), "--out", str(tmp_path / "o"), "--devices", "two"]),
                    2, "--devices two: expected a number of devices or 'all'")
+    one_line_error(capsys, main(["segment", str(afile), "--out", str(tmp_path / "o"), "--config", ""]),
+                   2, "--config '': give a preset name or a .toml file")
+    for command in ("report", "merge"):
+        one_line_error(capsys, main([command, str(afile)]), 2, f"{afile}: not a folder")
+    (tmp_path / "empty").mkdir()
+    one_line_error(capsys, main(["merge", str(tmp_path / "empty")]), 2, "no results files")
+    assert not (tmp_path / "empty" / "results.jsonl").exists()
     assert main(["sample", str(tmp_path / "s.jpg")]) == 0
     assert Image.open(tmp_path / "s.jpg").format == "JPEG"
     capsys.readouterr()
