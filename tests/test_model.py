@@ -221,18 +221,26 @@ def test_round_to_precision_by_hand():
         assert np.isnan(np.asarray(rounded(jnp.asarray(nans), precision))).all()
 
 
+def _emulated_case(product, precision, seed, h, w, cin, cout):
+    """A random conv case through ``emulated_products(product, precision)``: x, the
+    kernel, dy, and the output and both gradients."""
+    from dynaseg_jax.models.conv3x3 import emulated_products
+    from tests.conv_reference import random_case
+    rng = np.random.default_rng(seed)
+    x, k = random_case(rng, h, w, cin, cout)
+    g = rng.normal(size=(h, w, cout)).astype(np.float32)
+    conv = emulated_products(product, precision)
+    y, vjp = jax.vjp(lambda x, k: conv(x, k), jnp.asarray(x), jnp.asarray(k))
+    return x, k, g, y, *vjp(jnp.asarray(g))
+
+
 @pytest.mark.parametrize("precision", ["tensorfloat32", "bfloat16"])
 def test_emulated_products_round_every_operand(precision):
     # Forward and both gradients equal float64 sums of the rounded operands (dy rounded
     # too), within float32's summation bound, and measurably differ from float32 products.
-    from dynaseg_jax.models.conv3x3 import emulated_products, round_to_precision
-    from tests.conv_reference import conv_float64, random_case, sum_bound, vjp_float64
-    rng = np.random.default_rng(7)
-    x, k = random_case(rng, 9, 8, 12, 6)
-    g = rng.normal(size=(9, 8, 6)).astype(np.float32)
-    conv = emulated_products(conv3x3_im2col, precision)
-    y, vjp = jax.vjp(lambda x, k: conv(x, k), jnp.asarray(x), jnp.asarray(k))
-    dx, dk = vjp(jnp.asarray(g))
+    from dynaseg_jax.models.conv3x3 import round_to_precision
+    from tests.conv_reference import conv_float64, sum_bound, vjp_float64
+    x, k, g, y, dx, dk = _emulated_case(conv3x3_im2col, precision, 7, 9, 8, 12, 6)
     r = lambda a: np.asarray(round_to_precision(jnp.asarray(a), precision), np.float64)
     want, squares = conv_float64(r(x), r(k))
     assert np.linalg.norm(np.asarray(y) - want) <= sum_bound(9 * 12, want, squares)
@@ -270,14 +278,8 @@ def test_emulated_winograd_rounds_the_transformed_tiles(precision):
     # the same: its output and input gradient (a Winograd conv of dy with the rotated
     # kernel) are float64 computations from the rounded tiles, within the worst-case
     # float32 bound; rounding x and the kernel instead is far outside it.
-    from dynaseg_jax.models.conv3x3 import conv3x3_winograd, emulated_products, round_to_precision
-    from tests.conv_reference import random_case
-    rng = np.random.default_rng(11)
-    x, k = random_case(rng, 10, 9, 16, 8)
-    g = rng.normal(size=(10, 9, 8)).astype(np.float32)
-    conv = emulated_products(conv3x3_winograd, precision)
-    y, vjp = jax.vjp(lambda x, k: conv(x, k), jnp.asarray(x), jnp.asarray(k))
-    dx, dk = vjp(jnp.asarray(g))
+    from dynaseg_jax.models.conv3x3 import conv3x3_winograd, round_to_precision
+    x, k, g, y, dx, dk = _emulated_case(conv3x3_winograd, precision, 11, 10, 9, 16, 8)
     want, bound = _winograd_tiles_rounded64(x, k, precision)
     assert np.all(np.abs(np.asarray(y) - want) <= bound)
     dx_want, dx_bound = _winograd_tiles_rounded64(g, k[::-1, ::-1].transpose(0, 1, 3, 2), precision)
