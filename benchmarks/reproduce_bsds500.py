@@ -42,7 +42,8 @@ Methods (``--methods``, default: all but the pretrained-trunk presets):
   weights files), and ``dynaseg_plus`` (options beyond the paper), also only when named;
   its superpixel sizes were chosen at ``--scale 0.25`` and follow each image's area
   (``superpixels.reference_pixels`` in configs/dynaseg_plus.toml), much as the
-  Felzenszwalb baseline's follow ``--scale``.
+  Felzenszwalb baseline's follow ``--scale``; superpixel sizes given with ``--set`` follow
+  the area in the same way, unless ``--set superpixels.reference_pixels=0`` too.
 
 Images are resized by ``--scale`` (bilinear) before segmenting and label maps are
 resized back to the ground-truth size (nearest neighbour), for every method alike.

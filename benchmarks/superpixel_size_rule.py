@@ -19,7 +19,7 @@ mean of the per-image count ratios and their range) and writes ``<out>.json``.
 Example::
 
     python benchmarks/superpixel_size_rule.py --root BSDS500_DIR --split train --skip 12 --limit 24 \\
-        --out benchmarks/results/superpixel_size_rule_train24
+        --scales 0.125 0.5 1.0 --out benchmarks/results/superpixel_size_rule_train24
 """
 from __future__ import annotations
 

@@ -646,8 +646,9 @@ HASHED_WHEN_SET = {"postprocess.superpixel_vote": False, "model.emulate_precisio
 # unchanged config, or the digest's form changes, so that old output folders are not
 # resumed into. 2: fields named by dotted paths.
 DIGEST_SCHEMA = 2
-# The same for what model.emulate_precision = true computes, hashed only then (so that no
-# other folder is invalidated). 2: Winograd convs round their transformed tiles.
+# The same for what model.emulate_precision = true computes with the Winograd conv (and
+# 'auto', which picks it), hashed only then, so that no other folder is invalidated.
+# 2: Winograd convs round their transformed tiles.
 EMULATION_SCHEMA = 2
 
 
@@ -661,12 +662,13 @@ def config_digest(config: Config, scale: float = 1.0) -> str:
     Returns:
       16 hex digits of the SHA-256 of every field's dotted path and value except
       ``LAYOUT_FIELDS`` (and ``HASHED_WHEN_SET`` fields at that value), the scale and
-      ``DIGEST_SCHEMA`` (and ``EMULATION_SCHEMA`` with ``model.emulate_precision``).
+      ``DIGEST_SCHEMA`` (and ``EMULATION_SCHEMA`` with ``model.emulate_precision`` and the
+      Winograd conv).
     """
     fields = {p: v for p, v in config.flat().items()
               if p not in LAYOUT_FIELDS and not (p in HASHED_WHEN_SET and v == HASHED_WHEN_SET[p])}
     payload = {"schema": DIGEST_SCHEMA, "scale": float(scale), "config": fields}
-    if config.model.emulate_precision:
+    if config.model.emulate_precision and config.model.conv_impl in ("winograd", "auto"):
         payload["emulation_schema"] = EMULATION_SCHEMA
     text = json.dumps(payload, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

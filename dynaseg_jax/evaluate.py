@@ -185,7 +185,8 @@ _PROTOCOL_SCORING = {"bsds": _BsdsProtocol, "best_overlap": _BestOverlapProtocol
 def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | None,
                          pred_dir: str | os.PathLike, protocol: str | None = None,
                          connected: bool = False, limit: int | None = None,
-                         id_list: str | os.PathLike | None = None, keep_ious: bool = False) -> dict:
+                         id_list: str | os.PathLike | None = None, keep_ious: bool = False,
+                         on_failure: str = "raise") -> dict:
     """Scores ``<pred_dir>/<id>.png`` for every id of a dataset split.
 
     Predictions whose size differs from the ground truth are resized nearest-neighbour; a
@@ -203,6 +204,10 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
       connected: split predicted labels into connected components before scoring.
       limit: score only the first ``limit`` ids of the split.
       id_list: COCO-Stuff's curated id list file.
+      on_failure: what an image that cannot be scored does (an unreadable prediction or
+        ground-truth file, a transposed prediction): ``"raise"`` its error, or
+        ``"record"`` it in the result's ``failed``/``failures`` and score the others
+        (``dynaseg evaluate``).
       keep_ious: ``bsds`` protocol: also give each image's per-segment IoUs,
         ``per_image[id]["ious"]``, one list per annotation (the input of
         ``metrics.bsds_scores`` and ``metrics.bootstrap_interval``).
@@ -210,19 +215,23 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
     Returns:
       A JSON-serialisable dict: the protocol's scores (see the module docstring), ``images``
       (how many were scored), ``missing`` (ids without a prediction), ``missing_ids`` (the
-      first few of them), ``failed`` (images whose prediction or ground truth could not be
-      read, or whose prediction is transposed) and ``failures`` (one line each, naming
-      the file), the run's settings, and for the ``bsds`` and ``best_overlap``
+      first few of them), ``failed`` and ``failures`` (``on_failure="record"``: the images
+      that could not be scored, one line each naming the file), the run's settings, and for the ``bsds`` and ``best_overlap``
       protocols ``per_image``: ``{id: {"best_overlap": mean best-overlap IoU of the
       image's ground-truth segments (all annotations), "hungarian": its Hungarian mIoU}}``
       (for looking at images; the dataset scores pool segments, not images).
 
     Raises:
       DatasetError: unknown dataset/protocol pair, a missing prediction folder, a
-        missing or malformed dataset layout.
+        missing or malformed dataset layout; with ``on_failure="raise"``, unreadable
+        predictions or ground-truth files.
+      ValueError: with ``on_failure="raise"``, a prediction transposed with respect to
+        its ground truth.
     """
     from . import metrics  # scipy: imported here so that `dynaseg --help` starts fast
 
+    if on_failure not in ("raise", "record"):
+        raise ValueError(f"on_failure = {on_failure!r}: 'raise' or 'record'")
     if dataset not in DATASETS:
         raise DatasetError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     protocol = protocol or DEFAULT_PROTOCOLS[dataset]
@@ -246,15 +255,15 @@ def evaluate_predictions(dataset: str, root: str | os.PathLike, split: str | Non
         if not pred_path.is_file():
             missing.append(id_)
             continue
-        # One unreadable prediction or ground-truth file, or a transposed prediction, is
-        # that image's failure: the others are still scored.
+        # An unreadable prediction or ground-truth file, or a transposed prediction:
+        # raised, or recorded as that image's failure while the others are scored.
         try:
             scoring.add(id_, read_prediction(pred_path))
-        except DatasetError as e:
-            failed.append(str(e))
-            continue
         except ValueError as e:
-            failed.append(f"{pred_path}: {e}")
+            error = e if isinstance(e, DatasetError) else ValueError(f"{pred_path}: {e}")
+            if on_failure == "raise":
+                raise error from None
+            failed.append(str(error))
             continue
         scored += 1
 
@@ -368,7 +377,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     try:
         result = evaluate_predictions(args.dataset, args.root, args.split, args.pred,
                                       protocol=args.protocol, connected=args.connected,
-                                      limit=args.limit, id_list=args.id_list)
+                                      limit=args.limit, id_list=args.id_list, on_failure="record")
     except ValueError as e:  # DatasetError included
         print(f"dynaseg: error: {e}", file=sys.stderr)
         return 2
@@ -382,14 +391,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
         found = "none could be scored" if result["failed"] else "no predictions found"
         print(f"dynaseg: error: {found} in {args.pred} for this split", file=sys.stderr)
         return 2
-    if result["failed"]:
-        print(f"dynaseg: error: {result['failed']} of {result['failed'] + result['images']} prediction(s) "
-              f"could not be scored (above); the scores cover the {result['images']} scored", file=sys.stderr)
-        return 1
     if result["missing"]:
         shown = ", ".join(result["missing_ids"][:5])
         print(f"dynaseg: {'error' if args.strict else 'note'}: {result['missing']} of "
-              f"{result['missing'] + result['images']} prediction(s) missing (e.g. {shown}); "
-              f"the scores cover the {result['images']} found", file=sys.stderr)
-        return 1 if args.strict else 0
-    return 0
+              f"{result['missing'] + result['images'] + result['failed']} prediction(s) missing (e.g. {shown}); "
+              f"the scores cover the {result['images']} scored", file=sys.stderr)
+    if result["failed"]:
+        print(f"dynaseg: error: {result['failed']} of {result['failed'] + result['images']} prediction(s) "
+              f"could not be scored (above); the scores cover the {result['images']} scored", file=sys.stderr)
+    return 1 if result["failed"] or (result["missing"] and args.strict) else 0

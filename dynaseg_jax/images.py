@@ -279,8 +279,8 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     except BaseException as e:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno is not None:
-            # Named by the file asked for, not the temporary one.
+        if isinstance(e, OSError) and e.errno is not None and e.filename == tmp:
+            # Named by the file asked for, not the temporary one beside it.
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 

@@ -35,8 +35,9 @@ def check_available(config: Config) -> None:
 # Geometry alone would say A / R for the threshold (an area) and sqrt(A / R) for sigma (a
 # length), but neighbouring pixels of a larger image differ less, so its regions merge
 # more easily: that rule gave 0.31x (2x the side) and 0.11x (4x) the superpixels of
-# BSDS500 train at scale 0.25, while the power 1/4 for both gave 1.04x and 0.98x (24 train
-# images, no ground truth used; benchmarks/results/superpixel_size_rule_train24.json).
+# BSDS500 train at scale 0.25, while the power 1/4 for both gave 1.04x and 0.98x, and 0.81x
+# at half the side (geometric means over 24 train images, no ground truth used;
+# benchmarks/results/superpixel_size_rule_train24.json).
 FELZENSZWALB_AREA_POWER = 0.25
 
 

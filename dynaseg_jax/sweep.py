@@ -164,8 +164,10 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
         optimisation_key = [config_digest(s.config.replace({p: defaults.get(p) for p in POSTPROCESS_FIELDS}))
                             for s in settings]
         done = [f.done_sources() for f in folders]  # read once, not per image
-        unusable = len(problems)  # inputs that are not there, or whose output name is taken
-        stems, todo, queued = {}, [], set()
+        # Counted in (image, setting) pairs, as everything the run reports: an input that
+        # is not there, or whose output name is taken, fails in every setting.
+        unusable = len(problems)
+        stems, todo, queued, skipped = {}, [], set(), 0
         for job in jobs:
             name, source, stem, _ = job
             if source in queued:
@@ -176,13 +178,13 @@ def run_sweep(inputs: Sequence, out_dir: str | os.PathLike, base: Config, grid: 
                 unusable += 1
                 continue
             pending = [i for i, d in enumerate(done) if source not in d]
+            skipped += len(settings) - len(pending)
             if pending:
                 todo.append((job, pending))
-        skipped = sum(len(settings) - len(p) for _, p in todo) + (len(jobs) - len(todo)) * len(settings)
         for f in folders:
             f.commit()
         todo.sort(key=lambda t: _job_bucket(t[0], scale, cfg, engine.model))
-        counts = {"segmented": 0, "failed": unusable, "skipped": skipped}
+        counts = {"segmented": 0, "failed": unusable * len(settings), "skipped": skipped}
         bar = tqdm(total=sum(len(p) for _, p in todo), unit="pair", disable=not progress, file=sys.stderr)
         meta = {}
 

@@ -207,6 +207,12 @@ def test_digest_covers_labels_not_layout():
         payload = {"schema": DIGEST_SCHEMA, "scale": 1.0, "config": fields, **extra}
         text = json.dumps(payload, sort_keys=True, default=list)
         assert (config_digest(emulated) == hashlib.sha256(text.encode()).hexdigest()[:16]) == equal
+    # Other convs' emulation did not change: their digests keep the earlier form.
+    lax = emulated.replace({"model.conv_impl": "lax"})
+    lax_fields = {p: v for p, v in lax.flat().items()
+                  if p not in LAYOUT_FIELDS and not (p in HASHED_WHEN_SET and v == HASHED_WHEN_SET[p])}
+    text = json.dumps({"schema": DIGEST_SCHEMA, "scale": 1.0, "config": lax_fields}, sort_keys=True, default=list)
+    assert config_digest(lax) == hashlib.sha256(text.encode()).hexdigest()[:16]
     with_superpixels = base.replace({"superpixels.method": "felzenszwalb"})
     assert (config_digest(with_superpixels.replace({"postprocess.superpixel_vote": True}))
             != config_digest(with_superpixels))

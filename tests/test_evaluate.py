@@ -92,7 +92,9 @@ def _only_20_scored(r):
 def test_transposed_prediction_fails_that_image_only(bsds):
     root, pred_dir = bsds
     write_pred(pred_dir / "10.png", np.zeros((W, H), np.int32))
-    r = E.evaluate_predictions("bsds500", root, "val", pred_dir)
+    with pytest.raises(ValueError, match="10.png: .*transposed"):  # the library's default
+        E.evaluate_predictions("bsds500", root, "val", pred_dir)
+    r = E.evaluate_predictions("bsds500", root, "val", pred_dir, on_failure="record")
     assert r["failed"] == 1 and "10.png: " in r["failures"][0] and "transposed" in r["failures"][0]
     assert _only_20_scored(r)
 
@@ -111,7 +113,9 @@ def test_bad_file_fails_that_image_only(bsds, bad, capsys):
     else:
         (root / "groundTruth" / "val" / "10.mat").write_bytes(b"garbage")
         words = "10.mat: "
-    r = E.evaluate_predictions("bsds500", root, "val", pred_dir)
+    with pytest.raises(DatasetError, match=words):
+        E.evaluate_predictions("bsds500", root, "val", pred_dir)
+    r = E.evaluate_predictions("bsds500", root, "val", pred_dir, on_failure="record")
     assert r["failed"] == 1 and words in r["failures"][0] and _only_20_scored(r)
     parser = E.add_evaluate_arguments(argparse.ArgumentParser(prog="dynaseg evaluate"))
     assert E.run_evaluate(parser.parse_args(["--dataset", "bsds500", "--root", str(root), "--split", "val",
@@ -121,6 +125,7 @@ def test_bad_file_fails_that_image_only(bsds, bad, capsys):
     lines = captured.err.splitlines()
     assert any(line.startswith("dynaseg: error: ") and words in line for line in lines)
     assert "dynaseg: error: 1 of 2 prediction(s) could not be scored" in captured.err
+    assert "dynaseg: note: 1 of 3 prediction(s) missing" in captured.err  # 30.png: both are said
 
 
 def test_protocol_checks(bsds, tmp_path):
@@ -191,8 +196,8 @@ def test_cocostuff27_perfect_and_full_size_prediction(tmp_path):
     assert r["things"] == pytest.approx(0.6) and r["stuff"] == pytest.approx(0.0)
     assert r["miou"] == pytest.approx(0.3) and r["pixel_accuracy"] == pytest.approx(0.6)
     write_pred(pred_dir / "000000000139.png", full.T)
-    r = E.evaluate_predictions("cocostuff27", tmp_path, "val", pred_dir, id_list=ids)
-    assert (r["images"], r["failed"]) == (0, 1) and "transposed" in r["failures"][0]
+    with pytest.raises(ValueError, match="transposed"):
+        E.evaluate_predictions("cocostuff27", tmp_path, "val", pred_dir, id_list=ids)
 
 
 def test_cli_writes_json_atomically(bsds, tmp_path, capsys):

@@ -68,12 +68,12 @@ def test_sweep_pairs_equal_single_runs_and_resume(folder, capsys):
     assert [r["setting"] for r in rows] == ["optim.lr_0.05__seed_0", "optim.lr_0.05__seed_1",
                                            "optim.lr_0.1__seed_0", "optim.lr_0.1__seed_1"]
     assert all(r["images"] == "3" for r in rows)
-    # The rerun does nothing; an input that is not there is a failure (exit 1).
+    # The rerun does nothing; an input that is not there fails in every setting (exit 1).
     assert main(args) == 0
     assert capsys.readouterr().out.startswith("4 settings: 0 segmented, 12 already done")
     assert main(args[:2] + [str(folder / "nope.png")] + args[2:]) == 1
     captured = capsys.readouterr()
-    assert captured.out.startswith("4 settings: 0 segmented, 12 already done, 1 failed")
+    assert captured.out.startswith("4 settings: 0 segmented, 12 already done, 4 failed")
     assert "nope.png: no such file or folder" in captured.err
     # Another config in the same folders is refused, naming --overwrite, which replaces it.
     other = args[:-4] + ["--grid", "optim.lr=0.05", "--grid", "seed=1", "--set", "stop.max_iters=11"]

@@ -435,6 +435,9 @@ def round_products(model, rounding, winograd_min_cin: int | None = None) -> None
 
     def hook(module, inp, out):
         if winograd_min_cin is not None and module.kernel_size == (3, 3) and module.in_channels >= winograd_min_cin:
+            # WinogradRoundedConv is the zero-padded, stride-1, ungrouped conv of CONFIG's
+            # CNN (channel_multiple 1: JAX picks Winograd by the same channel count).
+            assert (module.padding_mode, module.stride, module.dilation, module.groups) == ("zeros", (1, 1), (1, 1), 1)
             return WinogradRoundedConv.apply(inp[0], module.weight, rounding) + module.bias[:, None, None]
         product = module._conv_forward(rounded(inp[0]), rounded(module.weight), None)
         product.register_hook(rounding)
