@@ -374,6 +374,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         print(f"dynaseg: error: --limit {args.limit}: must be >= 1", file=sys.stderr)
         return 2
+    if args.json and os.path.isdir(args.json):  # found before the scoring, not after
+        print(f"dynaseg: error: --json {args.json}: is a folder; give a file name", file=sys.stderr)
+        return 2
     try:
         result = evaluate_predictions(args.dataset, args.root, args.split, args.pred,
                                       protocol=args.protocol, connected=args.connected,

@@ -226,6 +226,9 @@ def test_cli_writes_json_atomically(bsds, tmp_path, capsys):
                              "--pred", str(pred_dir)])
     assert E.run_evaluate(bad) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert E.run_evaluate(parser.parse_args(["--dataset", "bsds500", "--root", str(root), "--pred", str(pred_dir),
+                                             "--json", str(tmp_path)])) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
     for limit in ("0", "-1"):
         assert E.run_evaluate(parser.parse_args(["--dataset", "bsds500", "--root", str(root),
                                                  "--pred", str(pred_dir), "--limit", limit])) == 2
