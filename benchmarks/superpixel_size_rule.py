@@ -33,8 +33,12 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from dynaseg_jax.superpixels import FELZENSZWALB_AREA_POWER  # noqa: E402
+
 DEFAULT_ROOT = REPO.parent / "shared" / "data" / "bsds500"
-RULES = {"as_given": (0.0, 0.0, 0.0), "geometric": (1.0, 0.5, 1.0), "fourth_root": (0.25, 0.25, 1.0)}
+# fourth_root: the rule superpixels.reference_pixels applies.
+RULES = {"as_given": (0.0, 0.0, 0.0), "geometric": (1.0, 0.5, 1.0),
+         "fourth_root": (FELZENSZWALB_AREA_POWER, FELZENSZWALB_AREA_POWER, 1.0)}
 
 
 def parse_rule(text: str) -> tuple[str, tuple[float, float, float]]:

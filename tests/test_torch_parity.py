@@ -364,6 +364,7 @@ def round_significand(t: torch.Tensor, bits: int, mode: str) -> torch.Tensor:
     return torch.ldexp(r / 2.0 ** bits, e)
 
 
+@functools.cache
 def _winograd_matrices():
     """F(4x4, 3x3)'s 2-D transforms in float64 torch tensors: input tiles (36 x 36),
     output tiles (16 x 36), kernel (36 x 9), from the 1-D matrices of ``conv3x3``."""
@@ -379,9 +380,9 @@ def _winograd_tiles_torch(x: torch.Tensor, ht: int, wt: int) -> torch.Tensor:
                        ).reshape(36, ht * wt, c)
 
 
-def _winograd_rounded(x: torch.Tensor, kernel: torch.Tensor, rounding) -> torch.Tensor:
+def _winograd_rounded(x: torch.Tensor, kernel: torch.Tensor, rounding) -> tuple[torch.Tensor, torch.Tensor]:
     """Winograd F(4x4, 3x3) of x (H, W, Cin) with an HWIO kernel, in float64, the tile
-    products' operands U = B^T d B and V = G g G^T rounded by ``rounding``."""
+    products' operands U = B^T d B and V = G g G^T rounded by ``rounding``: (y, rounded U)."""
     kb, ka, kg = _winograd_matrices()
     h, w, cin = x.shape
     ht, wt = -(-h // 4), -(-w // 4)
@@ -389,7 +390,7 @@ def _winograd_rounded(x: torch.Tensor, kernel: torch.Tensor, rounding) -> torch.
     v = rounding((kg @ kernel.reshape(9, -1)).reshape(36, cin, -1))
     m = torch.einsum("ptc,pcd->ptd", u, v)
     y = (ka @ m.reshape(36, -1)).reshape(4, 4, ht, wt, -1).permute(2, 0, 3, 1, 4).reshape(4 * ht, 4 * wt, -1)
-    return y[:h, :w]
+    return y[:h, :w], u
 
 
 class WinogradRoundedConv(torch.autograd.Function):
@@ -402,23 +403,23 @@ class WinogradRoundedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, rounding):
         xs, k = x[0].permute(1, 2, 0), weight.permute(2, 3, 1, 0)  # (H, W, Cin), HWIO
-        ctx.save_for_backward(xs, k)
+        y, u = _winograd_rounded(xs, k, rounding)
+        ctx.save_for_backward(u, k)  # the rounded tiles, for the kernel gradient
         ctx.rounding = rounding
-        return _winograd_rounded(xs, k, rounding).permute(2, 0, 1)[None]
+        return y.permute(2, 0, 1)[None]
 
     @staticmethod
     def backward(ctx, dy):
-        xs, k = ctx.saved_tensors
+        u, k = ctx.saved_tensors
         rounding, dys = ctx.rounding, dy[0].permute(1, 2, 0)
-        kb, ka, kg = _winograd_matrices()
-        (h, w, cin), d = xs.shape, dys.shape[-1]
+        _, ka, kg = _winograd_matrices()
+        (h, w, d), cin = dys.shape, u.shape[-1]
         ht, wt = -(-h // 4), -(-w // 4)
-        u = rounding((kb @ _winograd_tiles_torch(xs, ht, wt).reshape(36, -1)).reshape(36, ht * wt, cin))
         dyp = torch.nn.functional.pad(dys, (0, 0, 0, 4 * wt - w, 0, 4 * ht - h))
         dm = rounding((ka.T @ dyp.reshape(ht, 4, wt, 4, d).permute(1, 3, 0, 2, 4).reshape(16, -1))
                       .reshape(36, ht * wt, d))
         dk = (kg.T @ torch.einsum("ptc,ptd->pcd", u, dm).reshape(36, -1)).reshape(3, 3, cin, d)
-        dx = _winograd_rounded(dys, k.flip(0, 1).transpose(2, 3), rounding)
+        dx = _winograd_rounded(dys, k.flip(0, 1).transpose(2, 3), rounding)[0]
         return dx.permute(2, 0, 1)[None], dk.permute(3, 2, 0, 1), None
 
 
