@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bench_speed import card_peak_tflops  # noqa: E402
+from bench_speed import card_peak_tflops, platform_version  # noqa: E402
 from dynaseg_jax.images import write_text_atomic  # noqa: E402
 from dynaseg_jax.models.conv3x3 import CONV3X3, conv3x3_pallas  # noqa: E402
 
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     truth = batched_vjp(CONV3X3["lax"], "float32")(xs, ks, gs)
     machine = {"jax": jax.__version__, "backend": jax.default_backend(),
-               "jax_platform_version": getattr(getattr(device, "client", None), "platform_version", None),
+               "jax_platform_version": platform_version(device),
                "device": str(device.device_kind),
                "size": args.size, "batch": b, "channels": c, "direct_flops_per_image": flops}
     print(f"# {machine['device']} ({machine['backend']}), jax {jax.__version__}: {args.size}, batch {b}, "

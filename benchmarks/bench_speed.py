@@ -86,14 +86,13 @@ CARD_PEAK_TFLOPS = {  # the first name found in the device's name wins: specific
 
 def jax_products(config) -> str:
     """The precision of the engine's products with learned weights, as executed."""
-    precision = config.model.matmul_precision
-    if config.model.emulate_precision:
-        return f"{precision} (emulated)"
-    if jax.default_backend() == "cpu":
-        return "float32"  # XLA:CPU multiplies float32 at every precision setting
-    if precision == "bfloat16" and jax.default_backend() == "gpu" and config.model.conv_impl != "pallas":
-        return "tensorfloat32"  # JAX's DEFAULT precision: TF32 on NVIDIA GPUs
-    return precision
+    from dynaseg_jax.models import executed_products
+    return executed_products(config)
+
+
+def platform_version(device) -> str | None:
+    """The JAX backend's platform version (CUDA and driver on a GPU), where it says."""
+    return getattr(getattr(device, "client", None), "platform_version", None)
 
 
 def torch_products(args) -> str:
@@ -539,7 +538,7 @@ def main(argv=None) -> int:
     dev = jax.devices()[0]
     machine = {"device": args.device, "jax_device": str(dev.device_kind), "jax_backend": jax.default_backend(),
                "jax": jax.__version__,
-               "jax_platform_version": getattr(getattr(dev, "client", None), "platform_version", None),
+               "jax_platform_version": platform_version(dev),
                "cpu_count": os.cpu_count(), "platform": platform.platform(),
                "matmul_roofline_gflops": roofline, "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     if not args.no_torch:

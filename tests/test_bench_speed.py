@@ -77,12 +77,12 @@ def test_full_run_scaled_with_fewer_torch_images(tmp_path, monkeypatch):
     assert float(step[7].rstrip("x")) == pytest.approx(
         row["torch_batched_ms_per_image_iter"] / row["jax_ms_per_image_iter"], abs=0.005)
     assert row["torch_batched_ms_per_image_iter"] == min(row["torch_batched_ms_by_conv"].values())
+    assert f", {row['torch_batched_conv']})" in step[5]
     # The same file as a picture (steps and whole runs), where matplotlib is installed.
     pytest.importorskip("matplotlib")
     png = tmp_path / "speed.png"
     assert speed_tables.main([str(out), "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert f", {row['torch_batched_conv']})" in step[5]
 
 
 def test_kstar_run_times_the_silhouette_phase_against_the_engine(tmp_path, monkeypatch):

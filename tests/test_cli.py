@@ -463,7 +463,9 @@ def test_warnings_are_one_line_and_precision_on_cpu_is_named(tmp_path, capsys):
                                             ({"model.matmul_precision": "bfloat16",
                                               "model.emulate_precision": True}, False),
                                             ({"model.matmul_precision": "bfloat16",
-                                              "model.conv_impl": "pallas"}, False)])
+                                              "model.conv_impl": "pallas"}, False),
+                                            ({"model.matmul_precision": "tensorfloat32",
+                                              "model.conv_impl": "pallas"}, True)])
 def test_ignored_precision_warning(tiny_config, changes, warned):
     # Emulation and the Pallas conv's bfloat16 do change the products on a CPU.
     import warnings
@@ -478,3 +480,19 @@ def test_ignored_precision_warning(tiny_config, changes, warned):
         warnings.simplefilter("always")
         build_model(tiny_config.replace(changes))
     assert any("has no effect on cpu" in str(w.message) for w in caught) == warned
+
+
+def test_executed_products_name_what_the_hardware_multiplies(tiny_config):
+    # One rule for the warning above and the benchmarks' "products" column: the CPU
+    # multiplies float32 whatever is asked, except in the Pallas conv (bfloat16 casts);
+    # JAX's bfloat16 is TF32 on NVIDIA GPUs; emulation names itself.
+    from dynaseg_jax.models import executed_products
+    cases = [({"model.matmul_precision": "tensorfloat32"}, "float32", "tensorfloat32"),
+             ({"model.matmul_precision": "bfloat16"}, "float32", "tensorfloat32"),
+             ({"model.matmul_precision": "bfloat16", "model.conv_impl": "pallas"}, "bfloat16", "bfloat16"),
+             ({"model.matmul_precision": "bfloat16", "model.emulate_precision": True},
+              "bfloat16 (emulated)", "bfloat16 (emulated)"),
+             ({}, "float32", "float32")]
+    for changes, on_cpu, on_gpu in cases:
+        config = tiny_config.replace(changes)
+        assert (executed_products(config, "cpu"), executed_products(config, "gpu")) == (on_cpu, on_gpu), changes

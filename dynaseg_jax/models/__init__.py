@@ -82,13 +82,32 @@ def build_model(config, name: str | None = None):
     except KeyError:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(MODELS))}") from None
     m = config.model
-    pallas_bfloat16 = m.conv_impl == "pallas" and m.matmul_precision == "bfloat16"  # casts its operands
-    if (jax.default_backend() == "cpu" and m.matmul_precision != "float32" and not m.emulate_precision
-            and not pallas_bfloat16):
+    if jax.default_backend() == "cpu" and executed_products(config) != m.matmul_precision and not m.emulate_precision:
+        advice = "; model.emulate_precision = true emulates it" if name == "cnn" else ""
         warnings.warn(f"model.matmul_precision = {m.matmul_precision!r} has no effect on cpu, where XLA "
-                      "multiplies in float32; model.emulate_precision = true emulates it")
+                      f"multiplies in float32{advice}")
     return builder(config)
 
 
-__all__ = ["MODELS", "PRETRAINED", "build_model", "check_pretrained", "load_pretrained", "uses_pretrained", "Conv", "MaskedBatchNorm", "CONV_IMPLS", "MATMUL_PRECISIONS",
+def executed_products(config, backend: str | None = None) -> str:
+    """The precision the network's products with learned weights run in on ``backend``
+    (default: JAX's): ``model.matmul_precision`` as the hardware executes it.
+
+    XLA:CPU multiplies float32 at every precision setting; JAX's 'bfloat16' (its DEFAULT
+    precision) is TF32 on NVIDIA GPUs; the Pallas conv casts its operands to bfloat16
+    itself, on any backend. Emulated precisions are named as such.
+    """
+    m, backend = config.model, backend or jax.default_backend()
+    if m.emulate_precision:
+        return f"{m.matmul_precision} (emulated)"
+    if m.conv_impl == "pallas" and m.matmul_precision == "bfloat16":
+        return "bfloat16"
+    if backend == "cpu":
+        return "float32"
+    if m.matmul_precision == "bfloat16" and backend == "gpu":
+        return "tensorfloat32"
+    return m.matmul_precision
+
+
+__all__ = ["MODELS", "PRETRAINED", "build_model", "executed_products", "check_pretrained", "load_pretrained", "uses_pretrained", "Conv", "MaskedBatchNorm", "CONV_IMPLS", "MATMUL_PRECISIONS",
            "default_conv_impl", "cnn", "efficientnet", "resnet", "Pretrained"]
